@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` (the service on :8003) and `make test`.
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8003
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint migrate
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+run: $(VENV)/.runtime
+	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	$(BIN)/pytest
+
+migrate: $(VENV)/.runtime
+	$(BIN)/alembic upgrade head

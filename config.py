@@ -1,0 +1,61 @@
+"""Service settings, read once from the environment and `.env`."""
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+class SMTPSecurity(StrEnum):
+    """How the SMTP connection is protected."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    SSL = "ssl"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; field names double as environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = f"sqlite:///{PROJECT_DIR / 'var' / 'notifications.db'}"
+    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_timeout: float = Field(default=5.0, gt=0)
+    auto_migrate: bool = True
+
+    # An empty SMTP_HOST starts the embedded development mail catcher instead.
+    smtp_host: str = ""
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: SMTPSecurity = SMTPSecurity.NONE
+    smtp_verify_tls: bool = True
+    smtp_ca_file: Path | None = None
+    smtp_timeout: float = Field(default=10.0, gt=0)
+    email_from: str = "Coworking <noreply@coworking.local>"
+
+    retry_attempts: int = Field(default=3, ge=1)
+    retry_max_time: float = Field(default=30.0, gt=0)
+    retry_initial_wait: float = Field(default=0.5, ge=0)
+    retry_max_wait: float = Field(default=5.0, ge=0)
+    retry_jitter: float = Field(default=0.5, ge=0)
+
+    dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
+
+    @field_validator("database_url")
+    @classmethod
+    def use_psycopg2(cls, url: str) -> str:
+        """Pin bare PostgreSQL URLs to psycopg2 (SQLAlchemy 2.1 would pick psycopg 3)."""
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg2://" + url.removeprefix(prefix)
+        return url
+
+    @property
+    def uses_dev_mail_catcher(self) -> bool:
+        return not self.smtp_host
+

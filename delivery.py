@@ -1,0 +1,100 @@
+"""Delivering a stored notification: SMTP attempts under the retry policy, each one recorded."""
+
+import logging
+from email.message import EmailMessage
+
+from sqlalchemy.orm import Session
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+import crud
+from config import Settings
+from mailer import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SMTPMailer,
+    TransientDeliveryError,
+    build_message,
+    new_message_id,
+)
+from models import Notification, utcnow
+from schemas import EmailNotificationCreate
+
+logger = logging.getLogger(__name__)
+
+
+def make_retrying(settings: Settings) -> Retrying:
+    """The retry policy: only transient failures, exponential backoff with jitter, bounded."""
+    return Retrying(
+        retry=retry_if_exception_type(TransientDeliveryError),
+        stop=stop_after_attempt(settings.retry_attempts) | stop_before_delay(settings.retry_max_time),
+        wait=wait_exponential_jitter(
+            initial=settings.retry_initial_wait,
+            max=settings.retry_max_wait,
+            jitter=settings.retry_jitter,
+        ),
+        before_sleep=before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
+
+
+class Deliverer:
+    """Sends notifications through a mailer and records every attempt."""
+
+    def __init__(self, *, mailer: SMTPMailer, retrying: Retrying, sender: str) -> None:
+        self.mailer = mailer
+        self.retrying = retrying
+        self.sender = sender
+
+    def create_email(self, *, session: Session, data: EmailNotificationCreate) -> Notification:
+        """Store a new e-mail notification, ready to deliver."""
+        return crud.create_email_notification(
+            session=session, data=data, message_id=new_message_id(self.sender)
+        )
+
+    def deliver(self, *, session: Session, notification: Notification) -> Notification:
+        """Try to send `notification` until it is sent or the retry policy gives up."""
+        message = build_message(
+            sender=self.sender,
+            recipient=notification.recipient,
+            subject=notification.subject or "",
+            text=notification.text,
+            message_id=notification.message_id or new_message_id(self.sender),
+            date=utcnow(),
+        )
+        try:
+            # copy(): the policy object is shared by every request thread.
+            for attempt in self.retrying.copy():
+                with attempt:
+                    self._attempt(session=session, notification=notification, message=message)
+        except DeliveryError:
+            crud.mark_failed(session=session, notification=notification)
+        logger.info(
+            "notification %d %s after %d attempt(s)",
+            notification.id,
+            notification.status,
+            notification.attempts,
+        )
+        return notification
+
+    def _attempt(self, *, session: Session, notification: Notification, message: EmailMessage) -> None:
+        started_at = utcnow()
+        error: DeliveryError | None = None
+        try:
+            self.mailer.send(message)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:
+            # A bug rather than a delivery failure; still leave a final, explained state.
+            logger.exception("notification %d: unexpected error while sending", notification.id)
+            error = PermanentDeliveryError(f"internal error: {type(exc).__name__}")
+        crud.record_attempt(session=session, notification=notification, started_at=started_at, error=error)
+        if error is not None:
+            logger.warning("notification %d: attempt %d failed: %s", notification.id, notification.attempts, error)
+            raise error

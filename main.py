@@ -1,0 +1,72 @@
+"""The notification service: `uvicorn main:app --port 8003`."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+
+from config import Settings
+from db import make_engine, make_session_factory, run_migrations
+from delivery import Deliverer, make_retrying
+from devmail import start_mail_catcher
+from mailer import SMTPMailer
+from routes import router
+
+logger = logging.getLogger(__name__)
+
+# Connection refused or dropped, pool exhausted: the database, not the request, is at fault.
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application, wired to the database and SMTP server that `settings` name."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        engine = make_engine(settings)
+        if settings.auto_migrate:
+            await to_thread.run_sync(run_migrations, engine)
+        catcher = start_mail_catcher(settings.dev_mail_dir) if settings.uses_dev_mail_catcher else None
+        if catcher is None:
+            mailer = SMTPMailer.from_settings(settings)
+        else:
+            mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
+        app.state.session_factory = make_session_factory(engine)
+        app.state.deliverer = Deliverer(
+            mailer=mailer, retrying=make_retrying(settings), sender=settings.email_from
+        )
+        try:
+            yield
+        finally:
+            if catcher is not None:
+                catcher.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Notification service",
+        summary="Sends e-mail notifications for the coworking booking system and keeps their history.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    for error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(error, database_unavailable)
+    return app
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "database unavailable, try again later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+app = create_app()

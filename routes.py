@@ -1,0 +1,126 @@
+"""HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import crud
+from delivery import Deliverer
+from models import Notification, NotificationStatus
+from schemas import (
+    EmailNotificationCreate,
+    HistoryQuery,
+    NotificationDetail,
+    NotificationPublic,
+    NotificationsPublic,
+)
+
+
+def get_session(request: Request):  # type: ignore[no-untyped-def]
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_deliverer(request: Request) -> Deliverer:
+    deliverer: Deliverer = request.app.state.deliverer
+    return deliverer
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
+
+
+def valid_notification_id(notification_id: int, session: SessionDep) -> Notification:
+    notification = crud.get_notification(session=session, notification_id=notification_id)
+    if notification is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "notification not found")
+    return notification
+
+
+NotificationDep = Annotated[Notification, Depends(valid_notification_id)]
+
+DELIVERY_FAILED = {
+    status.HTTP_502_BAD_GATEWAY: {
+        "model": NotificationDetail,
+        "description": "Delivery failed; the notification is stored as failed with the reason.",
+    }
+}
+DATABASE_DOWN = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: {"description": "The database is unavailable; nothing was sent."}
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/notify/email",
+    status_code=status.HTTP_201_CREATED,
+    response_model=NotificationDetail,
+    responses={**DELIVERY_FAILED, **DATABASE_DOWN},
+    tags=["notify"],
+)
+def notify_email(
+    data: EmailNotificationCreate, session: SessionDep, deliverer: DelivererDep, response: Response
+) -> Notification:
+    """Send an e-mail now; the notification is stored before the first SMTP attempt."""
+    notification = deliverer.create_email(session=session, data=data)
+    deliverer.deliver(session=session, notification=notification)
+    if notification.status == NotificationStatus.FAILED:
+        response.status_code = status.HTTP_502_BAD_GATEWAY
+    return notification
+
+
+@router.get("/notifications", response_model=NotificationsPublic, tags=["history"])
+def list_notifications(
+    query: Annotated[HistoryQuery, Query()], session: SessionDep
+) -> NotificationsPublic:
+    """History, newest first, one page at a time."""
+    page, next_position = crud.list_notifications(session=session, query=query)
+    return NotificationsPublic(
+        data=[NotificationPublic.model_validate(n) for n in page],
+        next_cursor=next_position.encode() if next_position else None,
+    )
+
+
+@router.get("/notifications/{notification_id}", response_model=NotificationDetail, tags=["history"])
+def read_notification(notification: NotificationDep) -> Notification:
+    """One notification with every delivery attempt."""
+    return notification
+
+
+@router.post(
+    "/notifications/{notification_id}/retry",
+    response_model=NotificationDetail,
+    responses={
+        status.HTTP_409_CONFLICT: {"description": "Only a failed notification can be resent."},
+        **DELIVERY_FAILED,
+    },
+    tags=["history"],
+)
+def resend_notification(
+    notification: NotificationDep, session: SessionDep, deliverer: DelivererDep, response: Response
+) -> Notification:
+    """Send a failed notification again; new attempts are added to the same notification."""
+    if not crud.claim_for_resend(session=session, notification=notification):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"notification is {notification.status}, only failed ones are resent"
+        )
+    deliverer.deliver(session=session, notification=notification)
+    if notification.status == NotificationStatus.FAILED:
+        response.status_code = status.HTTP_502_BAD_GATEWAY
+    return notification
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=DATABASE_DOWN, tags=["health"])
+def readyz(session: SessionDep) -> dict[str, str]:
+    """The database answers."""
+    session.execute(text("SELECT 1"))
+    return {"status": "ok"}

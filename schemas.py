@@ -1,0 +1,147 @@
+"""Request and response bodies."""
+
+import base64
+import binascii
+import json
+import re
+from datetime import UTC, datetime
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+from models import AttemptOutcome, Channel, NotificationStatus
+
+MAX_TEXT_LENGTH = 100_000
+HISTORY_PAGE_MAX = 200
+
+# C0 and C1 controls and DEL. Any of them in a header could start a new header line.
+HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# In a body, line breaks and tabs are content; other controls are not.
+BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class EmailNotificationCreate(BaseModel):
+    """What the booking and user services send; the body they already use."""
+
+    email: EmailStr
+    subject: str = Field(min_length=1, max_length=998)
+    text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
+
+    @field_validator("subject")
+    @classmethod
+    def subject_is_one_header_line(cls, subject: str) -> str:
+        if HEADER_UNSAFE.search(subject):
+            raise ValueError("must not contain line breaks or other control characters")
+        if not subject.strip():
+            raise ValueError("must not be blank")
+        return subject
+
+    @field_validator("text")
+    @classmethod
+    def text_is_printable(cls, text: str) -> str:
+        if BODY_UNSAFE.search(text):
+            raise ValueError("must not contain control characters other than tab and line breaks")
+        if not text.strip():
+            raise ValueError("must not be blank")
+        return text
+
+
+class DeliveryAttemptPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    number: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: AttemptOutcome
+    smtp_code: int | None
+    error: str | None
+
+
+class NotificationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel: Channel
+    recipient: str
+    subject: str | None
+    text: str
+    status: NotificationStatus
+    attempts: int
+    error_message: str | None
+    message_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+
+class NotificationDetail(NotificationPublic):
+    delivery_attempts: list[DeliveryAttemptPublic]
+
+
+class NotificationsPublic(BaseModel):
+    data: list[NotificationPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next (older) page; null on the last page."
+    )
+
+
+class HistoryCursor(BaseModel):
+    """A position in the history: the last row of the page before."""
+
+    created_at: datetime
+    id: int
+
+    def encode(self) -> str:
+        raw = json.dumps([self.created_at.isoformat(), self.id]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> "HistoryCursor":
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            created_at, id_ = json.loads(raw)
+            return cls(created_at=created_at, id=id_)
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise ValueError("is not a cursor returned by this API") from exc
+
+
+class HistoryQuery(BaseModel):
+    """Filters and paging of GET /notifications."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipient: str | None = Field(default=None, max_length=320)
+    status: NotificationStatus | None = None
+    created_from: datetime | None = Field(default=None, description="Inclusive; UTC if no offset.")
+    created_to: datetime | None = Field(default=None, description="Exclusive; UTC if no offset.")
+    limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
+    cursor: str | None = None
+
+    @field_validator("recipient")
+    @classmethod
+    def normalise_address(cls, recipient: str | None) -> str | None:
+        # Stored addresses are email-validator's normal form (lower-case domain).
+        if recipient is None:
+            return None
+        try:
+            return validate_email(recipient, check_deliverability=False).normalized
+        except EmailNotValidError:
+            return recipient
+
+    @field_validator("created_from", "created_to")
+    @classmethod
+    def assume_utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    @field_validator("cursor")
+    @classmethod
+    def cursor_is_ours(cls, cursor: str | None) -> str | None:
+        if cursor is not None:
+            HistoryCursor.decode(cursor)
+        return cursor
+
+    @property
+    def position(self) -> HistoryCursor | None:
+        return None if self.cursor is None else HistoryCursor.decode(self.cursor)
