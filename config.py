@@ -58,4 +58,3 @@ class Settings(BaseSettings):
     @property
     def uses_dev_mail_catcher(self) -> bool:
         return not self.smtp_host
-

@@ -1,8 +1,9 @@
 """Reading and writing notifications; each write function is one committed unit of work."""
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import CursorResult, select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from mailer import DeliveryError, TransientDeliveryError
@@ -79,7 +80,7 @@ def mark_failed(*, session: Session, notification: Notification) -> Notification
 def claim_for_resend(*, session: Session, notification: Notification) -> bool:
     """Move a failed notification back to sending; False if it is not failed (any more)."""
     # A conditional UPDATE, so two simultaneous resends cannot both win.
-    result = session.execute(
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Notification)
         .where(Notification.id == notification.id, Notification.status == NotificationStatus.FAILED)
         .values(status=NotificationStatus.SENDING, updated_at=utcnow())

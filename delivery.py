@@ -33,9 +33,10 @@ def make_retrying(settings: Settings) -> Retrying:
     """The retry policy: only transient failures, exponential backoff with jitter, bounded."""
     return Retrying(
         retry=retry_if_exception_type(TransientDeliveryError),
-        stop=stop_after_attempt(settings.retry_attempts) | stop_before_delay(settings.retry_max_time),
+        stop=stop_after_attempt(settings.retry_attempts)
+        | stop_before_delay(settings.retry_max_time),
         wait=wait_exponential_jitter(
-            initial=settings.retry_initial_wait,
+            multiplier=settings.retry_initial_wait,
             max=settings.retry_max_wait,
             jitter=settings.retry_jitter,
         ),
@@ -83,7 +84,9 @@ class Deliverer:
         )
         return notification
 
-    def _attempt(self, *, session: Session, notification: Notification, message: EmailMessage) -> None:
+    def _attempt(
+        self, *, session: Session, notification: Notification, message: EmailMessage
+    ) -> None:
         started_at = utcnow()
         error: DeliveryError | None = None
         try:
@@ -94,7 +97,14 @@ class Deliverer:
             # A bug rather than a delivery failure; still leave a final, explained state.
             logger.exception("notification %d: unexpected error while sending", notification.id)
             error = PermanentDeliveryError(f"internal error: {type(exc).__name__}")
-        crud.record_attempt(session=session, notification=notification, started_at=started_at, error=error)
+        crud.record_attempt(
+            session=session, notification=notification, started_at=started_at, error=error
+        )
         if error is not None:
-            logger.warning("notification %d: attempt %d failed: %s", notification.id, notification.attempts, error)
+            logger.warning(
+                "notification %d: attempt %d failed: %s",
+                notification.id,
+                notification.attempts,
+                error,
+            )
             raise error

@@ -93,7 +93,9 @@ class SMTPMailer:
         self.ssl_context = ssl_context or ssl.create_default_context()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, host: str | None = None, port: int | None = None) -> "SMTPMailer":
+    def from_settings(
+        cls, settings: Settings, *, host: str | None = None, port: int | None = None
+    ) -> "SMTPMailer":
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         return cls(
             host=host or settings.smtp_host,
@@ -102,7 +104,9 @@ class SMTPMailer:
             username=settings.smtp_user or None,
             password=password,
             timeout=settings.smtp_timeout,
-            ssl_context=make_ssl_context(verify=settings.smtp_verify_tls, ca_file=settings.smtp_ca_file),
+            ssl_context=make_ssl_context(
+                verify=settings.smtp_verify_tls, ca_file=settings.smtp_ca_file
+            ),
         )
 
     def __repr__(self) -> str:
@@ -129,14 +133,18 @@ class SMTPMailer:
             # Missing STARTTLS/AUTH/SMTPUTF8 support: a configuration mismatch.
             raise PermanentDeliveryError(str(exc)) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise PermanentDeliveryError(f"TLS certificate not trusted: {exc.verify_message}") from exc
+            raise PermanentDeliveryError(
+                f"TLS certificate not trusted: {exc.verify_message}"
+            ) from exc
         except (OSError, EOFError) as exc:
             # Refused, reset, timed out, TLS handshake cut short, name not resolved.
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
     def _connect(self) -> smtplib.SMTP:
         if self.security is SMTPSecurity.SSL:
-            return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
+            return smtplib.SMTP_SSL(
+                self.host, self.port, timeout=self.timeout, context=self.ssl_context
+            )
         return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
 
 

@@ -28,11 +28,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         engine = make_engine(settings)
         if settings.auto_migrate:
             await to_thread.run_sync(run_migrations, engine)
-        catcher = start_mail_catcher(settings.dev_mail_dir) if settings.uses_dev_mail_catcher else None
+        catcher = (
+            start_mail_catcher(settings.dev_mail_dir) if settings.uses_dev_mail_catcher else None
+        )
         if catcher is None:
             mailer = SMTPMailer.from_settings(settings)
         else:
@@ -50,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="Notification service",
-        summary="Sends e-mail notifications for the coworking booking system and keeps their history.",
+        summary="E-mail notifications for the coworking booking system, with their history.",
         version="1.0.0",
         lifespan=lifespan,
     )

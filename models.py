@@ -128,9 +128,7 @@ class DeliveryAttempt(Base):
     __tablename__ = "delivery_attempts"
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
-    notification_id: Mapped[int] = mapped_column(
-        ForeignKey("notifications.id", ondelete="CASCADE")
-    )
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime)

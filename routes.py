@@ -1,6 +1,7 @@
 """HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from sqlalchemy import text
@@ -18,7 +19,7 @@ from schemas import (
 )
 
 
-def get_session(request: Request):  # type: ignore[no-untyped-def]
+def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.session_factory() as session:
         yield session
 
@@ -41,14 +42,16 @@ def valid_notification_id(notification_id: int, session: SessionDep) -> Notifica
 
 NotificationDep = Annotated[Notification, Depends(valid_notification_id)]
 
-DELIVERY_FAILED = {
+DELIVERY_FAILED: dict[int | str, dict[str, Any]] = {
     status.HTTP_502_BAD_GATEWAY: {
         "model": NotificationDetail,
         "description": "Delivery failed; the notification is stored as failed with the reason.",
     }
 }
-DATABASE_DOWN = {
-    status.HTTP_503_SERVICE_UNAVAILABLE: {"description": "The database is unavailable; nothing was sent."}
+DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: {
+        "description": "The database is unavailable; nothing was sent."
+    }
 }
 
 router = APIRouter()
@@ -105,7 +108,8 @@ def resend_notification(
     """Send a failed notification again; new attempts are added to the same notification."""
     if not crud.claim_for_resend(session=session, notification=notification):
         raise HTTPException(
-            status.HTTP_409_CONFLICT, f"notification is {notification.status}, only failed ones are resent"
+            status.HTTP_409_CONFLICT,
+            f"notification is {notification.status}, only failed ones are resent",
         )
     deliverer.deliver(session=session, notification=notification)
     if notification.status == NotificationStatus.FAILED:

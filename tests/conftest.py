@@ -1,0 +1,160 @@
+"""Fixtures: a throw-away PostgreSQL database, real SMTP servers, and the app wired to them."""
+
+import os
+import ssl
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import trustme
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings
+from db import make_engine, make_session_factory, run_migrations
+from main import create_app
+from tests.smtpd import Credentials, ScriptedHandler, start_server
+
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+SMTP_USER = "booking-service"
+SMTP_PASSWORD = "s3cret-smtp-pass"
+
+
+def _admin_connection() -> Any:
+    url = make_url(ADMIN_URL)
+    try:
+        connection = psycopg2.connect(
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            dbname=url.database,
+            connect_timeout=5,
+        )
+    except psycopg2.OperationalError as exc:
+        message = f"PostgreSQL at {ADMIN_URL} is not reachable: {exc}".strip()
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message + " (set CI=true to make this an error)")
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture(scope="session")
+def create_database() -> Iterator[Callable[[], str]]:
+    """Makes fresh, migrated PostgreSQL databases; drops them after the run."""
+    admin = _admin_connection()
+    names: list[str] = []
+
+    def create() -> str:
+        name = f"notify_test_{uuid.uuid4().hex[:12]}"
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        url = make_url(ADMIN_URL).set(drivername="postgresql+psycopg2", database=name)
+        return url.render_as_string(hide_password=False)
+
+    yield create
+    with admin.cursor() as cursor:
+        for name in names:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(create_database: Callable[[], str]) -> str:
+    url = create_database()
+    engine = make_engine(Settings(_env_file=None, database_url=url))  # type: ignore[call-arg]
+    run_migrations(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(Settings(_env_file=None, database_url=database_url))  # type: ignore[call-arg]
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db(engine: Engine) -> Iterator[sessionmaker[Session]]:
+    """A session factory on clean tables."""
+    with engine.begin() as connection:
+        connection.execute(text("TRUNCATE notifications, delivery_attempts RESTART IDENTITY"))
+    yield make_session_factory(engine)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for 127.0.0.1 and the file of the CA that signed it."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return context, ca_file
+
+
+@pytest.fixture
+def smtp() -> Iterator[ScriptedHandler]:
+    """A plain SMTP server; its handler records what arrives."""
+    handler = ScriptedHandler()
+    controller = start_server(handler)
+    yield handler
+    controller.stop()
+
+
+@pytest.fixture
+def settings(database_url: str, smtp: ScriptedHandler) -> Settings:
+    """Settings pointing at the test database and SMTP server, with retries that never sleep."""
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=database_url,
+        auto_migrate=False,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        smtp_timeout=5,
+        email_from="Coworking <noreply@coworking.test>",
+        retry_attempts=3,
+        retry_initial_wait=0,
+        retry_max_wait=0,
+        retry_jitter=0,
+    )
+
+
+@pytest.fixture
+def make_client(
+    settings: Settings, db: sessionmaker[Session]
+) -> Iterator[Callable[..., TestClient]]:
+    """Starts the app (lifespan included) with `settings` changed by keyword arguments."""
+    with ExitStack() as stack:
+
+        def make(**changes: Any) -> TestClient:
+            changed = Settings(_env_file=None, **(settings.model_dump() | changes))  # type: ignore[call-arg]
+            app = create_app(changed)
+            return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+
+        yield make
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+BOOKING = {
+    "email": "ivan.petrov@example.com",
+    "subject": "Бронирование подтверждено: переговорная «Байкал»",
+    "text": "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, 10:00–12:00.\n",
+}
+
+
+@pytest.fixture
+def credentials() -> Credentials:
+    return Credentials(SMTP_USER, SMTP_PASSWORD)

@@ -1,0 +1,128 @@
+"""A real SMTP server for tests (aiosmtpd), told how to answer."""
+
+import asyncio
+import socket
+import ssl
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+# A scripted reply that closes the connection instead of answering.
+DROP = "drop"
+
+
+@dataclass
+class Received:
+    raw: bytes
+    mail_from: str
+    rcpt_tos: list[str]
+    login: bytes | None
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = message_from_bytes(self.raw, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+@dataclass
+class ScriptedHandler:
+    """Accepts every message, except for the replies queued in `rcpt_replies`/`data_replies`."""
+
+    received: list[Received] = field(default_factory=list)
+    rcpt_replies: deque[str] = field(default_factory=deque)
+    data_replies: deque[str] = field(default_factory=deque)
+    # When set, DATA waits until the test opens the gate.
+    gate: threading.Event | None = None
+    data_started: threading.Event = field(default_factory=threading.Event)
+    port: int = 0  # set by start_server
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.rcpt_replies:
+            return self._scripted(server, self.rcpt_replies.popleft())
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_started.set()
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 10)
+        if self.data_replies:
+            return self._scripted(server, self.data_replies.popleft())
+        login = session.login_data if session.authenticated else None
+        self.received.append(
+            Received(
+                raw=envelope.original_content or b"",
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                login=login,
+            )
+        )
+        return "250 2.0.0 OK: queued"
+
+    @staticmethod
+    def _scripted(server: SMTP, reply: str) -> str:
+        if reply == DROP:
+            assert server.transport is not None
+            server.transport.close()
+            return "421 4.4.2 connection dropped"  # never reaches the client
+        return reply
+
+
+@dataclass
+class Credentials:
+    user: str
+    password: str
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and data == (
+            self.user.encode(),
+            self.password.encode(),
+        )
+        return AuthResult(success=ok)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_server(
+    handler: ScriptedHandler,
+    *,
+    credentials: Credentials | None = None,
+    starttls: ssl.SSLContext | None = None,
+    implicit_tls: ssl.SSLContext | None = None,
+) -> Controller:
+    """Start an SMTP server on a free local port; the caller stops it."""
+    kwargs: dict[str, Any] = {}
+    if credentials is not None:
+        kwargs["authenticator"] = credentials
+        # With implicit TLS aiosmtpd does not know the channel is encrypted.
+        kwargs["auth_require_tls"] = implicit_tls is None
+        kwargs["auth_required"] = implicit_tls is None
+    if starttls is not None:
+        kwargs.update(tls_context=starttls, require_starttls=True)
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=free_port(),
+        ssl_context=implicit_tls,
+        server_hostname="smtp.test",
+        **kwargs,
+    )
+    controller.start()
+    handler.port = controller.port
+    return controller
