@@ -6,7 +6,7 @@ from email.message import EmailMessage
 from sqlalchemy.orm import Session
 from tenacity import (
     Retrying,
-    before_sleep_log,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
@@ -40,9 +40,14 @@ def make_retrying(settings: Settings) -> Retrying:
             max=settings.retry_max_wait,
             jitter=settings.retry_jitter,
         ),
-        before_sleep=before_sleep_log(logger, logging.WARNING),
+        before_sleep=_log_backoff,
         reraise=True,
     )
+
+
+def _log_backoff(state: RetryCallState) -> None:
+    if state.next_action is not None:
+        logger.info("next attempt in %.2f s", state.next_action.sleep)
 
 
 class Deliverer:

@@ -57,7 +57,7 @@ class ScriptedHandler:
             await asyncio.to_thread(self.gate.wait, 10)
         if self.data_replies:
             return self._scripted(server, self.data_replies.popleft())
-        login = session.login_data if session.authenticated else None
+        login = session.auth_data.login if session.authenticated else None
         self.received.append(
             Received(
                 raw=envelope.original_content or b"",
@@ -89,7 +89,8 @@ class Credentials:
             self.user.encode(),
             self.password.encode(),
         )
-        return AuthResult(success=ok)
+        # handled=False: aiosmtpd itself answers 235 or 535.
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
 
 def free_port() -> int:
@@ -110,6 +111,8 @@ def start_server(
     kwargs: dict[str, Any] = {}
     if credentials is not None:
         kwargs["authenticator"] = credentials
+        # smtplib's AUTH LOGIN with an initial response confuses aiosmtpd; PLAIN is unambiguous.
+        kwargs["auth_exclude_mechanism"] = ["LOGIN"]
         # With implicit TLS aiosmtpd does not know the channel is encrypted.
         kwargs["auth_require_tls"] = implicit_tls is None
         kwargs["auth_required"] = implicit_tls is None
