@@ -5,8 +5,8 @@ from email.message import EmailMessage
 
 from sqlalchemy.orm import Session
 from tenacity import (
-    Retrying,
     RetryCallState,
+    Retrying,
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,

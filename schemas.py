@@ -2,7 +2,6 @@
 
 import base64
 import binascii
-import json
 import re
 from datetime import UTC, datetime
 
@@ -92,16 +91,14 @@ class HistoryCursor(BaseModel):
     id: int
 
     def encode(self) -> str:
-        raw = json.dumps([self.created_at.isoformat(), self.id]).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return base64.urlsafe_b64encode(self.model_dump_json().encode()).decode().rstrip("=")
 
     @classmethod
     def decode(cls, token: str) -> "HistoryCursor":
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            created_at, id_ = json.loads(raw)
-            return cls(created_at=created_at, id=id_)
-        except (binascii.Error, ValueError, TypeError) as exc:
+            return cls.model_validate_json(raw, strict=True)
+        except (binascii.Error, ValueError) as exc:
             raise ValueError("is not a cursor returned by this API") from exc
 
 
@@ -138,8 +135,9 @@ class HistoryQuery(BaseModel):
     @field_validator("cursor")
     @classmethod
     def cursor_is_ours(cls, cursor: str | None) -> str | None:
-        if cursor is not None:
-            HistoryCursor.decode(cursor)
+        if not cursor:
+            return None  # `?cursor=` is the first page
+        HistoryCursor.decode(cursor)
         return cursor
 
     @property

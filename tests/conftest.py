@@ -69,7 +69,7 @@ def create_database() -> Iterator[Callable[[], str]]:
 @pytest.fixture(scope="session")
 def database_url(create_database: Callable[[], str]) -> str:
     url = create_database()
-    engine = make_engine(Settings(_env_file=None, database_url=url))  # type: ignore[call-arg]
+    engine = make_engine(Settings(_env_file=None, database_url=url))
     run_migrations(engine)
     engine.dispose()
     return url
@@ -77,7 +77,7 @@ def database_url(create_database: Callable[[], str]) -> str:
 
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(Settings(_env_file=None, database_url=database_url))  # type: ignore[call-arg]
+    engine = make_engine(Settings(_env_file=None, database_url=database_url))
     yield engine
     engine.dispose()
 
@@ -113,7 +113,7 @@ def smtp() -> Iterator[ScriptedHandler]:
 @pytest.fixture
 def settings(database_url: str, smtp: ScriptedHandler) -> Settings:
     """Settings pointing at the test database and SMTP server, with retries that never sleep."""
-    return Settings(  # type: ignore[call-arg]
+    return Settings(
         _env_file=None,
         database_url=database_url,
         auto_migrate=False,
@@ -136,7 +136,7 @@ def make_client(
     with ExitStack() as stack:
 
         def make(**changes: Any) -> TestClient:
-            changed = Settings(_env_file=None, **(settings.model_dump() | changes))  # type: ignore[call-arg]
+            changed = Settings(_env_file=None, **(settings.model_dump() | changes))
             app = create_app(changed)
             return stack.enter_context(TestClient(app, raise_server_exceptions=False))
 
@@ -151,7 +151,9 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 BOOKING = {
     "email": "ivan.petrov@example.com",
     "subject": "Бронирование подтверждено: переговорная «Байкал»",
-    "text": "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, 10:00–12:00.\n",
+    "text": (
+        "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, 10:00–12:00.\n"
+    ),
 }
 
 

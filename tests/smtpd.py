@@ -57,7 +57,7 @@ class ScriptedHandler:
             await asyncio.to_thread(self.gate.wait, 10)
         if self.data_replies:
             return self._scripted(server, self.data_replies.popleft())
-        login = session.auth_data.login if session.authenticated else None
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
         self.received.append(
             Received(
                 raw=envelope.original_content or b"",

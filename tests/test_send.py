@@ -66,9 +66,7 @@ def test_notification_is_stored_as_sending_before_the_smtp_conversation(
     smtp.gate = threading.Event()
     result: dict[str, int] = {}
     sender = threading.Thread(
-        target=lambda: result.update(
-            status=client.post("/notify/email", json=BOOKING).status_code
-        )
+        target=lambda: result.update(status=client.post("/notify/email", json=BOOKING).status_code)
     )
     sender.start()
     try:

@@ -1,0 +1,128 @@
+"""The database: outages are a 503 with nothing sent; the schema comes from migrations."""
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect, make_url
+
+from config import Settings
+from db import make_engine
+from models import Base
+from tests.conftest import BOOKING, _admin_connection
+from tests.smtpd import ScriptedHandler
+
+
+class Outage:
+    """Makes one PostgreSQL database refuse connections, as if it went away."""
+
+    def __init__(self, url: str) -> None:
+        self.name = make_url(url).database
+        self.admin = _admin_connection()
+
+    def _run(self, sql: str) -> None:
+        with self.admin.cursor() as cursor:
+            cursor.execute(sql)
+
+    def start(self) -> None:
+        self._run(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false')
+        self._run(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{self.name}' AND pid <> pg_backend_pid()"
+        )
+
+    def end(self) -> None:
+        self._run(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
+
+
+@pytest.fixture
+def outage_client(
+    create_database: Callable[[], str], make_client: Callable[..., TestClient]
+) -> Iterator[tuple[TestClient, Outage]]:
+    url = create_database()
+    client = make_client(database_url=url, auto_migrate=True)
+    outage = Outage(url)
+    yield client, outage
+    outage.end()
+    outage.admin.close()
+
+
+def test_database_down_is_a_503_and_no_email_is_sent(
+    outage_client: tuple[TestClient, Outage], smtp: ScriptedHandler
+) -> None:
+    client, outage = outage_client
+    assert client.get("/readyz").status_code == 200
+
+    outage.start()
+    response = client.post("/notify/email", json=BOOKING)
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert "database" in response.json()["detail"]
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/notifications").status_code == 503
+    assert client.get("/healthz").status_code == 200
+    assert smtp.received == []
+
+    outage.end()
+    assert client.post("/notify/email", json=BOOKING).status_code == 201
+    assert len(smtp.received) == 1
+
+
+def test_unreachable_database_at_request_time_is_a_503(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(
+        database_url="postgresql://postgres@127.0.0.1:1/nowhere", auto_migrate=False
+    )
+
+    assert client.post("/notify/email", json=BOOKING).status_code == 503
+    assert client.get("/readyz").status_code == 503
+    assert smtp.received == []
+
+
+def test_start_up_migrates_an_empty_database(
+    create_database: Callable[[], str], make_client: Callable[..., TestClient]
+) -> None:
+    url = create_database()
+
+    client = make_client(database_url=url, auto_migrate=True)
+
+    assert client.post("/notify/email", json=BOOKING).status_code == 201
+    engine = make_engine(Settings(_env_file=None, database_url=url))
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert {"notifications", "delivery_attempts", "alembic_version"} <= tables
+
+
+def test_migrations_match_the_models(database_url: str) -> None:
+    engine = make_engine(Settings(_env_file=None, database_url=database_url))
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    engine.dispose()
+
+    assert differences == []
+
+
+def test_indexes_serve_the_history_queries(database_url: str) -> None:
+    engine = make_engine(Settings(_env_file=None, database_url=database_url))
+    indexes = {
+        tuple(index["column_names"]) for index in inspect(engine).get_indexes("notifications")
+    }
+    engine.dispose()
+
+    assert {
+        ("created_at", "id"),
+        ("recipient", "created_at", "id"),
+        ("status", "created_at", "id"),
+    } <= indexes
+
+
+def test_bare_postgresql_url_uses_psycopg2() -> None:
+    for url in ("postgresql://u@h/db", "postgres://u@h/db"):
+        settings = Settings(_env_file=None, database_url=url)
+        assert settings.database_url == "postgresql+psycopg2://u@h/db"
+        assert make_engine(settings).dialect.driver == "psycopg2"

@@ -1,0 +1,65 @@
+"""With no configuration the service runs on SQLite and the development mail catcher."""
+
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from config import Settings
+from mailer import SMTPMailer
+from main import create_app
+from tests.conftest import BOOKING
+
+CONFIG_VARIABLES = ("DATABASE_URL", "SMTP_HOST", "SMTP_PORT", "SMTP_USER", "SMTP_PASSWORD")
+
+
+def test_defaults_are_sqlite_and_the_mail_catcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in CONFIG_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    settings = Settings(_env_file=None)
+
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.uses_dev_mail_catcher
+    assert settings.smtp_verify_tls
+
+
+def test_main_path_on_sqlite_with_the_mail_catcher(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'var' / 'notifications.db'}",
+        smtp_host="",
+        dev_mail_dir=tmp_path / "mail",
+    )
+
+    with TestClient(create_app(settings)) as client:
+        created = client.post("/notify/email", json=BOOKING)
+        second = client.post("/notify/email", json={**BOOKING, "email": "anna@example.com"})
+        history = client.get("/notifications", params={"limit": 1})
+        rest = client.get("/notifications", params={"cursor": history.json()["next_cursor"]})
+        detail = client.get(f"/notifications/{created.json()['id']}")
+
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "sent"
+    assert second.status_code == 201
+    assert [n["id"] for n in history.json()["data"] + rest.json()["data"]] == [
+        second.json()["id"],
+        created.json()["id"],
+    ]
+    assert detail.json()["delivery_attempts"][0]["outcome"] == "sent"
+    assert detail.json()["created_at"].endswith("Z")
+    saved = sorted((tmp_path / "mail").glob("*.eml"))
+    assert len(saved) == 2
+    subjects = {message_from_bytes(p.read_bytes(), policy=policy.default)["Subject"] for p in saved}
+    assert subjects == {BOOKING["subject"]}
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    settings = Settings(
+        _env_file=None, smtp_host="smtp.example.com", smtp_user="u", smtp_password="hunter2-pass"
+    )
+
+    assert "hunter2-pass" not in repr(settings)
+    assert "hunter2-pass" not in str(settings.model_dump())
+    assert "hunter2-pass" not in repr(SMTPMailer.from_settings(settings))
