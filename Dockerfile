@@ -1,0 +1,26 @@
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY alembic.ini ./
+COPY migrations ./migrations
+COPY *.py ./
+
+RUN useradd --system --uid 10001 --no-create-home app \
+    && mkdir -p /app/var \
+    && chown app /app/var
+USER app
+
+EXPOSE 8003
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8003/healthz', timeout=2)"]
+
+# Migrations run at start-up (AUTO_MIGRATE=true); replicas serialise on an advisory lock.
+CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "8003", "--proxy-headers"]
