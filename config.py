@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     retry_max_wait: float = Field(default=5.0, ge=0)
     retry_jitter: float = Field(default=0.5, ge=0)
 
+    # The background worker: queued, scheduled and background-retried notifications.
+    worker_in_api: bool = True
+    worker_batch_size: int = Field(default=20, ge=1)
+    worker_poll_interval: float = Field(default=1.0, gt=0)
+    worker_lease: float = Field(default=120.0, gt=0)
+    queue_max_attempts: int = Field(default=8, ge=1)
+    queue_retry_initial_wait: float = Field(default=30.0, ge=0)
+    queue_retry_max_wait: float = Field(default=3600.0, ge=0)
+
     dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
 
     @field_validator("database_url")

@@ -1,9 +1,9 @@
 """Reading and writing notifications; each write function is one committed unit of work."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, select, tuple_, update
+from sqlalchemy import CursorResult, and_, or_, select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from mailer import DeliveryError, TransientDeliveryError
@@ -19,17 +19,19 @@ from schemas import EmailNotificationCreate, HistoryCursor, HistoryQuery
 
 
 def create_email_notification(
-    *, session: Session, data: EmailNotificationCreate, message_id: str
+    *, session: Session, data: EmailNotificationCreate, message_id: str, queued: bool
 ) -> Notification:
-    """Store an e-mail notification about to be sent; it exists before any SMTP attempt."""
+    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now."""
     notification = Notification(
         channel=Channel.EMAIL,
         recipient=data.email,
         subject=data.subject,
         text=data.text,
-        status=NotificationStatus.SENDING,
+        status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
         attempts=0,
         message_id=message_id,
+        send_at=data.send_at,
+        next_attempt_at=(data.send_at or utcnow()) if queued else None,
     )
     session.add(notification)
     session.commit()
@@ -57,6 +59,8 @@ def record_attempt(
         notification.status = NotificationStatus.SENT
         notification.sent_at = finished_at
         notification.error_message = None
+        notification.next_attempt_at = None
+        _clear_lease(notification)
     else:
         attempt.outcome = (
             AttemptOutcome.TRANSIENT_ERROR
@@ -73,8 +77,96 @@ def record_attempt(
 def mark_failed(*, session: Session, notification: Notification) -> Notification:
     """Give up on a notification; its last attempt's error stays as the reason."""
     notification.status = NotificationStatus.FAILED
+    notification.next_attempt_at = None
+    _clear_lease(notification)
     session.commit()
     return notification
+
+
+def requeue(*, session: Session, notification: Notification, at: datetime) -> Notification:
+    """Put a notification back in the queue, due at `at`."""
+    notification.status = NotificationStatus.QUEUED
+    notification.next_attempt_at = at
+    _clear_lease(notification)
+    session.commit()
+    return notification
+
+
+def _clear_lease(notification: Notification) -> None:
+    notification.leased_by = None
+    notification.lease_expires_at = None
+
+
+def claim_due(
+    *, session: Session, worker_id: str, lease: timedelta, limit: int
+) -> list[Notification]:
+    """Lease up to `limit` due notifications to `worker_id`, oldest due first.
+
+    Due: queued with `next_attempt_at` passed, or sending under an expired lease (its
+    worker died). Rows locked by another claimer are skipped, so no two workers get the
+    same notification. On SQLite there is no row locking: run a single worker there.
+    """
+    now = utcnow()
+    due = (
+        select(Notification.id)
+        .where(
+            or_(
+                and_(
+                    Notification.status == NotificationStatus.QUEUED,
+                    Notification.next_attempt_at <= now,
+                ),
+                and_(
+                    Notification.status == NotificationStatus.SENDING,
+                    Notification.lease_expires_at < now,
+                ),
+            )
+        )
+        .order_by(Notification.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = session.scalars(
+        update(Notification)
+        .where(Notification.id.in_(due.scalar_subquery()))
+        .values(
+            status=NotificationStatus.SENDING,
+            leased_by=worker_id,
+            lease_expires_at=now + lease,
+            updated_at=now,
+        )
+        .returning(Notification),
+        execution_options={"synchronize_session": False},
+    ).all()
+    session.commit()
+    return sorted(claimed, key=lambda n: (n.next_attempt_at or now, n.id))
+
+
+def release(*, session: Session, worker_id: str, notification_ids: list[int]) -> int:
+    """Give leased, unattempted notifications back to the queue (a worker shutting down)."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Notification)
+        .where(
+            Notification.id.in_(notification_ids),
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == worker_id,
+        )
+        .values(status=NotificationStatus.QUEUED, leased_by=None, lease_expires_at=None),
+        execution_options={"synchronize_session": False},
+    )
+    session.commit()
+    return result.rowcount
+
+
+def cancel(*, session: Session, notification: Notification) -> bool:
+    """Cancel a queued notification; False if it is no longer queued."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Notification)
+        .where(Notification.id == notification.id, Notification.status == NotificationStatus.QUEUED)
+        .values(status=NotificationStatus.CANCELLED, next_attempt_at=None, updated_at=utcnow())
+    )
+    session.commit()
+    session.refresh(notification)
+    return result.rowcount == 1
 
 
 def claim_for_resend(*, session: Session, notification: Notification) -> bool:

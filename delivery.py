@@ -58,15 +58,16 @@ class Deliverer:
         self.retrying = retrying
         self.sender = sender
 
-    def create_email(self, *, session: Session, data: EmailNotificationCreate) -> Notification:
-        """Store a new e-mail notification, ready to deliver."""
+    def create_email(
+        self, *, session: Session, data: EmailNotificationCreate, queued: bool = False
+    ) -> Notification:
+        """Store a new e-mail notification: to send now, or queued for a worker."""
         return crud.create_email_notification(
-            session=session, data=data, message_id=new_message_id(self.sender)
+            session=session, data=data, message_id=new_message_id(self.sender), queued=queued
         )
 
-    def deliver(self, *, session: Session, notification: Notification) -> Notification:
-        """Try to send `notification` until it is sent or the retry policy gives up."""
-        message = build_message(
+    def message_for(self, notification: Notification) -> EmailMessage:
+        return build_message(
             sender=self.sender,
             recipient=notification.recipient,
             subject=notification.subject or "",
@@ -74,11 +75,15 @@ class Deliverer:
             message_id=notification.message_id or new_message_id(self.sender),
             date=utcnow(),
         )
+
+    def deliver(self, *, session: Session, notification: Notification) -> Notification:
+        """Try to send `notification` until it is sent or the retry policy gives up."""
+        message = self.message_for(notification)
         try:
             # copy(): the policy object is shared by every request thread.
             for attempt in self.retrying.copy():
                 with attempt:
-                    self._attempt(session=session, notification=notification, message=message)
+                    self.attempt(session=session, notification=notification, message=message)
         except DeliveryError:
             crud.mark_failed(session=session, notification=notification)
         logger.info(
@@ -89,9 +94,10 @@ class Deliverer:
         )
         return notification
 
-    def _attempt(
+    def attempt(
         self, *, session: Session, notification: Notification, message: EmailMessage
     ) -> None:
+        """One SMTP attempt, recorded; raises its `DeliveryError` after recording it."""
         started_at = utcnow()
         error: DeliveryError | None = None
         try:

@@ -136,7 +136,7 @@ class SMTPMailer:
             raise PermanentDeliveryError(
                 f"TLS certificate not trusted: {exc.verify_message}"
             ) from exc
-        except (OSError, EOFError) as exc:
+        except OSError as exc:
             # Refused, reset, timed out, TLS handshake cut short, name not resolved.
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 

@@ -4,6 +4,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiosmtpd.controller import Controller
 from anyio import to_thread
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
@@ -62,6 +63,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
     return app
+
+
+def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
+    """The deliverer `settings` describe, and the dev mail catcher it started, if any."""
+    if not settings.uses_dev_mail_catcher:
+        mailer = SMTPMailer.from_settings(settings)
+        catcher = None
+    else:
+        catcher = start_mail_catcher(settings.dev_mail_dir)
+        mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
+    deliverer = Deliverer(
+        mailer=mailer, retrying=make_retrying(settings), sender=settings.email_from
+    )
+    return deliverer, catcher
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:

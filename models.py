@@ -16,6 +16,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql  # `text` is also a column name below
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -61,14 +62,19 @@ class Channel(StrEnum):
 class NotificationStatus(StrEnum):
     """Where a notification is in its life.
 
-    `sending` is taken before the first attempt, so a crash mid-send leaves it
-    visible. Only `sent` and `failed` are final today.
+    queued    waiting for a worker; due at `next_attempt_at` (scheduled, or backing off)
+    sending   an attempt is under way; a synchronous send takes this before its first
+              attempt, a worker under a lease (`lease_expires_at`) that others respect
+    sent      accepted by the SMTP server (final)
+    failed    permanent error, or attempts ran out; `error_message` says why (final)
+    cancelled withdrawn while queued (final)
     """
 
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class AttemptOutcome(StrEnum):
@@ -108,6 +114,10 @@ class Notification(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    send_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    leased_by: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     delivery_attempts: Mapped[list["DeliveryAttempt"]] = relationship(
         back_populates="notification",
@@ -121,6 +131,19 @@ class Notification(Base):
         Index("ix_notifications_created_at_id", "created_at", "id"),
         Index("ix_notifications_recipient_created_at_id", "recipient", "created_at", "id"),
         Index("ix_notifications_status_created_at_id", "status", "created_at", "id"),
+        # The worker's two questions: what is due, and whose lease has run out.
+        Index(
+            "ix_notifications_due",
+            "next_attempt_at",
+            postgresql_where=sql("status = 'queued'"),
+            sqlite_where=sql("status = 'queued'"),
+        ),
+        Index(
+            "ix_notifications_lease",
+            "lease_expires_at",
+            postgresql_where=sql("status = 'sending'"),
+            sqlite_where=sql("status = 'sending'"),
+        ),
     )
 
 

@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -61,14 +61,30 @@ router = APIRouter()
     "/notify/email",
     status_code=status.HTTP_201_CREATED,
     response_model=NotificationDetail,
-    responses={**DELIVERY_FAILED, **DATABASE_DOWN},
+    responses={
+        status.HTTP_202_ACCEPTED: {"model": NotificationDetail, "description": "Queued."},
+        **DELIVERY_FAILED,
+        **DATABASE_DOWN,
+    },
     tags=["notify"],
 )
 def notify_email(
-    data: EmailNotificationCreate, session: SessionDep, deliverer: DelivererDep, response: Response
+    data: EmailNotificationCreate,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    response: Response,
+    prefer: Annotated[
+        str | None, Header(description="`respond-async`: queue instead of sending now (202).")
+    ] = None,
 ) -> Notification:
-    """Send an e-mail now; the notification is stored before the first SMTP attempt."""
-    notification = deliverer.create_email(session=session, data=data)
+    """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set."""
+    queued = data.send_at is not None or wants_async(prefer)
+    notification = deliverer.create_email(session=session, data=data, queued=queued)
+    if queued:
+        response.status_code = status.HTTP_202_ACCEPTED
+        if wants_async(prefer):
+            response.headers["Preference-Applied"] = "respond-async"
+        return notification
     deliverer.deliver(session=session, notification=notification)
     if notification.status == NotificationStatus.FAILED:
         response.status_code = status.HTTP_502_BAD_GATEWAY
@@ -115,6 +131,31 @@ def resend_notification(
     if notification.status == NotificationStatus.FAILED:
         response.status_code = status.HTTP_502_BAD_GATEWAY
     return notification
+
+
+@router.post(
+    "/notifications/{notification_id}/cancel",
+    response_model=NotificationDetail,
+    responses={
+        status.HTTP_409_CONFLICT: {"description": "Only a queued notification is cancelled."}
+    },
+    tags=["history"],
+)
+def cancel_notification(notification: NotificationDep, session: SessionDep) -> Notification:
+    """Withdraw a queued or scheduled notification before a worker sends it."""
+    if not crud.cancel(session=session, notification=notification):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"notification is {notification.status}, only queued ones are cancelled",
+        )
+    return notification
+
+
+def wants_async(prefer: str | None) -> bool:
+    """RFC 7240: does the Prefer header ask for respond-async?"""
+    if not prefer:
+        return False
+    return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 @router.get("/healthz", tags=["health"])

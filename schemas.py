@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
 
 from models import AttemptOutcome, Channel, NotificationStatus
 
@@ -25,6 +25,10 @@ class EmailNotificationCreate(BaseModel):
     email: EmailStr
     subject: str = Field(min_length=1, max_length=998)
     text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
+    send_at: AwareDatetime | None = Field(
+        default=None,
+        description="Send at this time (with a UTC offset) through the queue; answered 202.",
+    )
 
     @field_validator("subject")
     @classmethod
@@ -71,6 +75,8 @@ class NotificationPublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    send_at: datetime | None
+    next_attempt_at: datetime | None
 
 
 class NotificationDetail(NotificationPublic):

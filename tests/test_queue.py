@@ -1,0 +1,267 @@
+"""Queued and scheduled delivery through the PostgreSQL-backed worker."""
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import crud
+from config import Settings
+from main import build_deliverer
+from models import Channel, Notification, NotificationStatus
+from tests.conftest import BOOKING
+from tests.smtpd import ScriptedHandler
+from worker import Worker
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@pytest.fixture
+def queue_client(make_client: Callable[..., TestClient]) -> TestClient:
+    """The API without its own worker thread: tests run workers explicitly."""
+    return make_client(worker_in_api=False, queue_retry_initial_wait=0, queue_retry_max_wait=0)
+
+
+@pytest.fixture
+def make_worker(settings: Settings, db: sessionmaker[Session]) -> Callable[..., Worker]:
+    """Workers on the test database and SMTP server, `settings` changed by keyword."""
+
+    def make(**changes: object) -> Worker:
+        base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
+        changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
+        deliverer, _ = build_deliverer(changed)
+        return Worker(session_factory=db, deliverer=deliverer, settings=changed)
+
+    return make
+
+
+def status_of(client: TestClient, notification_id: int) -> dict[str, object]:
+    body: dict[str, object] = client.get(f"/notifications/{notification_id}").json()
+    return body
+
+
+def test_respond_async_queues_and_a_worker_sends(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    response = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC)
+
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "respond-async"
+    body = response.json()
+    assert (body["status"], body["attempts"]) == ("queued", 0)
+    assert smtp.received == []
+
+    assert make_worker().run_once() == 1
+
+    stored = status_of(queue_client, body["id"])
+    assert (stored["status"], stored["attempts"]) == ("sent", 1)
+    [received] = smtp.received
+    assert received.message["Message-ID"] == body["message_id"]
+
+
+def test_scheduled_message_waits_for_send_at(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    send_at = datetime.now(UTC) + timedelta(seconds=1)
+    worker = make_worker()
+
+    response = queue_client.post("/notify/email", json={**BOOKING, "send_at": send_at.isoformat()})
+
+    assert response.status_code == 202
+    assert worker.run_once() == 0
+    assert smtp.received == []
+    time.sleep(max(0.0, (send_at - datetime.now(UTC)).total_seconds()) + 0.05)
+    assert worker.run_once() == 1
+    stored = status_of(queue_client, response.json()["id"])
+    assert stored["status"] == "sent"
+    assert datetime.fromisoformat(str(stored["sent_at"])) >= send_at
+    assert len(smtp.received) == 1
+
+
+def test_send_at_must_carry_a_timezone(queue_client: TestClient, smtp: ScriptedHandler) -> None:
+    response = queue_client.post(
+        "/notify/email", json={**BOOKING, "send_at": "2030-01-01T10:00:00"}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "send_at"]
+
+
+def test_cancel_before_the_send_wins(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+
+    cancelled = queue_client.post(f"/notifications/{queued['id']}/cancel")
+
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert make_worker().run_once() == 0
+    assert smtp.received == []
+    assert queue_client.post(f"/notifications/{queued['id']}/cancel").status_code == 409
+
+
+def test_cancel_after_the_send_is_a_409(queue_client: TestClient, smtp: ScriptedHandler) -> None:
+    sent = queue_client.post("/notify/email", json=BOOKING).json()
+
+    response = queue_client.post(f"/notifications/{sent['id']}/cancel")
+
+    assert response.status_code == 409
+    assert status_of(queue_client, sent["id"])["status"] == "sent"
+    assert queue_client.post("/notifications/987654/cancel").status_code == 404
+
+
+def test_worker_backs_off_on_transient_errors_then_sends(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+    smtp.data_replies.append("451 4.3.0 Try again later")
+    slow = make_worker(queue_retry_initial_wait=60, queue_retry_max_wait=60)
+
+    assert slow.run_once() == 1
+    waiting = status_of(queue_client, queued["id"])
+    assert (waiting["status"], waiting["attempts"]) == ("queued", 1)
+    assert datetime.fromisoformat(str(waiting["next_attempt_at"])) > datetime.now(UTC)
+    assert slow.run_once() == 0, "claimed again before its backoff ran out"
+
+    with db() as session:
+        notification = session.get(Notification, queued["id"])
+        assert notification is not None
+        crud.requeue(session=session, notification=notification, at=datetime.now(UTC))
+    assert slow.run_once() == 1
+    done = status_of(queue_client, queued["id"])
+    assert (done["status"], done["attempts"]) == ("sent", 2)
+
+
+def test_worker_fails_after_its_attempts_run_out(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+    smtp.data_replies.extend(["451 4.3.0 one", "452 4.3.1 two"])
+    worker = make_worker(queue_max_attempts=2)
+
+    worker.run_once()
+    worker.run_once()
+
+    failed = status_of(queue_client, queued["id"])
+    assert (failed["status"], failed["attempts"]) == ("failed", 2)
+    assert failed["error_message"] == "452 4.3.1 two"
+    assert smtp.received == []
+
+
+def test_expired_lease_is_taken_over(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+    with db() as session:
+        # A worker claims it and dies before sending.
+        [claimed] = crud.claim_due(
+            session=session, worker_id="dead", lease=timedelta(seconds=0.2), limit=10
+        )
+    survivor = make_worker()
+    assert claimed.id == queued["id"]
+    assert survivor.run_once() == 0, "a live lease must be respected"
+
+    time.sleep(0.3)
+
+    assert survivor.run_once() == 1
+    assert status_of(queue_client, queued["id"])["status"] == "sent"
+    assert len(smtp.received) == 1
+
+
+def test_stopping_worker_releases_the_rest_of_its_batch(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    ids = [
+        queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()["id"]
+        for _ in range(5)
+    ]
+    smtp.gate = threading.Event()
+    worker = make_worker()
+    runner = threading.Thread(target=worker.run_once)
+    runner.start()
+    assert smtp.data_started.wait(5)
+
+    worker.stop()
+    smtp.gate.set()
+    runner.join(10)
+
+    with db() as session:
+        rows = session.scalars(select(Notification).where(Notification.id.in_(ids))).all()
+    statuses = Counter(n.status for n in rows)
+    assert statuses == {NotificationStatus.SENT: 1, NotificationStatus.QUEUED: 4}
+    assert all(n.leased_by is None and n.lease_expires_at is None for n in rows)
+
+
+def test_two_workers_deliver_2000_messages_exactly_once(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "channel": Channel.EMAIL,
+            "recipient": f"member{i}@example.com",
+            "subject": "Зона закрыта на уборку",
+            "text": "Зона «Open space» закрыта с 18:00 до 20:00.",
+            "status": NotificationStatus.QUEUED,
+            "attempts": 0,
+            "message_id": f"<bulk-{i}@coworking.test>",
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i in range(2000)
+    ]
+    with db() as session:
+        session.execute(insert(Notification), rows)
+        session.commit()
+    workers = [make_worker(worker_batch_size=50) for _ in range(2)]
+
+    def drain(worker: Worker) -> None:
+        while worker.run_once():
+            pass
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    delivered = Counter(r.message["Message-ID"] for r in smtp.received)
+    assert len(delivered) == 2000
+    assert max(delivered.values()) == 1
+    with db() as session:
+        by_worker = Counter(
+            session.scalars(select(Notification.attempts).where(Notification.status == "sent"))
+        )
+    assert by_worker == {1: 2000}

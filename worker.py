@@ -1,0 +1,145 @@
+"""The delivery worker: `python worker.py`, or a thread inside the API (WORKER_IN_API).
+
+Eligibility, checked by one UPDATE over rows selected FOR UPDATE SKIP LOCKED:
+- `queued` and `next_attempt_at` has passed (new, scheduled, or backing off), or
+- `sending` under an expired lease: the worker holding it died.
+A claim sets `sending` with a lease of WORKER_LEASE seconds. After one attempt a
+notification is `sent`; or back to `queued` with a later `next_attempt_at` (transient
+failure and attempts left, exponential backoff with jitter); or `failed`.
+
+On SIGTERM/SIGINT the worker stops claiming, finishes the message in hand, gives the
+rest of its batch back to the queue and exits. Several workers and API replicas may
+run at once on PostgreSQL; on SQLite run one.
+"""
+
+import logging
+import os
+import signal
+import socket
+import threading
+from datetime import timedelta
+from types import FrameType
+
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import RetryCallState, wait_exponential_jitter
+
+import crud
+from config import Settings
+from db import make_engine, make_session_factory
+from delivery import Deliverer
+from mailer import DeliveryError, TransientDeliveryError
+from models import Notification, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Claims due notifications in batches and sends each with one attempt."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: sessionmaker[Session],
+        deliverer: Deliverer,
+        settings: Settings,
+        worker_id: str | None = None,
+    ) -> None:
+        self.session_factory = session_factory
+        self.deliverer = deliverer
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.backoff = wait_exponential_jitter(
+            multiplier=settings.queue_retry_initial_wait,
+            max=settings.queue_retry_max_wait,
+            jitter=settings.queue_retry_initial_wait,
+        )
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Work until `stop()`; sleep between empty polls."""
+        logger.info("worker %s started", self.worker_id)
+        while not self.stopping.is_set():
+            try:
+                handled = self.run_once()
+            except Exception:
+                # Database down or a bug: keep the worker alive and try again later.
+                logger.exception("worker %s: claim round failed", self.worker_id)
+                handled = 0
+            if handled == 0:
+                self.stopping.wait(self.settings.worker_poll_interval)
+        logger.info("worker %s stopped", self.worker_id)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run_once(self) -> int:
+        """Claim one batch and work through it; the number of notifications attempted."""
+        with self.session_factory() as session:
+            batch = crud.claim_due(
+                session=session,
+                worker_id=self.worker_id,
+                lease=timedelta(seconds=self.settings.worker_lease),
+                limit=self.settings.worker_batch_size,
+            )
+            for done, notification in enumerate(batch):
+                if self.stopping.is_set():
+                    rest = [n.id for n in batch[done:]]
+                    crud.release(session=session, worker_id=self.worker_id, notification_ids=rest)
+                    return done
+                self._deliver(session, notification)
+            return len(batch)
+
+    def _deliver(self, session: Session, notification: Notification) -> None:
+        message = self.deliverer.message_for(notification)
+        try:
+            self.deliverer.attempt(session=session, notification=notification, message=message)
+        except TransientDeliveryError:
+            if notification.attempts < self.settings.queue_max_attempts:
+                delay = self._backoff(notification.attempts)
+                crud.requeue(
+                    session=session,
+                    notification=notification,
+                    at=utcnow() + timedelta(seconds=delay),
+                )
+                return
+            crud.mark_failed(session=session, notification=notification)
+        except DeliveryError:
+            crud.mark_failed(session=session, notification=notification)
+
+    def _backoff(self, attempts: int) -> float:
+        # tenacity's wait strategies only read the attempt number from the state.
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempts
+        return float(self.backoff(state))
+
+
+def main() -> None:
+    """Run one worker process until SIGTERM or SIGINT."""
+    from main import build_deliverer  # the API's wiring, reused
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    engine = make_engine(settings)
+    deliverer, catcher = build_deliverer(settings)
+    worker = Worker(
+        session_factory=make_session_factory(engine), deliverer=deliverer, settings=settings
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("worker %s: %s, finishing", worker.worker_id, signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        if catcher is not None:
+            catcher.stop()
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
