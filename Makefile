@@ -5,7 +5,7 @@ PORT ?= 8003
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint migrate
+.PHONY: run test worker migrate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/pytest
+
+worker: $(VENV)/.runtime
+	$(BIN)/python worker.py
 
 migrate: $(VENV)/.runtime
 	$(BIN)/alembic upgrade head
