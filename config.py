@@ -22,7 +22,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    database_url: str = f"sqlite:///{PROJECT_DIR / 'var' / 'notifications.db'}"
+    # repr=False: the URL may carry the database password.
+    database_url: str = Field(
+        default=f"sqlite:///{PROJECT_DIR / 'var' / 'notifications.db'}", repr=False
+    )
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_timeout: float = Field(default=5.0, gt=0)
     auto_migrate: bool = True

@@ -17,11 +17,24 @@ from models import (
 )
 from schemas import EmailNotificationCreate, HistoryCursor, HistoryQuery
 
+# The lease holder of a notification being sent inside an API request.
+SYNC_SENDER = "api"
+
 
 def create_email_notification(
-    *, session: Session, data: EmailNotificationCreate, message_id: str, queued: bool
+    *,
+    session: Session,
+    data: EmailNotificationCreate,
+    message_id: str,
+    queued: bool,
+    lease: timedelta,
 ) -> Notification:
-    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now."""
+    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now.
+
+    A notification sent now is leased to its request: if the process dies mid-send, a
+    worker takes it over when the lease expires.
+    """
+    now = utcnow()
     notification = Notification(
         channel=Channel.EMAIL,
         recipient=data.email,
@@ -31,7 +44,11 @@ def create_email_notification(
         attempts=0,
         message_id=message_id,
         send_at=data.send_at,
-        next_attempt_at=(data.send_at or utcnow()) if queued else None,
+        next_attempt_at=(data.send_at or now) if queued else None,
+        leased_by=None if queued else SYNC_SENDER,
+        lease_expires_at=None if queued else now + lease,
+        created_at=now,
+        updated_at=now,
     )
     session.add(notification)
     session.commit()
@@ -165,20 +182,24 @@ def cancel(*, session: Session, notification: Notification) -> bool:
         .values(status=NotificationStatus.CANCELLED, next_attempt_at=None, updated_at=utcnow())
     )
     session.commit()
-    session.refresh(notification)
     return result.rowcount == 1
 
 
-def claim_for_resend(*, session: Session, notification: Notification) -> bool:
+def claim_for_resend(*, session: Session, notification: Notification, lease: timedelta) -> bool:
     """Move a failed notification back to sending; False if it is not failed (any more)."""
+    now = utcnow()
     # A conditional UPDATE, so two simultaneous resends cannot both win.
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Notification)
         .where(Notification.id == notification.id, Notification.status == NotificationStatus.FAILED)
-        .values(status=NotificationStatus.SENDING, updated_at=utcnow())
+        .values(
+            status=NotificationStatus.SENDING,
+            leased_by=SYNC_SENDER,
+            lease_expires_at=now + lease,
+            updated_at=now,
+        )
     )
     session.commit()
-    session.refresh(notification)
     return result.rowcount == 1
 
 

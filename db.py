@@ -25,10 +25,14 @@ def make_engine(settings: Settings) -> Engine:
             # A connection dropped by a database restart is replaced, not handed out.
             pool_pre_ping=True,
             connect_args={"connect_timeout": 5},
+            # Errors are logged; their parameters would carry message texts and codes.
+            hide_parameters=True,
         )
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": 15}, hide_parameters=True
+    )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 

@@ -1,6 +1,7 @@
 """Delivering a stored notification: SMTP attempts under the retry policy, each one recorded."""
 
 import logging
+from datetime import timedelta
 from email.message import EmailMessage
 
 from sqlalchemy.orm import Session
@@ -53,18 +54,30 @@ def _log_backoff(state: RetryCallState) -> None:
 class Deliverer:
     """Sends notifications through a mailer and records every attempt."""
 
-    def __init__(self, *, mailer: SMTPMailer, retrying: Retrying, sender: str) -> None:
+    def __init__(
+        self, *, mailer: SMTPMailer, retrying: Retrying, sender: str, lease: timedelta
+    ) -> None:
         self.mailer = mailer
         self.retrying = retrying
         self.sender = sender
+        # How long a synchronous send may take before a worker may take it over.
+        self.lease = lease
 
     def create_email(
         self, *, session: Session, data: EmailNotificationCreate, queued: bool = False
     ) -> Notification:
         """Store a new e-mail notification: to send now, or queued for a worker."""
         return crud.create_email_notification(
-            session=session, data=data, message_id=new_message_id(self.sender), queued=queued
+            session=session,
+            data=data,
+            message_id=new_message_id(self.sender),
+            queued=queued,
+            lease=self.lease,
         )
+
+    def claim_for_resend(self, *, session: Session, notification: Notification) -> bool:
+        """Take a failed notification for a resend in this request; False if not failed."""
+        return crud.claim_for_resend(session=session, notification=notification, lease=self.lease)
 
     def message_for(self, notification: Notification) -> EmailMessage:
         return build_message(
@@ -78,12 +91,11 @@ class Deliverer:
 
     def deliver(self, *, session: Session, notification: Notification) -> Notification:
         """Try to send `notification` until it is sent or the retry policy gives up."""
-        message = self.message_for(notification)
         try:
             # copy(): the policy object is shared by every request thread.
             for attempt in self.retrying.copy():
                 with attempt:
-                    self.attempt(session=session, notification=notification, message=message)
+                    self.attempt(session=session, notification=notification)
         except DeliveryError:
             crud.mark_failed(session=session, notification=notification)
         logger.info(
@@ -94,14 +106,12 @@ class Deliverer:
         )
         return notification
 
-    def attempt(
-        self, *, session: Session, notification: Notification, message: EmailMessage
-    ) -> None:
+    def attempt(self, *, session: Session, notification: Notification) -> None:
         """One SMTP attempt, recorded; raises its `DeliveryError` after recording it."""
         started_at = utcnow()
         error: DeliveryError | None = None
         try:
-            self.mailer.send(message)
+            self.mailer.send(self.message_for(notification))
         except DeliveryError as exc:
             error = exc
         except Exception as exc:

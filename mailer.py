@@ -58,7 +58,8 @@ def build_message(
     message["Subject"] = subject
     message["Date"] = format_datetime(date)
     message["Message-ID"] = message_id
-    message.set_content(text, charset="utf-8")
+    # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
+    message.set_content(text, charset="utf-8", cte="quoted-printable")
     return message
 
 
@@ -114,13 +115,14 @@ class SMTPMailer:
 
     def send(self, message: EmailMessage) -> None:
         """Hand `message` to the server, or raise a `DeliveryError`."""
+        smtp: smtplib.SMTP | None = None
         try:
-            with self._connect() as smtp:
-                if self.security is SMTPSecurity.STARTTLS:
-                    smtp.starttls(context=self.ssl_context)
-                if self.username:
-                    smtp.login(self.username, self._password or "")
-                smtp.send_message(message)
+            smtp = self._connect()
+            if self.security is SMTPSecurity.STARTTLS:
+                smtp.starttls(context=self.ssl_context)
+            if self.username:
+                smtp.login(self.username, self._password or "")
+            smtp.send_message(message)
         except smtplib.SMTPRecipientsRefused as exc:
             # One recipient per message, so one reply.
             code, text = next(iter(exc.recipients.values()))
@@ -139,6 +141,9 @@ class SMTPMailer:
         except OSError as exc:
             # Refused, reset, timed out, TLS handshake cut short, name not resolved.
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if smtp is not None:
+                _hang_up(smtp)
 
     def _connect(self) -> smtplib.SMTP:
         if self.security is SMTPSecurity.SSL:
@@ -146,6 +151,14 @@ class SMTPMailer:
                 self.host, self.port, timeout=self.timeout, context=self.ssl_context
             )
         return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+
+
+def _hang_up(smtp: smtplib.SMTP) -> None:
+    # The message is accepted (or refused) by now: a failed QUIT changes nothing about it.
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
 
 
 def make_ssl_context(*, verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:

@@ -1,8 +1,10 @@
 """The notification service: `uvicorn main:app --port 8003`."""
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from aiosmtpd.controller import Controller
 from anyio import to_thread
@@ -16,6 +18,7 @@ from delivery import Deliverer, make_retrying
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import router
+from worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +38,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings)
         if settings.auto_migrate:
             await to_thread.run_sync(run_migrations, engine)
-        catcher = (
-            start_mail_catcher(settings.dev_mail_dir) if settings.uses_dev_mail_catcher else None
-        )
-        if catcher is None:
-            mailer = SMTPMailer.from_settings(settings)
-        else:
-            mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
+        deliverer, catcher = build_deliverer(settings)
         app.state.session_factory = make_session_factory(engine)
-        app.state.deliverer = Deliverer(
-            mailer=mailer, retrying=make_retrying(settings), sender=settings.email_from
+        app.state.deliverer = deliverer
+        worker = Worker(
+            session_factory=app.state.session_factory, deliverer=deliverer, settings=settings
         )
+        worker_thread = threading.Thread(target=worker.run, name="delivery-worker", daemon=True)
+        if settings.worker_in_api:
+            worker_thread.start()
         try:
             yield
         finally:
+            if worker_thread.is_alive():
+                worker.stop()
+                await to_thread.run_sync(worker_thread.join)
             if catcher is not None:
                 catcher.stop()
             engine.dispose()
@@ -74,7 +78,10 @@ def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
         catcher = start_mail_catcher(settings.dev_mail_dir)
         mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
     deliverer = Deliverer(
-        mailer=mailer, retrying=make_retrying(settings), sender=settings.email_from
+        mailer=mailer,
+        retrying=make_retrying(settings),
+        sender=settings.email_from,
+        lease=timedelta(seconds=settings.worker_lease),
     )
     return deliverer, catcher
 

@@ -122,7 +122,7 @@ def resend_notification(
     notification: NotificationDep, session: SessionDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
     """Send a failed notification again; new attempts are added to the same notification."""
-    if not crud.claim_for_resend(session=session, notification=notification):
+    if not deliverer.claim_for_resend(session=session, notification=notification):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"notification is {notification.status}, only failed ones are resent",

@@ -33,7 +33,8 @@ class EmailNotificationCreate(BaseModel):
     @field_validator("subject")
     @classmethod
     def subject_is_one_header_line(cls, subject: str) -> str:
-        if HEADER_UNSAFE.search(subject):
+        # splitlines() also breaks on U+2028/U+2029, which the email package refuses.
+        if HEADER_UNSAFE.search(subject) or len(subject.splitlines()) > 1:
             raise ValueError("must not contain line breaks or other control characters")
         if not subject.strip():
             raise ValueError("must not be blank")
@@ -93,7 +94,7 @@ class NotificationsPublic(BaseModel):
 class HistoryCursor(BaseModel):
     """A position in the history: the last row of the page before."""
 
-    created_at: datetime
+    created_at: AwareDatetime
     id: int
 
     def encode(self) -> str:

@@ -90,9 +90,8 @@ class Worker:
             return len(batch)
 
     def _deliver(self, session: Session, notification: Notification) -> None:
-        message = self.deliverer.message_for(notification)
         try:
-            self.deliverer.attempt(session=session, notification=notification, message=message)
+            self.deliverer.attempt(session=session, notification=notification)
         except TransientDeliveryError:
             if notification.attempts < self.settings.queue_max_attempts:
                 delay = self._backoff(notification.attempts)

@@ -42,6 +42,7 @@ class ScriptedHandler:
     gate: threading.Event | None = None
     data_started: threading.Event = field(default_factory=threading.Event)
     port: int = 0  # set by start_server
+    quit_reply: str = "221 2.0.0 Bye"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -67,6 +68,9 @@ class ScriptedHandler:
             )
         )
         return "250 2.0.0 OK: queued"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return self.quit_reply
 
     @staticmethod
     def _scripted(server: SMTP, reply: str) -> str:

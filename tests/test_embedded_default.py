@@ -57,9 +57,14 @@ def test_main_path_on_sqlite_with_the_mail_catcher(tmp_path: Path) -> None:
 
 def test_secrets_stay_out_of_reprs() -> None:
     settings = Settings(
-        _env_file=None, smtp_host="smtp.example.com", smtp_user="u", smtp_password="hunter2-pass"
+        _env_file=None,
+        database_url="postgresql://notify:db-pass-77@db/notify",
+        smtp_host="smtp.example.com",
+        smtp_user="u",
+        smtp_password="hunter2-pass",
     )
 
+    assert "db-pass-77" not in repr(settings)
     assert "hunter2-pass" not in repr(settings)
     assert "hunter2-pass" not in str(settings.model_dump())
     assert "hunter2-pass" not in repr(SMTPMailer.from_settings(settings))

@@ -155,6 +155,8 @@ def test_detail_and_unknown_id(client: TestClient, db: sessionmaker[Session]) ->
         {"status": "delivered"},
         {"cursor": "not-a-cursor"},
         {"cursor": "WzEsIDJd"},
+        # {"created_at": "2026-11-01T09:00:00", "id": 5}: no offset
+        {"cursor": "eyJjcmVhdGVkX2F0IjoiMjAyNi0xMS0wMVQwOTowMDowMCIsImlkIjo1fQ"},
         {"created_from": "yesterday"},
         {"unknown": "1"},
     ],

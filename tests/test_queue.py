@@ -15,6 +15,7 @@ import crud
 from config import Settings
 from main import build_deliverer
 from models import Channel, Notification, NotificationStatus
+from schemas import EmailNotificationCreate
 from tests.conftest import BOOKING
 from tests.smtpd import ScriptedHandler
 from worker import Worker
@@ -265,3 +266,36 @@ def test_two_workers_deliver_2000_messages_exactly_once(
             session.scalars(select(Notification.attempts).where(Notification.status == "sent"))
         )
     assert by_worker == {1: 2000}
+
+
+def test_the_api_runs_its_own_worker_by_default(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(worker_poll_interval=0.05)
+
+    queued = client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+
+    deadline = time.monotonic() + 10
+    while status_of(client, queued["id"])["status"] != "sent":
+        assert time.monotonic() < deadline, "the in-API worker never sent it"
+        time.sleep(0.05)
+    assert len(smtp.received) == 1
+
+
+def test_a_synchronous_send_whose_process_died_is_taken_over(
+    smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
+) -> None:
+    data = EmailNotificationCreate.model_validate(BOOKING)
+    with db() as session:
+        # The request stored it, leased it to itself, and died before any attempt.
+        orphan = crud.create_email_notification(
+            session=session, data=data, message_id="<orphan@test>", queued=False, lease=timedelta(0)
+        )
+
+    assert make_worker().run_once() == 1
+
+    with db() as session:
+        notification = session.get(Notification, orphan.id)
+        assert notification is not None
+        assert (notification.status, notification.attempts) == (NotificationStatus.SENT, 1)
+    assert len(smtp.received) == 1

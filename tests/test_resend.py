@@ -1,14 +1,18 @@
 """POST /notifications/{id}/retry: failed ones are sent again, sent ones are refused."""
 
 import threading
+from datetime import timedelta
+from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
+import crud
 from tests.conftest import BOOKING
 from tests.smtpd import ScriptedHandler
 
 
-def failed_notification(client: TestClient, smtp: ScriptedHandler) -> dict[str, object]:
+def failed_notification(client: TestClient, smtp: ScriptedHandler) -> dict[str, Any]:
     smtp.rcpt_replies.append("550 5.2.1 Mailbox disabled")
     response = client.post("/notify/email", json=BOOKING)
     assert response.status_code == 502
@@ -79,3 +83,30 @@ def test_simultaneous_resends_send_once(client: TestClient, smtp: ScriptedHandle
 
     assert sorted(codes) == [200, 409]
     assert len(smtp.received) == 1
+
+
+def test_concurrent_claims_for_resend_have_one_winner(
+    client: TestClient, smtp: ScriptedHandler, db: sessionmaker[Session]
+) -> None:
+    failed = failed_notification(client, smtp)
+    barrier = threading.Barrier(8)
+    wins: list[bool] = []
+
+    def claim() -> None:
+        with db() as session:
+            notification = crud.get_notification(session=session, notification_id=failed["id"])
+            assert notification is not None
+            barrier.wait(5)
+            wins.append(
+                crud.claim_for_resend(
+                    session=session, notification=notification, lease=timedelta(seconds=60)
+                )
+            )
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert sorted(wins) == [False] * 7 + [True]

@@ -121,3 +121,16 @@ def test_retrying_stops_when_the_time_budget_is_spent(
 
     assert body["status"] == "failed"
     assert body["attempts"] == 1
+
+
+@pytest.mark.parametrize("quit_reply", ["421 4.3.2 Going down", "554 5.3.0 Odd"])
+def test_a_failed_quit_after_acceptance_is_still_sent_once(
+    client: TestClient, smtp: ScriptedHandler, quit_reply: str
+) -> None:
+    smtp.quit_reply = quit_reply
+
+    response = client.post("/notify/email", json=BOOKING)
+
+    assert response.status_code == 201
+    assert response.json()["attempts"] == 1
+    assert len(smtp.received) == 1

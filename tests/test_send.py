@@ -24,7 +24,10 @@ def test_cyrillic_subject_and_body_arrive_intact(client: TestClient, smtp: Scrip
     assert message["To"] == BOOKING["email"]
     assert message.get_content_type() == "text/plain"
     assert message.get_content_charset() == "utf-8"
-    assert message.get_content() == BOOKING["text"]
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert received.raw.isascii(), "7-bit on the wire: the server need not offer 8BITMIME"
+    # Text lines travel as CRLF (RFC 5322 section 2.3).
+    assert message.get_content().replace("\r\n", "\n") == BOOKING["text"]
     assert parsedate_to_datetime(message["Date"]).tzinfo is not None
     assert message["Message-ID"] == response.json()["message_id"]
 

@@ -26,6 +26,8 @@ def stored_count(db: sessionmaker[Session]) -> int:
         ("subject", "Tab\tinside"),
         ("subject", "Null\x00byte"),
         ("subject", "C1 control\x85here"),
+        ("subject", "Line\u2028separator"),
+        ("subject", "Paragraph\u2029separator"),
         ("email", "ivan@example.com\r\nBcc: everyone@example.com"),
         ("email", "ivan@example.com\nBcc: everyone@example.com"),
         ("email", "ivan@example.com, boss@example.com"),
