@@ -150,6 +150,7 @@ def claim_due(
             leased_by=worker_id,
             lease_expires_at=now + lease,
             updated_at=now,
+            version=Notification.version + 1,
         )
         .returning(Notification),
         execution_options={"synchronize_session": False},
@@ -167,7 +168,12 @@ def release(*, session: Session, worker_id: str, notification_ids: list[int]) ->
             Notification.status == NotificationStatus.SENDING,
             Notification.leased_by == worker_id,
         )
-        .values(status=NotificationStatus.QUEUED, leased_by=None, lease_expires_at=None),
+        .values(
+            status=NotificationStatus.QUEUED,
+            leased_by=None,
+            lease_expires_at=None,
+            version=Notification.version + 1,
+        ),
         execution_options={"synchronize_session": False},
     )
     session.commit()
@@ -179,7 +185,12 @@ def cancel(*, session: Session, notification: Notification) -> bool:
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Notification)
         .where(Notification.id == notification.id, Notification.status == NotificationStatus.QUEUED)
-        .values(status=NotificationStatus.CANCELLED, next_attempt_at=None, updated_at=utcnow())
+        .values(
+            status=NotificationStatus.CANCELLED,
+            next_attempt_at=None,
+            updated_at=utcnow(),
+            version=Notification.version + 1,
+        )
     )
     session.commit()
     return result.rowcount == 1
@@ -197,6 +208,7 @@ def claim_for_resend(*, session: Session, notification: Notification, lease: tim
             leased_by=SYNC_SENDER,
             lease_expires_at=now + lease,
             updated_at=now,
+            version=Notification.version + 1,
         )
     )
     session.commit()

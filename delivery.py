@@ -5,6 +5,7 @@ from datetime import timedelta
 from email.message import EmailMessage
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -13,6 +14,7 @@ from tenacity import (
     stop_before_delay,
     wait_exponential_jitter,
 )
+from tenacity.wait import wait_base
 
 import crud
 from config import Settings
@@ -46,22 +48,56 @@ def make_retrying(settings: Settings) -> Retrying:
     )
 
 
+def make_queue_backoff(settings: Settings) -> wait_base:
+    """The background retries' wait: exponential with jitter, in seconds."""
+    return wait_exponential_jitter(
+        multiplier=settings.queue_retry_initial_wait,
+        max=settings.queue_retry_max_wait,
+        jitter=settings.queue_retry_initial_wait,
+    )
+
+
 def _log_backoff(state: RetryCallState) -> None:
     if state.next_action is not None:
         logger.info("next attempt in %.2f s", state.next_action.sleep)
 
 
 class Deliverer:
-    """Sends notifications through a mailer and records every attempt."""
+    """Sends notifications through a mailer and records every attempt.
+
+    A transient failure that outlasts the quick retries is handed to the background
+    retries (queued, due after `queue_backoff`) until `max_attempts` attempts in all;
+    anything else ends the notification as failed.
+    """
 
     def __init__(
-        self, *, mailer: SMTPMailer, retrying: Retrying, sender: str, lease: timedelta
+        self,
+        *,
+        mailer: SMTPMailer,
+        retrying: Retrying,
+        sender: str,
+        lease: timedelta,
+        queue_backoff: wait_base,
+        max_attempts: int,
     ) -> None:
         self.mailer = mailer
         self.retrying = retrying
         self.sender = sender
         # How long a synchronous send may take before a worker may take it over.
         self.lease = lease
+        self.queue_backoff = queue_backoff
+        self.max_attempts = max_attempts
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, mailer: SMTPMailer) -> "Deliverer":
+        return cls(
+            mailer=mailer,
+            retrying=make_retrying(settings),
+            sender=settings.email_from,
+            lease=timedelta(seconds=settings.worker_lease),
+            queue_backoff=make_queue_backoff(settings),
+            max_attempts=settings.queue_max_attempts,
+        )
 
     def create_email(
         self, *, session: Session, data: EmailNotificationCreate, queued: bool = False
@@ -89,15 +125,28 @@ class Deliverer:
             date=utcnow(),
         )
 
-    def deliver(self, *, session: Session, notification: Notification) -> Notification:
-        """Try to send `notification` until it is sent or the retry policy gives up."""
+    def deliver(
+        self, *, session: Session, notification: Notification, quick_retries: bool = True
+    ) -> Notification:
+        """Attempt `notification` (with the quick retries, or once): sent, failed or queued."""
         try:
-            # copy(): the policy object is shared by every request thread.
-            for attempt in self.retrying.copy():
-                with attempt:
+            try:
+                if quick_retries:
+                    # copy(): the policy object is shared by every request thread.
+                    for attempt in self.retrying.copy():
+                        with attempt:
+                            self.attempt(session=session, notification=notification)
+                else:
                     self.attempt(session=session, notification=notification)
-        except DeliveryError:
-            crud.mark_failed(session=session, notification=notification)
+            except DeliveryError as exc:
+                self.settle_failure(session=session, notification=notification, error=exc)
+        except StaleDataError:
+            # Our lease ran out and a worker claimed the notification: it is theirs now.
+            session.rollback()
+            session.refresh(notification)
+            session.commit()
+            logger.warning("notification %d: lease lost, left to its new owner", notification.id)
+            return notification
         logger.info(
             "notification %d %s after %d attempt(s)",
             notification.id,
@@ -105,6 +154,27 @@ class Deliverer:
             notification.attempts,
         )
         return notification
+
+    def settle_failure(
+        self, *, session: Session, notification: Notification, error: DeliveryError
+    ) -> None:
+        """After a failed attempt: back to the queue for later, or failed for good."""
+        if isinstance(error, TransientDeliveryError) and notification.attempts < self.max_attempts:
+            delay = self.backoff_after(notification.attempts)
+            crud.requeue(
+                session=session,
+                notification=notification,
+                at=utcnow() + timedelta(seconds=delay),
+            )
+        else:
+            crud.mark_failed(session=session, notification=notification)
+
+    def backoff_after(self, attempts: int) -> float:
+        """Seconds to wait before the background retry that follows `attempts` attempts."""
+        # tenacity's wait strategies only read the attempt number from the state.
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempts
+        return float(self.queue_backoff(state))
 
     def attempt(self, *, session: Session, notification: Notification) -> None:
         """One SMTP attempt, recorded; raises its `DeliveryError` after recording it."""

@@ -4,7 +4,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 
 from aiosmtpd.controller import Controller
 from anyio import to_thread
@@ -14,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
-from delivery import Deliverer, make_retrying
+from delivery import Deliverer
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import router
@@ -77,13 +76,7 @@ def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
     else:
         catcher = start_mail_catcher(settings.dev_mail_dir)
         mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
-    deliverer = Deliverer(
-        mailer=mailer,
-        retrying=make_retrying(settings),
-        sender=settings.email_from,
-        lease=timedelta(seconds=settings.worker_lease),
-    )
-    return deliverer, catcher
+    return Deliverer.from_settings(settings, mailer=mailer), catcher
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:

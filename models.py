@@ -1,4 +1,4 @@
-"""Database tables: a notification and the log of its delivery attempts."""
+"""Database tables: notifications, their delivery attempts, bulk batches and idempotency keys."""
 
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -98,10 +98,25 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class Batch(Base):
+    """One bulk request: many notifications with the same content."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    channel: Mapped[Channel] = mapped_column(_str_enum(Channel))
+    subject: Mapped[str | None] = mapped_column(String(998))
+    # Items in the request, and how many of them became notifications.
+    requested: Mapped[int] = mapped_column(Integer)
+    accepted: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Notification(Base):
     __tablename__ = "notifications"
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     channel: Mapped[Channel] = mapped_column(_str_enum(Channel))
     # An address in the channel's own form: e-mail address, phone number, chat id.
     recipient: Mapped[str] = mapped_column(String(320))
@@ -118,6 +133,9 @@ class Notification(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     leased_by: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Bumped by every write, so a writer holding a stale copy (a worker whose lease ran
+    # out and was taken over) fails with StaleDataError instead of overwriting the row.
+    version: Mapped[int] = mapped_column(Integer, server_default=sql("1"))
 
     delivery_attempts: Mapped[list["DeliveryAttempt"]] = relationship(
         back_populates="notification",
@@ -131,6 +149,8 @@ class Notification(Base):
         Index("ix_notifications_created_at_id", "created_at", "id"),
         Index("ix_notifications_recipient_created_at_id", "recipient", "created_at", "id"),
         Index("ix_notifications_status_created_at_id", "status", "created_at", "id"),
+        # A batch's history and its counts per status.
+        Index("ix_notifications_batch_id_created_at_id", "batch_id", "created_at", "id"),
         # The worker's two questions: what is due, and whose lease has run out.
         Index(
             "ix_notifications_due",
@@ -145,6 +165,7 @@ class Notification(Base):
             sqlite_where=sql("status = 'sending'"),
         ),
     )
+    __mapper_args__ = {"version_id_col": version}
 
 
 class DeliveryAttempt(Base):
@@ -163,3 +184,30 @@ class DeliveryAttempt(Base):
 
     # Also the index for reading one notification's attempts.
     __table_args__ = (UniqueConstraint("notification_id", "number"),)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` a caller sent, and what its first request created.
+
+    The unique (scope, key) constraint is what makes two simultaneous requests with the
+    same key create one notification: the second insert finds the first one's row.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    # Whose key it is: the caller's name once access control exists, "" until then.
+    scope: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the endpoint and the request body: the same key with another body is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # The first response's status code, once that request has finished.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    notification_id: Mapped[int | None] = mapped_column(
+        ForeignKey("notifications.id", ondelete="CASCADE")
+    )
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    __table_args__ = (UniqueConstraint("scope", "key"),)

@@ -43,10 +43,15 @@ def valid_notification_id(notification_id: int, session: SessionDep) -> Notifica
 NotificationDep = Annotated[Notification, Depends(valid_notification_id)]
 
 DELIVERY_FAILED: dict[int | str, dict[str, Any]] = {
+    status.HTTP_202_ACCEPTED: {
+        "model": NotificationDetail,
+        "description": "Queued: asked for, scheduled, or handed to the background retries "
+        "after transient failures.",
+    },
     status.HTTP_502_BAD_GATEWAY: {
         "model": NotificationDetail,
         "description": "Delivery failed; the notification is stored as failed with the reason.",
-    }
+    },
 }
 DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     status.HTTP_503_SERVICE_UNAVAILABLE: {
@@ -62,7 +67,6 @@ router = APIRouter()
     status_code=status.HTTP_201_CREATED,
     response_model=NotificationDetail,
     responses={
-        status.HTTP_202_ACCEPTED: {"model": NotificationDetail, "description": "Queued."},
         **DELIVERY_FAILED,
         **DATABASE_DOWN,
     },
@@ -86,9 +90,17 @@ def notify_email(
             response.headers["Preference-Applied"] = "respond-async"
         return notification
     deliverer.deliver(session=session, notification=notification)
-    if notification.status == NotificationStatus.FAILED:
-        response.status_code = status.HTTP_502_BAD_GATEWAY
+    response.status_code = outcome_status(notification)
     return notification
+
+
+def outcome_status(notification: Notification, *, sent: int = status.HTTP_201_CREATED) -> int:
+    """`sent` if sent; 502 failed; 202 left to the background retries (queued, taken over)."""
+    if notification.status == NotificationStatus.SENT:
+        return sent
+    if notification.status == NotificationStatus.FAILED:
+        return status.HTTP_502_BAD_GATEWAY
+    return status.HTTP_202_ACCEPTED
 
 
 @router.get("/notifications", response_model=NotificationsPublic, tags=["history"])
@@ -128,8 +140,7 @@ def resend_notification(
             f"notification is {notification.status}, only failed ones are resent",
         )
     deliverer.deliver(session=session, notification=notification)
-    if notification.status == NotificationStatus.FAILED:
-        response.status_code = status.HTTP_502_BAD_GATEWAY
+    response.status_code = outcome_status(notification, sent=status.HTTP_200_OK)
     return notification
 
 

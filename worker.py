@@ -21,14 +21,11 @@ from datetime import timedelta
 from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import RetryCallState, wait_exponential_jitter
 
 import crud
 from config import Settings
 from db import make_engine, make_session_factory
 from delivery import Deliverer
-from mailer import DeliveryError, TransientDeliveryError
-from models import Notification, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +45,6 @@ class Worker:
         self.deliverer = deliverer
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.backoff = wait_exponential_jitter(
-            multiplier=settings.queue_retry_initial_wait,
-            max=settings.queue_retry_max_wait,
-            jitter=settings.queue_retry_initial_wait,
-        )
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -86,30 +78,10 @@ class Worker:
                     rest = [n.id for n in batch[done:]]
                     crud.release(session=session, worker_id=self.worker_id, notification_ids=rest)
                     return done
-                self._deliver(session, notification)
-            return len(batch)
-
-    def _deliver(self, session: Session, notification: Notification) -> None:
-        try:
-            self.deliverer.attempt(session=session, notification=notification)
-        except TransientDeliveryError:
-            if notification.attempts < self.settings.queue_max_attempts:
-                delay = self._backoff(notification.attempts)
-                crud.requeue(
-                    session=session,
-                    notification=notification,
-                    at=utcnow() + timedelta(seconds=delay),
+                self.deliverer.deliver(
+                    session=session, notification=notification, quick_retries=False
                 )
-                return
-            crud.mark_failed(session=session, notification=notification)
-        except DeliveryError:
-            crud.mark_failed(session=session, notification=notification)
-
-    def _backoff(self, attempts: int) -> float:
-        # tenacity's wait strategies only read the attempt number from the state.
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = attempts
-        return float(self.backoff(state))
+            return len(batch)
 
 
 def main() -> None:

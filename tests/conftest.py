@@ -86,7 +86,12 @@ def engine(database_url: str) -> Iterator[Engine]:
 def db(engine: Engine) -> Iterator[sessionmaker[Session]]:
     """A session factory on clean tables."""
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE notifications, delivery_attempts RESTART IDENTITY"))
+        connection.execute(
+            text(
+                "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys"
+                " RESTART IDENTITY"
+            )
+        )
     yield make_session_factory(engine)
 
 

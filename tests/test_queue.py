@@ -299,3 +299,33 @@ def test_a_synchronous_send_whose_process_died_is_taken_over(
         assert notification is not None
         assert (notification.status, notification.attempts) == (NotificationStatus.SENT, 1)
     assert len(smtp.received) == 1
+
+
+def test_a_worker_whose_lease_ran_out_does_not_overwrite_the_new_owner(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+    smtp.gate = threading.Event()
+    slow = make_worker(worker_lease=0.2)
+    slow_run = threading.Thread(target=slow.run_once)
+    slow_run.start()
+    assert smtp.data_started.wait(5)
+    time.sleep(0.3)  # the slow worker's lease runs out mid-send
+    smtp.data_started.clear()
+    owner = make_worker()
+    owner_run = threading.Thread(target=owner.run_once)
+    owner_run.start()
+    assert smtp.data_started.wait(5), "the new owner never claimed it"
+
+    smtp.gate.set()
+    slow_run.join(10)
+    owner_run.join(10)
+
+    stored = status_of(queue_client, queued["id"])
+    assert (stored["status"], stored["attempts"]) == ("sent", 1)
+    assert len(stored["delivery_attempts"]) == 1  # type: ignore[arg-type]
+    # At-least-once: both sends reached the server, only the owner's is recorded.
+    assert len(smtp.received) == 2

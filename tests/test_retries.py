@@ -1,6 +1,7 @@
 """Failures come from the SMTP server's real replies; only transient ones are retried."""
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -74,31 +75,48 @@ def test_permanent_failure_is_tried_once_and_fails(
     assert client.get(f"/notifications/{body['id']}").json()["status"] == "failed"
 
 
-def test_transient_failures_until_attempts_run_out_fail_with_the_last_error(
+def test_transient_failures_outlasting_the_quick_retries_go_to_the_queue(
     client: TestClient, smtp: ScriptedHandler
 ) -> None:
     smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "421 4.3.2 third"])
 
     response = client.post("/notify/email", json=BOOKING)
 
-    assert response.status_code == 502
+    assert response.status_code == 202
     body = response.json()
-    assert body["attempts"] == 3
+    assert (body["status"], body["attempts"]) == ("queued", 3)
     assert body["error_message"] == "421 4.3.2 third"
+    assert datetime.fromisoformat(body["next_attempt_at"]) > datetime.now(UTC)
     assert [a["smtp_code"] for a in body["delivery_attempts"]] == [451, 451, 421]
     assert smtp.received == []
+    assert client.get(f"/notifications/{body['id']}").json()["status"] == "queued"
 
 
-def test_unreachable_smtp_server_is_a_502_with_every_attempt_recorded(
+def test_transient_failures_fail_with_the_last_error_when_no_attempts_are_left(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(retry_attempts=3, queue_max_attempts=3)
+    smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "421 4.3.2 third"])
+
+    response = client.post("/notify/email", json=BOOKING)
+
+    assert response.status_code == 502
+    body = response.json()
+    assert (body["status"], body["attempts"]) == ("failed", 3)
+    assert body["error_message"] == "421 4.3.2 third"
+    assert body["next_attempt_at"] is None
+
+
+def test_unreachable_smtp_server_queues_with_every_attempt_recorded(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(smtp_port=free_port(), retry_attempts=4)
 
     response = client.post("/notify/email", json=BOOKING)
 
-    assert response.status_code == 502
+    assert response.status_code == 202
     body = response.json()
-    assert body["status"] == "failed"
+    assert body["status"] == "queued"
     assert body["attempts"] == 4
     assert "ConnectionRefusedError" in body["error_message"]
     assert {a["outcome"] for a in body["delivery_attempts"]} == {"transient_error"}
@@ -119,8 +137,7 @@ def test_retrying_stops_when_the_time_budget_is_spent(
 
     body = client.post("/notify/email", json=BOOKING).json()
 
-    assert body["status"] == "failed"
-    assert body["attempts"] == 1
+    assert (body["status"], body["attempts"]) == ("queued", 1)
 
 
 @pytest.mark.parametrize("quit_reply", ["421 4.3.2 Going down", "554 5.3.0 Odd"])
