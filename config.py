@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     queue_retry_initial_wait: float = Field(default=30.0, ge=0)
     queue_retry_max_wait: float = Field(default=3600.0, ge=0)
 
+    # Idempotency-Key: how long a key is remembered, and how long a repeat waits for the
+    # first request (a synchronous send) to finish before answering 409.
+    idempotency_key_ttl: float = Field(default=86_400.0, gt=0)
+    idempotency_wait: float = Field(default=30.0, ge=0)
+
     dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
 
     @field_validator("database_url")

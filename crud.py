@@ -1,24 +1,77 @@
 """Reading and writing notifications; each write function is one committed unit of work."""
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, or_, select, tuple_, update
+from sqlalchemy import CursorResult, and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from mailer import DeliveryError, TransientDeliveryError
 from models import (
     AttemptOutcome,
+    Batch,
     Channel,
     DeliveryAttempt,
+    IdempotencyKey,
     Notification,
     NotificationStatus,
     utcnow,
 )
-from schemas import EmailNotificationCreate, HistoryCursor, HistoryQuery
+from schemas import BulkEmailCreate, EmailNotificationCreate, HistoryCursor, HistoryQuery
 
 # The lease holder of a notification being sent inside an API request.
 SYNC_SENDER = "api"
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """An `Idempotency-Key` to store with what its request creates."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    ttl: timedelta
+
+
+class IdempotencyKeyUsed(Exception):
+    """The key is already stored (and unexpired); `record` is its first request's."""
+
+    def __init__(self, record: IdempotencyKey) -> None:
+        super().__init__(f"idempotency key {record.key!r} already used")
+        self.record = record
+
+
+def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
+    """Insert the key in the open transaction, or raise `IdempotencyKeyUsed`.
+
+    INSERT … ON CONFLICT DO NOTHING on the unique (scope, key): a simultaneous request
+    with the same key waits for this transaction and then finds the key taken.
+    """
+    same_key = (IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
+    # An expired key is free again.
+    session.execute(delete(IdempotencyKey).where(*same_key, IdempotencyKey.expires_at <= now))
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    key_id = session.scalar(
+        dialect.insert(IdempotencyKey)
+        .values(
+            scope=claim.scope,
+            key=claim.key,
+            fingerprint=claim.fingerprint,
+            created_at=now,
+            expires_at=now + claim.ttl,
+        )
+        .on_conflict_do_nothing(index_elements=["scope", "key"])
+        .returning(IdempotencyKey.id)
+    )
+    if key_id is None:
+        session.rollback()
+        record = session.scalars(select(IdempotencyKey).where(*same_key)).one()
+        session.commit()
+        raise IdempotencyKeyUsed(record)
+    return key_id
 
 
 def create_email_notification(
@@ -28,13 +81,16 @@ def create_email_notification(
     message_id: str,
     queued: bool,
     lease: timedelta,
+    idempotency: IdempotencyClaim | None = None,
 ) -> Notification:
     """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now.
 
     A notification sent now is leased to its request: if the process dies mid-send, a
-    worker takes it over when the lease expires.
+    worker takes it over when the lease expires. With `idempotency`, the key is stored
+    in the same transaction, or `IdempotencyKeyUsed` is raised and nothing is stored.
     """
     now = utcnow()
+    key_id = _claim_key(session, idempotency, now) if idempotency else None
     notification = Notification(
         channel=Channel.EMAIL,
         recipient=data.email,
@@ -51,8 +107,117 @@ def create_email_notification(
         updated_at=now,
     )
     session.add(notification)
+    session.flush()
+    if key_id is not None:
+        # A queued request's answer is known now; a synchronous one's after the send.
+        status_code = 202 if queued else None
+        _link_key(session, key_id, notification_id=notification.id, status_code=status_code)
     session.commit()
     return notification
+
+
+def _link_key(session: Session, key_id: int, **values: Any) -> None:
+    session.execute(update(IdempotencyKey).where(IdempotencyKey.id == key_id).values(**values))
+
+
+def create_email_batch(
+    *,
+    session: Session,
+    data: BulkEmailCreate,
+    recipients: Sequence[str],
+    message_ids: Sequence[str],
+    idempotency: IdempotencyClaim | None = None,
+) -> Batch:
+    """Store a batch and its queued notifications in one transaction (multi-row INSERTs)."""
+    now = utcnow()
+    key_id = _claim_key(session, idempotency, now) if idempotency else None
+    batch = Batch(
+        channel=Channel.EMAIL,
+        subject=data.subject,
+        requested=len(data.emails),
+        accepted=len(recipients),
+        created_at=now,
+    )
+    session.add(batch)
+    session.flush()
+    rows = [
+        {
+            "batch_id": batch.id,
+            "channel": Channel.EMAIL,
+            "recipient": recipient,
+            "subject": data.subject,
+            "text": data.text,
+            "status": NotificationStatus.QUEUED,
+            "attempts": 0,
+            "message_id": message_id,
+            "send_at": data.send_at,
+            "next_attempt_at": data.send_at or now,
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        }
+        for recipient, message_id in zip(recipients, message_ids, strict=True)
+    ]
+    if rows:
+        # A bulk INSERT: SQLAlchemy sends it as multi-row INSERT … VALUES statements.
+        session.execute(insert(Notification), rows)
+    if key_id is not None:
+        _link_key(session, key_id, batch_id=batch.id, status_code=202)
+    session.commit()
+    return batch
+
+
+def finish_idempotency_key(*, session: Session, claim: IdempotencyClaim, status_code: int) -> None:
+    """Record the status code a key's first request answered with."""
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
+        .values(status_code=status_code)
+    )
+    session.commit()
+
+
+def get_idempotency_key(*, session: Session, record_id: int) -> IdempotencyKey | None:
+    """A fresh read of a stored key (no connection is held afterwards)."""
+    record = session.scalars(
+        select(IdempotencyKey)
+        .where(IdempotencyKey.id == record_id)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    session.commit()
+    return record
+
+
+def purge_expired_idempotency_keys(*, session: Session, limit: int = 1000) -> int:
+    """Delete up to `limit` expired keys; how many went."""
+    expired = (
+        select(IdempotencyKey.id)
+        .where(IdempotencyKey.expires_at <= utcnow())
+        .limit(limit)
+        .scalar_subquery()
+    )
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        delete(IdempotencyKey).where(IdempotencyKey.id.in_(expired))
+    )
+    session.commit()
+    return result.rowcount
+
+
+def get_batch(*, session: Session, batch_id: int) -> Batch | None:
+    return session.get(Batch, batch_id)
+
+
+def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, int]:
+    """The batch's notifications per status, every status present."""
+    counts = dict.fromkeys(NotificationStatus, 0)
+    rows = session.execute(
+        select(Notification.status, func.count())
+        .where(Notification.batch_id == batch_id)
+        .group_by(Notification.status)
+    )
+    for notification_status, count in rows:
+        counts[notification_status] = count
+    return counts
 
 
 def record_attempt(
@@ -231,6 +396,8 @@ def list_notifications(
         statement = statement.where(Notification.recipient == query.recipient)
     if query.status is not None:
         statement = statement.where(Notification.status == query.status)
+    if query.batch_id is not None:
+        statement = statement.where(Notification.batch_id == query.batch_id)
     if query.created_from is not None:
         statement = statement.where(Notification.created_at >= query.created_from)
     if query.created_to is not None:

@@ -18,6 +18,7 @@ from tenacity.wait import wait_base
 
 import crud
 from config import Settings
+from crud import IdempotencyClaim
 from mailer import (
     DeliveryError,
     PermanentDeliveryError,
@@ -26,8 +27,8 @@ from mailer import (
     build_message,
     new_message_id,
 )
-from models import Notification, utcnow
-from schemas import EmailNotificationCreate
+from models import Batch, Notification, utcnow
+from schemas import BulkEmailCreate, EmailNotificationCreate
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ class Deliverer:
         )
 
     def create_email(
-        self, *, session: Session, data: EmailNotificationCreate, queued: bool = False
+        self,
+        *,
+        session: Session,
+        data: EmailNotificationCreate,
+        queued: bool = False,
+        idempotency: IdempotencyClaim | None = None,
     ) -> Notification:
         """Store a new e-mail notification: to send now, or queued for a worker."""
         return crud.create_email_notification(
@@ -109,6 +115,24 @@ class Deliverer:
             message_id=new_message_id(self.sender),
             queued=queued,
             lease=self.lease,
+            idempotency=idempotency,
+        )
+
+    def create_batch(
+        self,
+        *,
+        session: Session,
+        data: BulkEmailCreate,
+        recipients: list[str],
+        idempotency: IdempotencyClaim | None = None,
+    ) -> Batch:
+        """Queue one e-mail per recipient, as one batch."""
+        return crud.create_email_batch(
+            session=session,
+            data=data,
+            recipients=recipients,
+            message_ids=[new_message_id(self.sender) for _ in recipients],
+            idempotency=idempotency,
         )
 
     def claim_for_resend(self, *, session: Session, notification: Notification) -> bool:

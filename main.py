@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.auto_migrate:
             await to_thread.run_sync(run_migrations, engine)
         deliverer, catcher = build_deliverer(settings)
+        app.state.settings = settings
         app.state.session_factory = make_session_factory(engine)
         app.state.deliverer = deliverer
         worker = Worker(

@@ -8,15 +8,23 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import crud
+import idempotency
+from config import Settings
 from delivery import Deliverer
-from models import Notification, NotificationStatus
+from models import Batch, IdempotencyKey, Notification, NotificationStatus
 from schemas import (
+    BatchCreated,
+    BatchPublic,
+    BulkEmailCreate,
     EmailNotificationCreate,
     HistoryQuery,
     NotificationDetail,
     NotificationPublic,
     NotificationsPublic,
 )
+
+# Whose Idempotency-Keys these are; one caller until access control names them.
+CALLER_SCOPE = ""
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -29,8 +37,22 @@ def get_deliverer(request: Request) -> Deliverer:
     return deliverer
 
 
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        pattern=idempotency.KEY_PATTERN,
+        description="Repeat a request safely: the same key and body answer what the first "
+        "request did and send nothing again; the same key with another body is a 422.",
+    ),
+]
 
 
 def valid_notification_id(notification_id: int, session: SessionDep) -> Notification:
@@ -53,6 +75,14 @@ DELIVERY_FAILED: dict[int | str, dict[str, Any]] = {
         "description": "Delivery failed; the notification is stored as failed with the reason.",
     },
 }
+IDEMPOTENCY: dict[int | str, dict[str, Any]] = {
+    status.HTTP_409_CONFLICT: {
+        "description": "The first request with this Idempotency-Key is still being sent."
+    },
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {
+        "description": "Invalid body, or an Idempotency-Key first used with another body."
+    },
+}
 DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     status.HTTP_503_SERVICE_UNAVAILABLE: {
         "description": "The database is unavailable; nothing was sent."
@@ -66,24 +96,43 @@ router = APIRouter()
     "/notify/email",
     status_code=status.HTTP_201_CREATED,
     response_model=NotificationDetail,
-    responses={
-        **DELIVERY_FAILED,
-        **DATABASE_DOWN,
-    },
+    responses={**DELIVERY_FAILED, **IDEMPOTENCY, **DATABASE_DOWN},
     tags=["notify"],
 )
 def notify_email(
     data: EmailNotificationCreate,
     session: SessionDep,
     deliverer: DelivererDep,
+    settings: SettingsDep,
     response: Response,
     prefer: Annotated[
         str | None, Header(description="`respond-async`: queue instead of sending now (202).")
     ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Notification:
     """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set."""
     queued = data.send_at is not None or wants_async(prefer)
-    notification = deliverer.create_email(session=session, data=data, queued=queued)
+    claim = idempotency.claim_for(
+        idempotency_key,
+        scope=CALLER_SCOPE,
+        endpoint="/notify/email",
+        body=data,
+        ttl=settings.idempotency_key_ttl,
+        queued=queued,
+    )
+    try:
+        notification = deliverer.create_email(
+            session=session, data=data, queued=queued, idempotency=claim
+        )
+    except crud.IdempotencyKeyUsed as used:
+        assert claim is not None
+        record = replayed(session, settings, deliverer, claim, used, response)
+        # The key's fingerprint names this endpoint, so it points at a notification.
+        assert record.notification_id is not None
+        replay = crud.get_notification(session=session, notification_id=record.notification_id)
+        assert replay is not None  # the key goes when its notification goes
+        response.status_code = record.status_code or outcome_status(replay)
+        return replay
     if queued:
         response.status_code = status.HTTP_202_ACCEPTED
         if wants_async(prefer):
@@ -91,7 +140,107 @@ def notify_email(
         return notification
     deliverer.deliver(session=session, notification=notification)
     response.status_code = outcome_status(notification)
+    if claim is not None:
+        crud.finish_idempotency_key(session=session, claim=claim, status_code=response.status_code)
     return notification
+
+
+def replayed(
+    session: Session,
+    settings: Settings,
+    deliverer: Deliverer,
+    claim: crud.IdempotencyClaim,
+    used: crud.IdempotencyKeyUsed,
+    response: Response,
+) -> IdempotencyKey:
+    """The stored key of a repeated request, once its first request has answered."""
+    try:
+        record = idempotency.first_outcome(
+            session=session,
+            claim=claim,
+            record=used.record,
+            wait=settings.idempotency_wait,
+            lease=deliverer.lease,
+        )
+    except idempotency.KeyReusedError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "this Idempotency-Key was already used with a different request",
+        ) from None
+    except idempotency.KeyInFlightError:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "the first request with this Idempotency-Key is still in progress",
+            headers={"Retry-After": "1"},
+        ) from None
+    response.headers["Idempotent-Replayed"] = "true"
+    return record
+
+
+@router.post(
+    "/notify/bulk",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=BatchCreated,
+    responses={**IDEMPOTENCY, **DATABASE_DOWN},
+    tags=["notify"],
+)
+def notify_bulk(
+    data: BulkEmailCreate,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> BatchCreated:
+    """Queue one e-mail to each address as a batch; invalid addresses are listed, not fatal."""
+    # Checked here, in a worker thread, rather than while the event loop parses the body.
+    recipients, rejected = data.recipients()
+    if not recipients:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            {
+                "message": "no valid recipient",
+                "rejected": [r.model_dump() for r in rejected],
+            },
+        )
+    claim = idempotency.claim_for(
+        idempotency_key,
+        scope=CALLER_SCOPE,
+        endpoint="/notify/bulk",
+        body=data,
+        ttl=settings.idempotency_key_ttl,
+    )
+    try:
+        batch = deliverer.create_batch(
+            session=session, data=data, recipients=recipients, idempotency=claim
+        )
+    except crud.IdempotencyKeyUsed as used:
+        assert claim is not None
+        record = replayed(session, settings, deliverer, claim, used, response)
+        assert record.batch_id is not None
+        found = crud.get_batch(session=session, batch_id=record.batch_id)
+        assert found is not None  # the key goes when its batch goes
+        batch = found
+    return BatchCreated(batch=batch_public(session, batch), rejected=rejected)
+
+
+@router.get(
+    "/batches/{batch_id}",
+    response_model=BatchPublic,
+    responses={status.HTTP_404_NOT_FOUND: {"description": "No such batch."}},
+    tags=["history"],
+)
+def read_batch(batch_id: int, session: SessionDep) -> BatchPublic:
+    """A batch and how many of its notifications are in each status."""
+    batch = crud.get_batch(session=session, batch_id=batch_id)
+    if batch is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "batch not found")
+    return batch_public(session, batch)
+
+
+def batch_public(session: Session, batch: Batch) -> BatchPublic:
+    counts = crud.count_batch(session=session, batch_id=batch.id)
+    return BatchPublic.model_validate(batch).model_copy(update={"counts": counts})
 
 
 def outcome_status(notification: Notification, *, sent: int = status.HTTP_201_CREATED) -> int:

@@ -6,12 +6,22 @@ import re
 from datetime import UTC, datetime
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from models import AttemptOutcome, Channel, NotificationStatus
 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
+MAX_BULK_RECIPIENTS = 20_000
 
 # C0 and C1 controls and DEL. Any of them in a header could start a new header line.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -19,10 +29,9 @@ HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class EmailNotificationCreate(BaseModel):
-    """What the booking and user services send; the body they already use."""
+class EmailContent(BaseModel):
+    """A subject and a plain-text body, and when to send them."""
 
-    email: EmailStr
     subject: str = Field(min_length=1, max_length=998)
     text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
     send_at: AwareDatetime | None = Field(
@@ -50,6 +59,47 @@ class EmailNotificationCreate(BaseModel):
         return text
 
 
+class EmailNotificationCreate(EmailContent):
+    """What the booking and user services send; the body they already use."""
+
+    email: EmailStr
+
+
+_email_address = TypeAdapter(EmailStr)
+
+
+class RejectedRecipient(BaseModel):
+    index: int = Field(description="Position in `emails`, from 0.")
+    email: str
+    error: str
+
+
+class BulkEmailCreate(EmailContent):
+    """One message to many recipients; the body the booking system's gateway uses."""
+
+    emails: list[str] = Field(min_length=1, max_length=MAX_BULK_RECIPIENTS)
+
+    def recipients(self) -> tuple[list[str], list[RejectedRecipient]]:
+        """The valid addresses, normalised and each once, and the items refused, with why."""
+        accepted: list[str] = []
+        rejected: list[RejectedRecipient] = []
+        first_seen: dict[str, int] = {}
+        for index, item in enumerate(self.emails):
+            try:
+                address = _email_address.validate_python(item)
+            except ValidationError as exc:
+                error = exc.errors()[0]["msg"]
+                rejected.append(RejectedRecipient(index=index, email=item, error=error))
+                continue
+            if address in first_seen:
+                error = f"duplicate of item {first_seen[address]}"
+                rejected.append(RejectedRecipient(index=index, email=item, error=error))
+                continue
+            first_seen[address] = index
+            accepted.append(address)
+        return accepted, rejected
+
+
 class DeliveryAttemptPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -69,6 +119,7 @@ class NotificationPublic(BaseModel):
     recipient: str
     subject: str | None
     text: str
+    batch_id: int | None
     status: NotificationStatus
     attempts: int
     error_message: str | None
@@ -89,6 +140,25 @@ class NotificationsPublic(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` to get the next (older) page; null on the last page."
     )
+
+
+class BatchPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel: Channel
+    subject: str | None
+    requested: int = Field(description="Items in the request.")
+    accepted: int = Field(description="Notifications created: valid, distinct addresses.")
+    created_at: datetime
+    counts: dict[NotificationStatus, int] = Field(
+        default_factory=dict, description="Notifications per status now."
+    )
+
+
+class BatchCreated(BaseModel):
+    batch: BatchPublic
+    rejected: list[RejectedRecipient] = Field(description="Items that were not queued, and why.")
 
 
 class HistoryCursor(BaseModel):
@@ -116,6 +186,7 @@ class HistoryQuery(BaseModel):
 
     recipient: str | None = Field(default=None, max_length=320)
     status: NotificationStatus | None = None
+    batch_id: int | None = None
     created_from: datetime | None = Field(default=None, description="Inclusive; UTC if no offset.")
     created_to: datetime | None = Field(default=None, description="Exclusive; UTC if no offset.")
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from datetime import timedelta
 from types import FrameType
 
@@ -28,6 +29,8 @@ from db import make_engine, make_session_factory
 from delivery import Deliverer
 
 logger = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL = 60.0
 
 
 class Worker:
@@ -46,6 +49,7 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.stopping = threading.Event()
+        self.next_housekeeping = 0.0
 
     def run(self) -> None:
         """Work until `stop()`; sleep between empty polls."""
@@ -58,8 +62,24 @@ class Worker:
                 logger.exception("worker %s: claim round failed", self.worker_id)
                 handled = 0
             if handled == 0:
+                self._housekeeping()
                 self.stopping.wait(self.settings.worker_poll_interval)
         logger.info("worker %s stopped", self.worker_id)
+
+    def _housekeeping(self) -> None:
+        """When idle, at most once a minute: forget expired Idempotency-Keys."""
+        now = time.monotonic()
+        if now < self.next_housekeeping:
+            return
+        self.next_housekeeping = now + HOUSEKEEPING_INTERVAL
+        try:
+            with self.session_factory() as session:
+                purged = crud.purge_expired_idempotency_keys(session=session)
+        except Exception:
+            logger.exception("worker %s: housekeeping failed", self.worker_id)
+            return
+        if purged:
+            logger.info("worker %s: purged %d expired idempotency keys", self.worker_id, purged)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
-from main import create_app
+from main import build_deliverer, create_app
 from tests.smtpd import Credentials, ScriptedHandler, start_server
+from worker import Worker
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SMTP_USER = "booking-service"
@@ -146,6 +147,19 @@ def make_client(
             return stack.enter_context(TestClient(app, raise_server_exceptions=False))
 
         yield make
+
+
+@pytest.fixture
+def make_worker(settings: Settings, db: sessionmaker[Session]) -> Callable[..., Worker]:
+    """Workers on the test database and SMTP server, `settings` changed by keyword."""
+
+    def make(**changes: object) -> Worker:
+        base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
+        changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
+        deliverer, _ = build_deliverer(changed)
+        return Worker(session_factory=db, deliverer=deliverer, settings=changed)
+
+    return make
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
-from config import Settings
-from main import build_deliverer
 from models import Channel, Notification, NotificationStatus
 from schemas import EmailNotificationCreate
 from tests.conftest import BOOKING
@@ -27,19 +25,6 @@ ASYNC = {"Prefer": "respond-async"}
 def queue_client(make_client: Callable[..., TestClient]) -> TestClient:
     """The API without its own worker thread: tests run workers explicitly."""
     return make_client(worker_in_api=False, queue_retry_initial_wait=0, queue_retry_max_wait=0)
-
-
-@pytest.fixture
-def make_worker(settings: Settings, db: sessionmaker[Session]) -> Callable[..., Worker]:
-    """Workers on the test database and SMTP server, `settings` changed by keyword."""
-
-    def make(**changes: object) -> Worker:
-        base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
-        changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
-        deliverer, _ = build_deliverer(changed)
-        return Worker(session_factory=db, deliverer=deliverer, settings=changed)
-
-    return make
 
 
 def status_of(client: TestClient, notification_id: int) -> dict[str, object]:
