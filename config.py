@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     smtp_verify_tls: bool = True
     smtp_ca_file: Path | None = None
     smtp_timeout: float = Field(default=10.0, gt=0)
+    # Connections open at once (shared by API requests and the in-API worker), and how
+    # long an idle one is kept for reuse (0: a new connection per message).
+    smtp_pool_size: int = Field(default=8, ge=1)
+    smtp_max_idle: float = Field(default=30.0, ge=0)
     email_from: str = "Coworking <noreply@coworking.local>"
 
     retry_attempts: int = Field(default=3, ge=1)

@@ -5,7 +5,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    CursorResult,
+    and_,
+    delete,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -231,11 +242,14 @@ def record_attempt(
     finished_at = utcnow()
     notification.attempts += 1
     attempt = DeliveryAttempt(
-        notification=notification,
+        notification_id=notification.id,
         number=notification.attempts,
         started_at=started_at,
         finished_at=finished_at,
     )
+    if "delivery_attempts" not in inspect(notification).unloaded:
+        # Keep a loaded collection current; an unloaded one is not worth a SELECT per attempt.
+        notification.delivery_attempts.append(attempt)
     if error is None:
         attempt.outcome = AttemptOutcome.SENT
         notification.status = NotificationStatus.SENT

@@ -3,15 +3,26 @@
 Everything smtplib, socket and ssl raise is converted here, so callers only see:
 
     DeliveryError                 any failure to hand a message over
-    ├── TransientDeliveryError    worth retrying: 4xx replies, refused/reset/timed-out
-    │                             connections, the server hanging up
+    ├── TransientDeliveryError    worth retrying: 4xx replies, ...
+    │   └── ConnectionLostError   ... refused/reset/timed-out connections, the server
+    │                             hanging up or closing the channel (421)
     └── PermanentDeliveryError    retrying cannot help: 5xx replies, failed
                                   authentication, an untrusted TLS certificate
+
+Connections are pooled: at most `pool_size` are open at once, and an idle one is reused
+for the next message (checked with NOOP when it has been idle a while). A reused
+connection that turns out to be broken is replaced and the message sent once more on a
+fresh one before the failure counts.
 """
 
 import logging
 import smtplib
 import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -36,6 +47,10 @@ class DeliveryError(Exception):
 
 class TransientDeliveryError(DeliveryError):
     """A failure that may pass: try again later."""
+
+
+class ConnectionLostError(TransientDeliveryError):
+    """The connection broke or could not be made: a fresh one may work."""
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -67,12 +82,24 @@ def classify_reply(code: int, text: bytes | str) -> DeliveryError:
     """Our error for an SMTP reply: 4xx may pass, 5xx will not."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    error_type = TransientDeliveryError if 400 <= code < 500 else PermanentDeliveryError
+    error_type: type[DeliveryError]
+    if code == 421:  # "closing transmission channel"
+        error_type = ConnectionLostError
+    elif 400 <= code < 500:
+        error_type = TransientDeliveryError
+    else:
+        error_type = PermanentDeliveryError
     return error_type(text, smtp_code=code)
 
 
+@dataclass
+class _Idle:
+    smtp: smtplib.SMTP
+    since: float  # time.monotonic() when it was given back
+
+
 class SMTPMailer:
-    """Sends messages over one SMTP connection each, plain, STARTTLS or implicit TLS."""
+    """Sends messages over pooled SMTP connections: plain, STARTTLS or implicit TLS."""
 
     def __init__(
         self,
@@ -84,6 +111,10 @@ class SMTPMailer:
         password: str | None = None,
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        pool_size: int = 1,
+        max_idle: float = 30.0,
+        check_idle_after: float = 1.0,
+        pool_timeout: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -92,6 +123,16 @@ class SMTPMailer:
         self._password = password
         self.timeout = timeout
         self.ssl_context = ssl_context or ssl.create_default_context()
+        self.pool_size = pool_size
+        # An idle connection older than this is closed rather than reused; 0: never reuse.
+        self.max_idle = max_idle
+        self.check_idle_after = check_idle_after
+        # How long a send waits for a free connection; the SMTP timeout unless given.
+        self.pool_timeout = timeout if pool_timeout is None else pool_timeout
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._idle: list[_Idle] = []
+        self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def from_settings(
@@ -108,6 +149,8 @@ class SMTPMailer:
             ssl_context=make_ssl_context(
                 verify=settings.smtp_verify_tls, ca_file=settings.smtp_ca_file
             ),
+            pool_size=settings.smtp_pool_size,
+            max_idle=settings.smtp_max_idle,
         )
 
     def __repr__(self) -> str:
@@ -115,46 +158,124 @@ class SMTPMailer:
 
     def send(self, message: EmailMessage) -> None:
         """Hand `message` to the server, or raise a `DeliveryError`."""
+        if not self._slots.acquire(timeout=self.pool_timeout):
+            raise TransientDeliveryError(
+                f"all {self.pool_size} SMTP connections stayed busy for {self.pool_timeout:g} s"
+            )
+        try:
+            self._send(message)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        """Say QUIT on every idle connection; connections in use close when given back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            _hang_up(connection.smtp)
+
+    def _send(self, message: EmailMessage) -> None:
+        smtp = self._reuse()
+        if smtp is not None:
+            try:
+                self._transfer(smtp, message)
+                return
+            except ConnectionLostError as exc:
+                # Dropped while idle, or closing now: not the message's fault.
+                logger.info("reused SMTP connection failed (%s); trying a fresh one", exc)
+        self._transfer(self._open(), message)
+
+    def _transfer(self, smtp: smtplib.SMTP, message: EmailMessage) -> None:
+        try:
+            with _converted():
+                smtp.send_message(message)
+        except ConnectionLostError:
+            smtp.close()
+            raise
+        except DeliveryError:
+            # A refusal of this message; smtplib has reset the session for the next one.
+            self._give_back(smtp)
+            raise
+        self._give_back(smtp)
+
+    def _open(self) -> smtplib.SMTP:
         smtp: smtplib.SMTP | None = None
         try:
-            smtp = self._connect()
-            if self.security is SMTPSecurity.STARTTLS:
-                smtp.starttls(context=self.ssl_context)
-            if self.username:
-                smtp.login(self.username, self._password or "")
-            smtp.send_message(message)
-        except smtplib.SMTPRecipientsRefused as exc:
-            # One recipient per message, so one reply.
-            code, text = next(iter(exc.recipients.values()))
-            raise classify_reply(code, text) from exc
-        except smtplib.SMTPResponseException as exc:
-            raise classify_reply(exc.smtp_code, exc.smtp_error) from exc
-        except smtplib.SMTPServerDisconnected as exc:
-            raise TransientDeliveryError(f"server disconnected: {exc}") from exc
-        except smtplib.SMTPException as exc:
-            # Missing STARTTLS/AUTH/SMTPUTF8 support: a configuration mismatch.
-            raise PermanentDeliveryError(str(exc)) from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise PermanentDeliveryError(
-                f"TLS certificate not trusted: {exc.verify_message}"
-            ) from exc
-        except OSError as exc:
-            # Refused, reset, timed out, TLS handshake cut short, name not resolved.
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        finally:
+            with _converted():
+                if self.security is SMTPSecurity.SSL:
+                    smtp = smtplib.SMTP_SSL(
+                        self.host, self.port, timeout=self.timeout, context=self.ssl_context
+                    )
+                else:
+                    smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+                if self.security is SMTPSecurity.STARTTLS:
+                    smtp.starttls(context=self.ssl_context)
+                if self.username:
+                    smtp.login(self.username, self._password or "")
+        except DeliveryError:
             if smtp is not None:
                 _hang_up(smtp)
+            raise
+        assert smtp is not None
+        return smtp
 
-    def _connect(self) -> smtplib.SMTP:
-        if self.security is SMTPSecurity.SSL:
-            return smtplib.SMTP_SSL(
-                self.host, self.port, timeout=self.timeout, context=self.ssl_context
-            )
-        return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+    def _reuse(self) -> smtplib.SMTP | None:
+        """The most recently used idle connection that is still good, if any."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                idle = self._idle.pop()
+            age = time.monotonic() - idle.since
+            if age > self.max_idle:
+                _hang_up(idle.smtp)
+                continue
+            if age < self.check_idle_after or _answers_noop(idle.smtp):
+                return idle.smtp
+            idle.smtp.close()
+
+    def _give_back(self, smtp: smtplib.SMTP) -> None:
+        with self._lock:
+            if not self._closed and self.max_idle > 0:
+                self._idle.append(_Idle(smtp, time.monotonic()))
+                return
+        _hang_up(smtp)
+
+
+@contextmanager
+def _converted() -> Iterator[None]:
+    """Turn what smtplib, ssl and socket raise into our `DeliveryError`s."""
+    try:
+        yield
+    except smtplib.SMTPRecipientsRefused as exc:
+        # One recipient per message, so one reply.
+        code, text = next(iter(exc.recipients.values()))
+        raise classify_reply(code, text) from exc
+    except smtplib.SMTPResponseException as exc:
+        raise classify_reply(exc.smtp_code, exc.smtp_error) from exc
+    except smtplib.SMTPServerDisconnected as exc:
+        raise ConnectionLostError(f"server disconnected: {exc}") from exc
+    except smtplib.SMTPException as exc:
+        # Missing STARTTLS/AUTH/SMTPUTF8 support: a configuration mismatch.
+        raise PermanentDeliveryError(str(exc)) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise PermanentDeliveryError(f"TLS certificate not trusted: {exc.verify_message}") from exc
+    except OSError as exc:
+        # Refused, reset, timed out, TLS handshake cut short, name not resolved.
+        raise ConnectionLostError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _answers_noop(smtp: smtplib.SMTP) -> bool:
+    try:
+        code, _ = smtp.noop()
+    except (smtplib.SMTPException, OSError):
+        return False
+    return code == 250
 
 
 def _hang_up(smtp: smtplib.SMTP) -> None:
-    # The message is accepted (or refused) by now: a failed QUIT changes nothing about it.
+    # Whatever QUIT gets back changes nothing about messages already accepted.
     try:
         smtp.quit()
     except (smtplib.SMTPException, OSError):

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker_thread.is_alive():
                 worker.stop()
                 await to_thread.run_sync(worker_thread.join)
+            deliverer.mailer.close()
             if catcher is not None:
                 catcher.stop()
             engine.dispose()
@@ -76,7 +77,12 @@ def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
         catcher = None
     else:
         catcher = start_mail_catcher(settings.dev_mail_dir)
-        mailer = SMTPMailer(host=catcher.hostname, port=catcher.port)
+        mailer = SMTPMailer(
+            host=catcher.hostname,
+            port=catcher.port,
+            pool_size=settings.smtp_pool_size,
+            max_idle=settings.smtp_max_idle,
+        )
     return Deliverer.from_settings(settings, mailer=mailer), catcher
 
 

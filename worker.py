@@ -127,6 +127,7 @@ def main() -> None:
     try:
         worker.run()
     finally:
+        deliverer.mailer.close()
         if catcher is not None:
             catcher.stop()
         engine.dispose()

@@ -56,6 +56,8 @@ def create_database() -> Iterator[Callable[[], str]]:
         name = f"notify_test_{uuid.uuid4().hex[:12]}"
         with admin.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
+            # Commits need not wait for the disk here: a test database dies with the run.
+            cursor.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
         names.append(name)
         url = make_url(ADMIN_URL).set(drivername="postgresql+psycopg2", database=name)
         return url.render_as_string(hide_password=False)
@@ -111,9 +113,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]
 def smtp() -> Iterator[ScriptedHandler]:
     """A plain SMTP server; its handler records what arrives."""
     handler = ScriptedHandler()
-    controller = start_server(handler)
+    start_server(handler)
     yield handler
-    controller.stop()
+    handler.stop()
 
 
 @pytest.fixture
@@ -150,16 +152,20 @@ def make_client(
 
 
 @pytest.fixture
-def make_worker(settings: Settings, db: sessionmaker[Session]) -> Callable[..., Worker]:
+def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Callable[..., Worker]]:
     """Workers on the test database and SMTP server, `settings` changed by keyword."""
+    workers: list[Worker] = []
 
     def make(**changes: object) -> Worker:
         base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
         changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
         deliverer, _ = build_deliverer(changed)
-        return Worker(session_factory=db, deliverer=deliverer, settings=changed)
+        workers.append(Worker(session_factory=db, deliverer=deliverer, settings=changed))
+        return workers[-1]
 
-    return make
+    yield make
+    for worker in workers:
+        worker.deliverer.mailer.close()
 
 
 @pytest.fixture

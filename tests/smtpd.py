@@ -23,6 +23,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     login: bytes | None
+    # The client's (host, port): one per connection.
+    peer: Any = None
 
     @property
     def message(self) -> EmailMessage:
@@ -43,6 +45,23 @@ class ScriptedHandler:
     data_started: threading.Event = field(default_factory=threading.Event)
     port: int = 0  # set by start_server
     quit_reply: str = "221 2.0.0 Bye"
+    quits: int = 0
+    controller: Controller | None = None  # set by start_server
+    restart: Any = None  # set by start_server: starts it again on the same port
+    running: bool = False
+
+    def go_down(self) -> None:
+        """Stop the server: open connections drop, new ones are refused."""
+        assert self.controller is not None
+        self.controller.stop()
+        self.running = False
+
+    def come_back(self) -> None:
+        self.restart()
+
+    def stop(self) -> None:
+        if self.running:
+            self.go_down()
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -65,11 +84,13 @@ class ScriptedHandler:
                 mail_from=envelope.mail_from or "",
                 rcpt_tos=list(envelope.rcpt_tos),
                 login=login,
+                peer=session.peer,
             )
         )
         return "250 2.0.0 OK: queued"
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
         return self.quit_reply
 
     @staticmethod
@@ -110,8 +131,9 @@ def start_server(
     credentials: Credentials | None = None,
     starttls: ssl.SSLContext | None = None,
     implicit_tls: ssl.SSLContext | None = None,
+    port: int | None = None,
 ) -> Controller:
-    """Start an SMTP server on a free local port; the caller stops it."""
+    """Start an SMTP server on a free local port (or `port`); the caller stops it."""
     kwargs: dict[str, Any] = {}
     if credentials is not None:
         kwargs["authenticator"] = credentials
@@ -125,11 +147,20 @@ def start_server(
     controller = Controller(
         handler,
         hostname="127.0.0.1",
-        port=free_port(),
+        port=port or free_port(),
         ssl_context=implicit_tls,
         server_hostname="smtp.test",
         **kwargs,
     )
     controller.start()
     handler.port = controller.port
+    handler.controller = controller
+    handler.running = True
+    handler.restart = lambda: start_server(
+        handler,
+        credentials=credentials,
+        starttls=starttls,
+        implicit_tls=implicit_tls,
+        port=controller.port,
+    )
     return controller

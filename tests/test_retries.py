@@ -78,16 +78,16 @@ def test_permanent_failure_is_tried_once_and_fails(
 def test_transient_failures_outlasting_the_quick_retries_go_to_the_queue(
     client: TestClient, smtp: ScriptedHandler
 ) -> None:
-    smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "421 4.3.2 third"])
+    smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "452 4.3.1 third"])
 
     response = client.post("/notify/email", json=BOOKING)
 
     assert response.status_code == 202
     body = response.json()
     assert (body["status"], body["attempts"]) == ("queued", 3)
-    assert body["error_message"] == "421 4.3.2 third"
+    assert body["error_message"] == "452 4.3.1 third"
     assert datetime.fromisoformat(body["next_attempt_at"]) > datetime.now(UTC)
-    assert [a["smtp_code"] for a in body["delivery_attempts"]] == [451, 451, 421]
+    assert [a["smtp_code"] for a in body["delivery_attempts"]] == [451, 451, 452]
     assert smtp.received == []
     assert client.get(f"/notifications/{body['id']}").json()["status"] == "queued"
 
@@ -96,14 +96,14 @@ def test_transient_failures_fail_with_the_last_error_when_no_attempts_are_left(
     make_client: Callable[..., TestClient], smtp: ScriptedHandler
 ) -> None:
     client = make_client(retry_attempts=3, queue_max_attempts=3)
-    smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "421 4.3.2 third"])
+    smtp.data_replies.extend(["451 4.3.0 first", "451 4.3.0 second", "452 4.3.1 third"])
 
     response = client.post("/notify/email", json=BOOKING)
 
     assert response.status_code == 502
     body = response.json()
     assert (body["status"], body["attempts"]) == ("failed", 3)
-    assert body["error_message"] == "421 4.3.2 third"
+    assert body["error_message"] == "452 4.3.1 third"
     assert body["next_attempt_at"] is None
 
 

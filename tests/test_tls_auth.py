@@ -42,7 +42,7 @@ def secure_client(
 
 
 def test_starttls_with_auth_delivers(
-    make_client: Callable[..., TestClient], starttls_server: ScriptedHandler, tls: TLS
+    starttls_server: ScriptedHandler, make_client: Callable[..., TestClient], tls: TLS
 ) -> None:
     client = secure_client(make_client, starttls_server, tls, smtp_security="starttls")
 
@@ -55,7 +55,7 @@ def test_starttls_with_auth_delivers(
 
 
 def test_implicit_tls_with_auth_delivers(
-    make_client: Callable[..., TestClient], implicit_tls_server: ScriptedHandler, tls: TLS
+    implicit_tls_server: ScriptedHandler, make_client: Callable[..., TestClient], tls: TLS
 ) -> None:
     client = secure_client(make_client, implicit_tls_server, tls, smtp_security="ssl")
 
@@ -67,8 +67,8 @@ def test_implicit_tls_with_auth_delivers(
 
 
 def test_wrong_password_is_a_permanent_535_and_never_echoed(
-    make_client: Callable[..., TestClient],
     starttls_server: ScriptedHandler,
+    make_client: Callable[..., TestClient],
     tls: TLS,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -90,7 +90,7 @@ def test_wrong_password_is_a_permanent_535_and_never_echoed(
 
 
 def test_untrusted_certificate_is_refused_without_retrying(
-    make_client: Callable[..., TestClient], starttls_server: ScriptedHandler, tls: TLS
+    starttls_server: ScriptedHandler, make_client: Callable[..., TestClient], tls: TLS
 ) -> None:
     client = secure_client(make_client, starttls_server, tls, smtp_security="starttls")
     untrusted = secure_client(
@@ -109,7 +109,7 @@ def test_untrusted_certificate_is_refused_without_retrying(
 
 
 def test_verification_can_be_switched_off_for_development(
-    make_client: Callable[..., TestClient], implicit_tls_server: ScriptedHandler, tls: TLS
+    implicit_tls_server: ScriptedHandler, make_client: Callable[..., TestClient], tls: TLS
 ) -> None:
     client = secure_client(
         make_client,
@@ -124,7 +124,7 @@ def test_verification_can_be_switched_off_for_development(
 
 
 def test_starttls_required_but_not_offered_is_permanent(
-    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+    smtp: ScriptedHandler, make_client: Callable[..., TestClient]
 ) -> None:
     client = make_client(smtp_security="starttls")
 
