@@ -12,12 +12,13 @@ import psycopg2
 import pytest
 import trustme
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, insert, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
 from main import build_deliverer, create_app
+from models import Channel, Notification, NotificationStatus, utcnow
 from tests.smtpd import Credentials, ScriptedHandler, start_server
 from worker import Worker
 
@@ -185,3 +186,28 @@ BOOKING = {
 @pytest.fixture
 def credentials() -> Credentials:
     return Credentials(SMTP_USER, SMTP_PASSWORD)
+
+
+def queue_messages(db: sessionmaker[Session], count: int, prefix: str = "queued") -> list[str]:
+    """Insert `count` queued, due e-mail notifications; their Message-IDs."""
+    now = utcnow()
+    message_ids = [f"<{prefix}-{i}@coworking.test>" for i in range(count)]
+    rows = [
+        {
+            "channel": Channel.EMAIL,
+            "recipient": f"member{i}@example.com",
+            "subject": "Зона закрыта на уборку",
+            "text": "Зона «Open space» закрыта с 18:00 до 20:00.",
+            "status": NotificationStatus.QUEUED,
+            "attempts": 0,
+            "message_id": message_id,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i, message_id in enumerate(message_ids)
+    ]
+    with db() as session:
+        session.execute(insert(Notification), rows)
+        session.commit()
+    return message_ids

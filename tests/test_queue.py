@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
-from models import Channel, Notification, NotificationStatus
+from models import Notification, NotificationStatus
 from schemas import EmailNotificationCreate
-from tests.conftest import BOOKING
+from tests.conftest import BOOKING, queue_messages
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -212,25 +212,7 @@ def test_two_workers_deliver_2000_messages_exactly_once(
     db: sessionmaker[Session],
     make_worker: Callable[..., Worker],
 ) -> None:
-    now = datetime.now(UTC)
-    rows = [
-        {
-            "channel": Channel.EMAIL,
-            "recipient": f"member{i}@example.com",
-            "subject": "Зона закрыта на уборку",
-            "text": "Зона «Open space» закрыта с 18:00 до 20:00.",
-            "status": NotificationStatus.QUEUED,
-            "attempts": 0,
-            "message_id": f"<bulk-{i}@coworking.test>",
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for i in range(2000)
-    ]
-    with db() as session:
-        session.execute(insert(Notification), rows)
-        session.commit()
+    queue_messages(db, 2000)
     workers = [make_worker(worker_batch_size=50) for _ in range(2)]
 
     def drain(worker: Worker) -> None:
@@ -314,3 +296,25 @@ def test_a_worker_whose_lease_ran_out_does_not_overwrite_the_new_owner(
     assert len(stored["delivery_attempts"]) == 1  # type: ignore[arg-type]
     # At-least-once: both sends reached the server, only the owner's is recorded.
     assert len(smtp.received) == 2
+
+
+def test_smtp_down_for_a_while_then_back_delivers_everything(
+    smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
+) -> None:
+    message_ids = queue_messages(db, 20)
+    worker = make_worker()
+    smtp.go_down()
+
+    assert worker.run_once() == 20
+    assert worker.run_once() == 20
+    smtp.come_back()
+    while worker.run_once():
+        pass
+
+    assert sorted(r.message["Message-ID"] for r in smtp.received) == sorted(message_ids)
+    with db() as session:
+        for notification in session.scalars(select(Notification)):
+            outcomes = [a.outcome for a in notification.delivery_attempts]
+            assert outcomes == ["transient_error", "transient_error", "sent"]
+            assert "ConnectionRefusedError" in str(notification.delivery_attempts[0].error)
+            assert notification.status == NotificationStatus.SENT

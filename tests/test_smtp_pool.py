@@ -1,5 +1,6 @@
 """Pooled SMTP connections: reused, bounded, checked, replaced when broken, closed at the end."""
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,12 +87,21 @@ def test_waiting_too_long_for_a_connection_is_a_transient_failure(
     first.join(10)
 
 
-@pytest.mark.parametrize("check_idle_after", [0.0, 60.0], ids=["noop-check", "no-check"])
+@pytest.mark.parametrize(
+    ("check_idle_after", "failed_on_the_dead_one"),
+    [(0.0, False), (60.0, True)],
+    ids=["noop-check", "no-check"],
+)
 def test_a_connection_dropped_while_idle_is_replaced_without_a_failure(
-    make_mailer: Callable[..., SMTPMailer], smtp: ScriptedHandler, check_idle_after: float
+    make_mailer: Callable[..., SMTPMailer],
+    smtp: ScriptedHandler,
+    caplog: pytest.LogCaptureFixture,
+    check_idle_after: float,
+    failed_on_the_dead_one: bool,
 ) -> None:
     # With the NOOP check the dead connection is noticed before sending; without it the
     # send fails on it and goes again on a fresh connection.
+    caplog.set_level(logging.INFO, logger="mailer")
     mailer = make_mailer(check_idle_after=check_idle_after)
     mailer.send(message(1))
     smtp.go_down()
@@ -101,6 +111,7 @@ def test_a_connection_dropped_while_idle_is_replaced_without_a_failure(
 
     assert len(smtp.received) == 2
     assert smtp.received[0].peer != smtp.received[1].peer
+    assert ("reused SMTP connection failed" in caplog.text) is failed_on_the_dead_one
 
 
 def test_a_421_on_a_reused_connection_is_retried_once_on_a_fresh_one(
