@@ -65,7 +65,15 @@ class Settings(BaseSettings):
     idempotency_key_ttl: float = Field(default=86_400.0, gt=0)
     idempotency_wait: float = Field(default=30.0, ge=0)
 
+    # Access control. BOOTSTRAP_API_KEY becomes a key with every scope (deployments, tests);
+    # in development (no SMTP_HOST) a key is created in DEV_API_KEY_FILE if none works.
+    bootstrap_api_key: SecretStr | None = None
+    rate_limit_requests_per_minute: int = Field(default=600, ge=1)
+    rate_limit_per_recipient_per_hour: int = Field(default=20, ge=1)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
     dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
+    dev_api_key_file: Path = PROJECT_DIR / "var" / "dev-api-key"
 
     @field_validator("database_url")
     @classmethod

@@ -1,5 +1,6 @@
 """Reading and writing notifications; each write function is one committed unit of work."""
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from mailer import DeliveryError, TransientDeliveryError
 from models import (
+    ApiKey,
     AttemptOutcome,
     Batch,
     Channel,
@@ -29,6 +31,7 @@ from models import (
     IdempotencyKey,
     Notification,
     NotificationStatus,
+    RateCounter,
     utcnow,
 )
 from schemas import BulkEmailCreate, EmailNotificationCreate, HistoryCursor, HistoryQuery
@@ -107,6 +110,7 @@ def create_email_notification(
         recipient=data.email,
         subject=data.subject,
         text=data.text,
+        sensitive=data.sensitive,
         status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
         attempts=0,
         message_id=message_id,
@@ -158,6 +162,7 @@ def create_email_batch(
             "recipient": recipient,
             "subject": data.subject,
             "text": data.text,
+            "sensitive": data.sensitive,
             "status": NotificationStatus.QUEUED,
             "attempts": 0,
             "message_id": message_id,
@@ -176,6 +181,22 @@ def create_email_batch(
         _link_key(session, key_id, batch_id=batch.id, status_code=202)
     session.commit()
     return batch
+
+
+def raise_if_key_used(*, session: Session, claim: IdempotencyClaim | None) -> None:
+    """Raise `IdempotencyKeyUsed` if the claim's key is stored and unexpired."""
+    if claim is None:
+        return
+    record = session.scalars(
+        select(IdempotencyKey).where(
+            IdempotencyKey.scope == claim.scope,
+            IdempotencyKey.key == claim.key,
+            IdempotencyKey.expires_at > utcnow(),
+        )
+    ).one_or_none()
+    session.commit()
+    if record is not None:
+        raise IdempotencyKeyUsed(record)
 
 
 def finish_idempotency_key(*, session: Session, claim: IdempotencyClaim, status_code: int) -> None:
@@ -257,6 +278,7 @@ def record_attempt(
         notification.error_message = None
         notification.next_attempt_at = None
         _clear_lease(notification)
+        _erase_if_sensitive(notification)
     else:
         attempt.outcome = (
             AttemptOutcome.TRANSIENT_ERROR
@@ -275,6 +297,7 @@ def mark_failed(*, session: Session, notification: Notification) -> Notification
     notification.status = NotificationStatus.FAILED
     notification.next_attempt_at = None
     _clear_lease(notification)
+    _erase_if_sensitive(notification)
     session.commit()
     return notification
 
@@ -286,6 +309,14 @@ def requeue(*, session: Session, notification: Notification, at: datetime) -> No
     _clear_lease(notification)
     session.commit()
     return notification
+
+
+def _erase_if_sensitive(notification: Notification) -> None:
+    """A settled sensitive notification keeps only its text's length and SHA-256."""
+    if notification.sensitive and notification.text_sha256 is None:
+        notification.text_length = len(notification.text)
+        notification.text_sha256 = hashlib.sha256(notification.text.encode()).hexdigest()
+        notification.text = ""
 
 
 def _clear_lease(notification: Notification) -> None:
@@ -372,11 +403,19 @@ def cancel(*, session: Session, notification: Notification) -> bool:
         )
     )
     session.commit()
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    if notification.sensitive:
+        _erase_if_sensitive(notification)
+        session.commit()
+    return True
 
 
 def claim_for_resend(*, session: Session, notification: Notification, lease: timedelta) -> bool:
-    """Move a failed notification back to sending; False if it is not failed (any more)."""
+    """Move a failed notification back to sending; False if it is not failed (any more)
+    or its sensitive text is erased."""
+    if notification.text_sha256 is not None:
+        return False
     now = utcnow()
     # A conditional UPDATE, so two simultaneous resends cannot both win.
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
@@ -427,3 +466,123 @@ def list_notifications(
         return page, None
     last = page[-1]
     return page, HistoryCursor(created_at=last.created_at, id=last.id)
+
+
+def create_api_key(
+    *,
+    session: Session,
+    name: str,
+    key_hash: str,
+    prefix: str,
+    scopes: Sequence[str],
+    requests_per_minute: int | None = None,
+    recipient_hourly_limit: int | None = None,
+) -> ApiKey:
+    """Store a new key (its hash); IntegrityError if the name is taken."""
+    api_key = ApiKey(
+        name=name,
+        key_hash=key_hash,
+        prefix=prefix,
+        scopes=" ".join(scopes),
+        requests_per_minute=requests_per_minute,
+        recipient_hourly_limit=recipient_hourly_limit,
+        created_at=utcnow(),
+    )
+    session.add(api_key)
+    session.commit()
+    return api_key
+
+
+def find_api_key(*, session: Session, key_hash: str) -> ApiKey | None:
+    """The unrevoked key with this hash, or None."""
+    return session.scalars(
+        select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+
+
+def touch_api_key(*, session: Session, api_key: ApiKey, every: timedelta) -> None:
+    """Record that the key was used, at most once per `every` (not a write per request)."""
+    now = utcnow()
+    if api_key.last_used_at is None or now - api_key.last_used_at >= every:
+        api_key.last_used_at = now
+        session.commit()
+
+
+def list_api_keys(*, session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def get_api_key(*, session: Session, key_id: int) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
+
+
+def get_api_key_by_name(*, session: Session, name: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.name == name)).one_or_none()
+
+
+def revoke_api_key(*, session: Session, api_key: ApiKey) -> ApiKey:
+    """Revoke a key; it fails on its next request. Revoking twice changes nothing."""
+    if api_key.revoked_at is None:
+        api_key.revoked_at = utcnow()
+        session.commit()
+    return api_key
+
+
+def replace_api_key_hash(*, session: Session, api_key: ApiKey, key_hash: str, prefix: str) -> None:
+    """Point an existing key at a new secret (the bootstrap key changed) and un-revoke it."""
+    api_key.key_hash = key_hash
+    api_key.prefix = prefix
+    api_key.revoked_at = None
+    session.commit()
+
+
+def count_active_api_keys(*, session: Session) -> int:
+    return (
+        session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None)))
+        or 0
+    )
+
+
+def take_rate(
+    *,
+    session: Session,
+    subjects: Sequence[str],
+    window_start: datetime,
+    limit: int,
+) -> set[str]:
+    """Count one hit for each subject in the window, unless it would pass `limit`.
+
+    One atomic upsert per call, so replicas sharing the database share the counters:
+    INSERT … ON CONFLICT DO UPDATE … WHERE hits < limit. The subjects that got their hit
+    are returned; the others are over the limit and were not counted.
+    """
+    subjects = list(dict.fromkeys(subjects))  # one row may be upserted once per statement
+    if not subjects or limit < 1:
+        return set()
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    taken: set[str] = set()
+    # Chunks keep the statement's parameter count within every driver's limits.
+    for start in range(0, len(subjects), 1000):
+        statement = dialect.insert(RateCounter).values(
+            [
+                {"subject": subject, "window_start": window_start, "hits": 1}
+                for subject in subjects[start : start + 1000]
+            ]
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["subject", "window_start"],
+            set_={"hits": RateCounter.hits + 1},
+            where=RateCounter.hits < limit,
+        ).returning(RateCounter.subject)
+        taken.update(session.scalars(statement))
+    session.commit()
+    return taken
+
+
+def purge_rate_counters(*, session: Session, before: datetime) -> int:
+    """Delete counters of windows that started before `before`."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        delete(RateCounter).where(RateCounter.window_start < before)
+    )
+    session.commit()
+    return result.rowcount

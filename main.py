@@ -10,13 +10,15 @@ from anyio import to_thread
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
 from delivery import Deliverer
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
-from routes import router
+from routes import health, router
+from security import BodySizeLimit, ensure_development_key
 from worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer, catcher = build_deliverer(settings)
         app.state.settings = settings
         app.state.session_factory = make_session_factory(engine)
+        if settings.uses_dev_mail_catcher and settings.bootstrap_api_key is None:
+            await to_thread.run_sync(development_key, settings, app.state.session_factory)
         app.state.deliverer = deliverer
         worker = Worker(
             session_factory=app.state.session_factory, deliverer=deliverer, settings=settings
@@ -65,9 +69,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(health)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
     return app
+
+
+def development_key(settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    """In development, a working key in DEV_API_KEY_FILE, so the first curl works."""
+    with session_factory() as session:
+        ensure_development_key(session=session, path=settings.dev_api_key_file)
 
 
 def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:

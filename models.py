@@ -5,6 +5,7 @@ from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy import text as sql  # `text` is also a column name below
 from sqlalchemy.engine import Dialect
@@ -122,6 +124,11 @@ class Notification(Base):
     recipient: Mapped[str] = mapped_column(String(320))
     subject: Mapped[str | None] = mapped_column(String(998))
     text: Mapped[str] = mapped_column(Text)
+    # A sensitive text (a code, a reset link) is erased once the notification is settled;
+    # its length and SHA-256 stay as evidence of what was sent.
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    text_length: Mapped[int | None] = mapped_column(Integer)
+    text_sha256: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[NotificationStatus] = mapped_column(_str_enum(NotificationStatus))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     message_id: Mapped[str | None] = mapped_column(String(255))
@@ -211,3 +218,33 @@ class IdempotencyKey(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
     __table_args__ = (UniqueConstraint("scope", "key"),)
+
+
+class ApiKey(Base):
+    """A caller's credential: only the key's SHA-256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # The key's first characters, to tell keys apart in listings and logs.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Space-separated: send, read, admin.
+    scopes: Mapped[str] = mapped_column(String(255))
+    # Per-caller limits; NULL takes the service-wide setting.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    recipient_hourly_limit: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RateCounter(Base):
+    """Hits in one fixed window, shared by every replica: `key:<id>` or `rcpt:<address>`."""
+
+    __tablename__ = "rate_counters"
+
+    subject: Mapped[str] = mapped_column(String(400), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    hits: Mapped[int] = mapped_column(Integer)

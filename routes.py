@@ -3,16 +3,31 @@
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    Security,
+    status,
+)
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import crud
 import idempotency
+import security
 from config import Settings
 from delivery import Deliverer
-from models import Batch, IdempotencyKey, Notification, NotificationStatus
+from models import ApiKey, Batch, IdempotencyKey, Notification, NotificationStatus
 from schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyPublic,
     BatchCreated,
     BatchPublic,
     BulkEmailCreate,
@@ -21,10 +36,8 @@ from schemas import (
     NotificationDetail,
     NotificationPublic,
     NotificationsPublic,
+    RejectedRecipient,
 )
-
-# Whose Idempotency-Keys these are; one caller until access control names them.
-CALLER_SCOPE = ""
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -45,6 +58,9 @@ def get_settings(request: Request) -> Settings:
 SessionDep = Annotated[Session, Depends(get_session)]
 DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SendCaller = Annotated[ApiKey, Security(security.authenticate, scopes=[security.Scope.SEND])]
+READ = [Security(security.authenticate, scopes=[security.Scope.READ])]
+ADMIN = [Security(security.authenticate, scopes=[security.Scope.ADMIN])]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -75,6 +91,13 @@ DELIVERY_FAILED: dict[int | str, dict[str, Any]] = {
         "description": "Delivery failed; the notification is stored as failed with the reason.",
     },
 }
+AUTH: dict[int | str, dict[str, Any]] = {
+    status.HTTP_401_UNAUTHORIZED: {"description": "No API key, or an invalid or revoked one."},
+    status.HTTP_403_FORBIDDEN: {"description": "The API key lacks the scope."},
+    status.HTTP_429_TOO_MANY_REQUESTS: {
+        "description": "A rate limit is reached (per key, or per recipient); see Retry-After."
+    },
+}
 IDEMPOTENCY: dict[int | str, dict[str, Any]] = {
     status.HTTP_409_CONFLICT: {
         "description": "The first request with this Idempotency-Key is still being sent."
@@ -89,7 +112,8 @@ DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     }
 }
 
-router = APIRouter()
+router = APIRouter(responses=AUTH)
+health = APIRouter(tags=["health"])
 
 
 @router.post(
@@ -101,6 +125,7 @@ router = APIRouter()
 )
 def notify_email(
     data: EmailNotificationCreate,
+    caller: SendCaller,
     session: SessionDep,
     deliverer: DelivererDep,
     settings: SettingsDep,
@@ -114,13 +139,22 @@ def notify_email(
     queued = data.send_at is not None or wants_async(prefer)
     claim = idempotency.claim_for(
         idempotency_key,
-        scope=CALLER_SCOPE,
+        scope=caller.name,
         endpoint="/notify/email",
         body=data,
         ttl=settings.idempotency_key_ttl,
         queued=queued,
     )
     try:
+        # A repeat is answered before the rate limits are counted: it sends nothing.
+        crud.raise_if_key_used(session=session, claim=claim)
+        allowed, limit, retry_after = security.take_recipients(
+            session=session, settings=settings, caller=caller, recipients=[data.email]
+        )
+        if not allowed:
+            raise security.too_many(
+                f"more than {limit} messages per hour to this address", retry_after
+            )
         notification = deliverer.create_email(
             session=session, data=data, queued=queued, idempotency=claim
         )
@@ -186,6 +220,7 @@ def replayed(
 )
 def notify_bulk(
     data: BulkEmailCreate,
+    caller: SendCaller,
     session: SessionDep,
     deliverer: DelivererDep,
     settings: SettingsDep,
@@ -205,14 +240,17 @@ def notify_bulk(
         )
     claim = idempotency.claim_for(
         idempotency_key,
-        scope=CALLER_SCOPE,
+        scope=caller.name,
         endpoint="/notify/bulk",
         body=data,
         ttl=settings.idempotency_key_ttl,
     )
     try:
+        crud.raise_if_key_used(session=session, claim=claim)
+        sendable, limited = within_recipient_limits(session, settings, caller, data, recipients)
+        rejected = sorted([*rejected, *limited], key=lambda r: r.index)
         batch = deliverer.create_batch(
-            session=session, data=data, recipients=recipients, idempotency=claim
+            session=session, data=data, recipients=sendable, idempotency=claim
         )
     except crud.IdempotencyKeyUsed as used:
         assert claim is not None
@@ -221,11 +259,33 @@ def notify_bulk(
         found = crud.get_batch(session=session, batch_id=record.batch_id)
         assert found is not None  # the key goes when its batch goes
         batch = found
+        # The rate limits a replay met the first time are not known any more.
+        rejected = [r for r in rejected if r.error != security.RECIPIENT_LIMITED]
     return BatchCreated(batch=batch_public(session, batch), rejected=rejected)
+
+
+def within_recipient_limits(
+    session: Session,
+    settings: Settings,
+    caller: ApiKey,
+    data: BulkEmailCreate,
+    recipients: dict[str, int],
+) -> tuple[list[str], list[RejectedRecipient]]:
+    """The recipients still under their hourly limit, and the others as rejected items."""
+    allowed, _, _ = security.take_recipients(
+        session=session, settings=settings, caller=caller, recipients=list(recipients)
+    )
+    limited = [
+        RejectedRecipient(index=i, email=data.emails[i], error=security.RECIPIENT_LIMITED)
+        for address, i in recipients.items()
+        if address not in allowed
+    ]
+    return [a for a in recipients if a in allowed], limited
 
 
 @router.get(
     "/batches/{batch_id}",
+    dependencies=READ,
     response_model=BatchPublic,
     responses={status.HTTP_404_NOT_FOUND: {"description": "No such batch."}},
     tags=["history"],
@@ -252,7 +312,9 @@ def outcome_status(notification: Notification, *, sent: int = status.HTTP_201_CR
     return status.HTTP_202_ACCEPTED
 
 
-@router.get("/notifications", response_model=NotificationsPublic, tags=["history"])
+@router.get(
+    "/notifications", dependencies=READ, response_model=NotificationsPublic, tags=["history"]
+)
 def list_notifications(
     query: Annotated[HistoryQuery, Query()], session: SessionDep
 ) -> NotificationsPublic:
@@ -264,7 +326,12 @@ def list_notifications(
     )
 
 
-@router.get("/notifications/{notification_id}", response_model=NotificationDetail, tags=["history"])
+@router.get(
+    "/notifications/{notification_id}",
+    dependencies=READ,
+    response_model=NotificationDetail,
+    tags=["history"],
+)
 def read_notification(notification: NotificationDep) -> Notification:
     """One notification with every delivery attempt."""
     return notification
@@ -272,6 +339,7 @@ def read_notification(notification: NotificationDep) -> Notification:
 
 @router.post(
     "/notifications/{notification_id}/retry",
+    dependencies=ADMIN,
     response_model=NotificationDetail,
     responses={
         status.HTTP_409_CONFLICT: {"description": "Only a failed notification can be resent."},
@@ -286,7 +354,9 @@ def resend_notification(
     if not deliverer.claim_for_resend(session=session, notification=notification):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            f"notification is {notification.status}, only failed ones are resent",
+            "the text of this sensitive notification is erased"
+            if notification.text_sha256
+            else f"notification is {notification.status}, only failed ones are resent",
         )
     deliverer.deliver(session=session, notification=notification)
     response.status_code = outcome_status(notification, sent=status.HTTP_200_OK)
@@ -295,6 +365,7 @@ def resend_notification(
 
 @router.post(
     "/notifications/{notification_id}/cancel",
+    dependencies=ADMIN,
     response_model=NotificationDetail,
     responses={
         status.HTTP_409_CONFLICT: {"description": "Only a queued notification is cancelled."}
@@ -318,14 +389,59 @@ def wants_async(prefer: str | None) -> bool:
     return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
-@router.get("/healthz", tags=["health"])
+@health.get("/healthz")
 def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=DATABASE_DOWN, tags=["health"])
+@health.get("/readyz", responses=DATABASE_DOWN)
 def readyz(session: SessionDep) -> dict[str, str]:
     """The database answers."""
     session.execute(text("SELECT 1"))
     return {"status": "ok"}
+
+
+@router.post(
+    "/keys",
+    dependencies=ADMIN,
+    status_code=status.HTTP_201_CREATED,
+    response_model=ApiKeyCreated,
+    responses={status.HTTP_409_CONFLICT: {"description": "A key with this name exists."}},
+    tags=["keys"],
+)
+def create_key(data: ApiKeyCreate, session: SessionDep) -> ApiKeyCreated:
+    """Issue a key; the response is the only time the key itself is shown."""
+    try:
+        record, key = security.issue_key(
+            session=session,
+            name=data.name,
+            scopes=data.scopes,
+            requests_per_minute=data.requests_per_minute,
+            recipient_hourly_limit=data.recipient_hourly_limit,
+        )
+    except IntegrityError:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, "a key with this name exists") from None
+    return ApiKeyCreated(key=key, **ApiKeyPublic.model_validate(record).model_dump())
+
+
+@router.get("/keys", dependencies=ADMIN, response_model=list[ApiKeyPublic], tags=["keys"])
+def list_keys(session: SessionDep) -> list[ApiKey]:
+    """Every key, revoked ones included; never the keys themselves."""
+    return crud.list_api_keys(session=session)
+
+
+@router.post(
+    "/keys/{key_id}/revoke",
+    dependencies=ADMIN,
+    response_model=ApiKeyPublic,
+    responses={status.HTTP_404_NOT_FOUND: {"description": "No such key."}},
+    tags=["keys"],
+)
+def revoke_key(key_id: int, session: SessionDep) -> ApiKey:
+    """Revoke a key: its next request is a 401."""
+    api_key = crud.get_api_key(session=session, key_id=key_id)
+    if api_key is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "key not found")
+    return crud.revoke_api_key(session=session, api_key=api_key)

@@ -4,9 +4,11 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
+from typing import Annotated
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -15,6 +17,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from models import AttemptOutcome, Channel, NotificationStatus
@@ -22,6 +25,8 @@ from models import AttemptOutcome, Channel, NotificationStatus
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
 MAX_BULK_RECIPIENTS = 20_000
+# The scopes an API key can hold (security.Scope).
+API_SCOPES = ("send", "read", "admin")
 
 # C0 and C1 controls and DEL. Any of them in a header could start a new header line.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -37,6 +42,11 @@ class EmailContent(BaseModel):
     send_at: AwareDatetime | None = Field(
         default=None,
         description="Send at this time (with a UTC offset) through the queue; answered 202.",
+    )
+    sensitive: bool = Field(
+        default=False,
+        description="A code or reset link: the text is never returned by the API and is "
+        "erased from the database once the notification is sent, failed or cancelled.",
     )
 
     @field_validator("subject")
@@ -79,9 +89,9 @@ class BulkEmailCreate(EmailContent):
 
     emails: list[str] = Field(min_length=1, max_length=MAX_BULK_RECIPIENTS)
 
-    def recipients(self) -> tuple[list[str], list[RejectedRecipient]]:
-        """The valid addresses, normalised and each once, and the items refused, with why."""
-        accepted: list[str] = []
+    def recipients(self) -> tuple[dict[str, int], list[RejectedRecipient]]:
+        """The valid addresses, normalised and each once (with their index), and the items
+        refused, with why."""
         rejected: list[RejectedRecipient] = []
         first_seen: dict[str, int] = {}
         for index, item in enumerate(self.emails):
@@ -96,8 +106,7 @@ class BulkEmailCreate(EmailContent):
                 rejected.append(RejectedRecipient(index=index, email=item, error=error))
                 continue
             first_seen[address] = index
-            accepted.append(address)
-        return accepted, rejected
+        return first_seen, rejected
 
 
 class DeliveryAttemptPublic(BaseModel):
@@ -118,7 +127,9 @@ class NotificationPublic(BaseModel):
     channel: Channel
     recipient: str
     subject: str | None
-    text: str
+    text: str | None = Field(description="Null for a sensitive notification.")
+    sensitive: bool
+    text_length: int | None = Field(description="Length of a sensitive text, once erased.")
     batch_id: int | None
     status: NotificationStatus
     attempts: int
@@ -129,6 +140,12 @@ class NotificationPublic(BaseModel):
     sent_at: datetime | None
     send_at: datetime | None
     next_attempt_at: datetime | None
+
+    @model_validator(mode="after")
+    def hide_sensitive_text(self) -> "NotificationPublic":
+        if self.sensitive:
+            self.text = None
+        return self
 
 
 class NotificationDetail(NotificationPublic):
@@ -159,6 +176,45 @@ class BatchPublic(BaseModel):
 class BatchCreated(BaseModel):
     batch: BatchPublic
     rejected: list[RejectedRecipient] = Field(description="Items that were not queued, and why.")
+
+
+def _scopes_known(scopes: list[str]) -> list[str]:
+    unknown = set(scopes) - set(API_SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; use {', '.join(API_SCOPES)}")
+    return sorted(set(scopes), key=API_SCOPES.index)
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    scopes: Annotated[list[str], AfterValidator(_scopes_known)] = Field(min_length=1)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    recipient_hourly_limit: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class ApiKeyPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    scopes: list[str]
+    requests_per_minute: int | None
+    recipient_hourly_limit: int | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def split_scopes(cls, scopes: object) -> object:
+        return scopes.split() if isinstance(scopes, str) else scopes
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The key itself. It is not stored and never shown again.")
 
 
 class HistoryCursor(BaseModel):

@@ -25,6 +25,9 @@ from worker import Worker
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SMTP_USER = "booking-service"
 SMTP_PASSWORD = "s3cret-smtp-pass"
+# Every scope; the clients below send it unless a test says otherwise.
+ADMIN_KEY = "ntf_test-bootstrap-key-0123456789abcdefghijklmnopqrstu"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def _admin_connection() -> Any:
@@ -92,8 +95,8 @@ def db(engine: Engine) -> Iterator[sessionmaker[Session]]:
     with engine.begin() as connection:
         connection.execute(
             text(
-                "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys"
-                " RESTART IDENTITY"
+                "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys,"
+                " api_keys, rate_counters RESTART IDENTITY"
             )
         )
     yield make_session_factory(engine)
@@ -134,6 +137,10 @@ def settings(database_url: str, smtp: ScriptedHandler) -> Settings:
         retry_initial_wait=0,
         retry_max_wait=0,
         retry_jitter=0,
+        bootstrap_api_key=ADMIN_KEY,
+        # Tests send many messages to one address; the limit tests lower it again.
+        rate_limit_per_recipient_per_hour=100_000,
+        rate_limit_requests_per_minute=100_000,
     )
 
 
@@ -147,7 +154,12 @@ def make_client(
         def make(**changes: Any) -> TestClient:
             changed = Settings(_env_file=None, **(settings.model_dump() | changes))
             app = create_app(changed)
-            return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+            client = TestClient(
+                app,
+                raise_server_exceptions=False,
+                headers=AUTH,
+            )
+            return stack.enter_context(client)
 
         yield make
 

@@ -31,15 +31,21 @@ def test_main_path_on_sqlite_with_the_mail_catcher(tmp_path: Path) -> None:
         database_url=f"sqlite:///{tmp_path / 'var' / 'notifications.db'}",
         smtp_host="",
         dev_mail_dir=tmp_path / "mail",
+        dev_api_key_file=tmp_path / "var" / "dev-api-key",
     )
 
     with TestClient(create_app(settings)) as client:
+        refused = client.post("/notify/email", json=BOOKING)
+        # The newcomer's first curl reads the development key the service wrote.
+        key = (tmp_path / "var" / "dev-api-key").read_text().strip()
+        client.headers["Authorization"] = f"Bearer {key}"
         created = client.post("/notify/email", json=BOOKING)
         second = client.post("/notify/email", json={**BOOKING, "email": "anna@example.com"})
         history = client.get("/notifications", params={"limit": 1})
         rest = client.get("/notifications", params={"cursor": history.json()["next_cursor"]})
         detail = client.get(f"/notifications/{created.json()['id']}")
 
+    assert refused.status_code == 401
     assert created.status_code == 201, created.text
     assert created.json()["status"] == "sent"
     assert second.status_code == 201

@@ -15,7 +15,7 @@ from config import Settings
 from mailer import SMTPMailer, TransientDeliveryError, build_message
 from main import create_app
 from models import utcnow
-from tests.conftest import BOOKING
+from tests.conftest import AUTH, BOOKING
 from tests.smtpd import ScriptedHandler
 
 
@@ -172,7 +172,7 @@ def test_without_reuse_every_message_has_its_own_connection(
 def test_idle_connections_say_quit_at_shutdown(
     settings: Settings, db: sessionmaker[Session], smtp: ScriptedHandler
 ) -> None:
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         client.post("/notify/email", json=BOOKING)
         assert smtp.quits == 0
 
