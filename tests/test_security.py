@@ -1,0 +1,310 @@
+"""API keys and scopes, rate limits, sensitive notifications, and hostile input."""
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import security
+from config import Settings
+from models import ApiKey, Notification
+from tests.conftest import ADMIN_KEY, BOOKING
+from tests.smtpd import ScriptedHandler
+
+OPEN = {"/healthz", "/readyz"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_key(client: TestClient, scopes: list[str], **limits: int) -> str:
+    response = client.post(
+        "/keys", json={"name": f"caller-{'-'.join(scopes)}", "scopes": scopes, **limits}
+    )
+    assert response.status_code == 201, response.text
+    key: str = response.json()["key"]
+    return key
+
+
+def endpoints(client: TestClient) -> list[tuple[str, str, str | None]]:
+    """Every operation the app itself publishes, with the scope it declares."""
+    schema = client.app.openapi()  # type: ignore[attr-defined]
+    found = []
+    for path, operations in schema["paths"].items():
+        if path in OPEN:
+            continue
+        concrete = path.replace("{notification_id}", "1").replace("{batch_id}", "1")
+        concrete = concrete.replace("{key_id}", "1")
+        for method, operation in operations.items():
+            declared = [s for r in operation.get("security", []) for s in r.get("ApiKey", [])]
+            found.append((method.upper(), concrete, next(iter(declared), None)))
+    return found
+
+
+def call(client: TestClient, method: str, path: str, **kwargs: Any) -> int:
+    return client.request(method, path, **kwargs).status_code
+
+
+def test_no_endpoint_but_health_answers_without_a_valid_key(client: TestClient) -> None:
+    routes = endpoints(client)
+    assert len(routes) >= 10  # the enumeration found the API
+
+    for method, path, _ in routes:
+        anonymous = client.request(method, path, headers={"Authorization": ""})
+        assert anonymous.status_code == 401, (method, path)
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        assert call(client, method, path, headers=bearer("ntf_not-a-key")) == 401, (method, path)
+        assert call(client, method, path, headers={"Authorization": f"Basic {ADMIN_KEY}"}) == 401
+    for path in OPEN:
+        assert call(client, "GET", path, headers={"Authorization": ""}) == 200
+
+
+def test_every_endpoint_demands_its_scope(client: TestClient) -> None:
+    keys = {scope: new_key(client, [scope]) for scope in ("send", "read", "admin")}
+
+    for method, path, scope in endpoints(client):
+        assert scope in keys, (method, path, "has no scope")
+        for other, key in keys.items():
+            status = call(client, method, path, headers=bearer(key))
+            if other == scope:
+                assert status != 403, (method, path, other)
+            else:
+                assert status == 403, (method, path, other)
+
+
+def test_a_revoked_key_fails_at_once(client: TestClient, db: sessionmaker[Session]) -> None:
+    key = new_key(client, ["read"])
+    assert call(client, "GET", "/notifications", headers=bearer(key)) == 200
+    key_id = client.get("/keys").json()[-1]["id"]
+
+    revoked = client.post(f"/keys/{key_id}/revoke")
+
+    assert revoked.json()["revoked_at"] is not None
+    assert call(client, "GET", "/notifications", headers=bearer(key)) == 401
+
+
+def test_keys_are_stored_only_as_hashes_and_listed_without_them(
+    client: TestClient, db: sessionmaker[Session]
+) -> None:
+    key = new_key(client, ["send"])
+
+    with db() as session:
+        [stored] = session.scalars(select(ApiKey)).all()
+    assert stored.key_hash == hashlib.sha256(key.encode()).hexdigest()
+    assert key not in {stored.name, stored.prefix, stored.scopes}
+    assert key.startswith(stored.prefix)
+    listing = client.get("/keys").text
+    assert key not in listing and stored.key_hash not in listing
+    assert len(key) >= 40
+    assert client.post("/keys", json={"name": stored.name, "scopes": ["send"]}).status_code == 409
+    assert client.post("/keys", json={"name": "x", "scopes": ["root"]}).status_code == 422
+
+
+def test_the_request_rate_per_key_is_limited(client: TestClient) -> None:
+    key = new_key(client, ["read"], requests_per_minute=3)
+
+    statuses = [call(client, "GET", "/notifications", headers=bearer(key)) for _ in range(4)]
+
+    assert statuses == [200, 200, 200, 429]
+    response = client.get("/notifications", headers=bearer(key))
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+
+
+def test_one_message_over_the_per_address_limit_is_a_429_and_not_sent(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler, db: sessionmaker[Session]
+) -> None:
+    # Two replicas on one database share the counters.
+    first, second = (
+        make_client(rate_limit_per_recipient_per_hour=2),
+        make_client(rate_limit_per_recipient_per_hour=2),
+    )
+    assert first.post("/notify/email", json=BOOKING).status_code == 201
+    assert second.post("/notify/email", json=BOOKING).status_code == 201
+
+    over = first.post("/notify/email", json=BOOKING)
+    other_address = second.post("/notify/email", json={**BOOKING, "email": "anna@example.com"})
+
+    assert over.status_code == 429
+    assert 1 <= int(over.headers["retry-after"]) <= 3600
+    assert other_address.status_code == 201
+    assert len(smtp.received) == 3
+    with db() as session:
+        assert session.scalar(select(func.count()).select_from(Notification)) == 3
+
+
+def test_a_callers_own_recipient_limit_applies_to_bulk_items(
+    client: TestClient, smtp: ScriptedHandler
+) -> None:
+    key = new_key(client, ["send"], recipient_hourly_limit=1)
+    client.post("/notify/email", json=BOOKING, headers=bearer(key))
+    body = {"emails": [BOOKING["email"], "anna@example.com"], "subject": "Тест", "text": "Текст"}
+
+    response = client.post("/notify/bulk", json=body, headers=bearer(key))
+
+    assert response.status_code == 202
+    assert response.json()["batch"]["accepted"] == 1
+    [limited] = response.json()["rejected"]
+    assert (limited["index"], limited["error"]) == (0, security.RECIPIENT_LIMITED)
+
+
+def test_a_sensitive_text_is_never_shown_and_erased_after_delivery(
+    client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    code = {
+        "email": "ivan.petrov@example.com",
+        "subject": "Код подтверждения",
+        "text": "Ваш код: 482913",
+        "sensitive": True,
+    }
+
+    sent = client.post("/notify/email", json=code)
+
+    assert sent.status_code == 201
+    assert sent.json()["text"] is None
+    assert "482913" in smtp.received[0].message.get_content()
+    assert client.get(f"/notifications/{sent.json()['id']}").json()["text"] is None
+    assert all(n["text"] is None for n in client.get("/notifications").json()["data"])
+    with db() as session:
+        stored = session.get(Notification, sent.json()["id"])
+        assert stored is not None
+        assert stored.text == ""
+        assert stored.text_length == len(code["text"])  # type: ignore[arg-type]
+        assert stored.text_sha256 == hashlib.sha256(code["text"].encode()).hexdigest()  # type: ignore[union-attr]
+    assert "482913" not in caplog.text
+
+
+def test_a_failed_sensitive_notification_is_erased_and_cannot_be_resent(
+    client: TestClient, smtp: ScriptedHandler, db: sessionmaker[Session]
+) -> None:
+    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    failed = client.post("/notify/email", json={**BOOKING, "sensitive": True}).json()
+
+    with db() as session:
+        stored = session.get(Notification, failed["id"])
+        assert stored is not None and stored.text == ""
+    assert client.post(f"/notifications/{failed['id']}/retry").status_code == 409
+
+
+def test_a_queued_sensitive_text_is_kept_until_it_is_sent(
+    client: TestClient, db: sessionmaker[Session]
+) -> None:
+    queued = client.post(
+        "/notify/email", json={**BOOKING, "sensitive": True}, headers={"Prefer": "respond-async"}
+    ).json()
+
+    assert queued["text"] is None
+    with db() as session:
+        stored = session.get(Notification, queued["id"])
+        assert stored is not None and stored.text == BOOKING["text"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [
+        (b'{"email": "ivan@example.com", "subject": "x", ', {"Content-Type": "application/json"}),
+        (
+            b'{"email": "ivan@example.com", "subject": "\xff\xfe", "text": "x"}',
+            {"Content-Type": "application/json"},
+        ),
+        (
+            b"email=ivan@example.com&subject=x&text=y",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        (b"[]", {"Content-Type": "application/json"}),
+        (
+            b'{"email": "ivan@example.com", "subject": "' + b"x" * 1000 + b'", "text": "y"}',
+            {"Content-Type": "application/json"},
+        ),
+        (
+            b'{"email": "' + b"a" * 400 + b'@example.com", "subject": "s", "text": "y"}',
+            {"Content-Type": "application/json"},
+        ),
+    ],
+    ids=[
+        "malformed-json",
+        "invalid-utf8",
+        "form-encoded",
+        "not-an-object",
+        "long-subject",
+        "long-address",
+    ],
+)
+def test_hostile_bodies_are_a_4xx_and_nothing_is_sent(
+    client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    content: bytes,
+    headers: dict[str, str],
+) -> None:
+    response = client.post("/notify/email", content=content, headers=headers)
+
+    assert 400 <= response.status_code < 500, response.text
+    assert smtp.received == []
+    with db() as session:
+        assert session.scalar(select(func.count()).select_from(Notification)) == 0
+
+
+def test_a_body_over_the_size_limit_is_a_413(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(max_body_bytes=2048)
+    big = {**BOOKING, "text": "x" * 4000}
+
+    declared = client.post("/notify/email", json=big)
+
+    def chunks() -> Any:
+        yield b'{"email": "ivan@example.com", "subject": "s", "text": "'
+        yield b"x" * 4000
+        yield b'"}'
+
+    streamed = client.post(
+        "/notify/email", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+
+    assert (declared.status_code, streamed.status_code) == (413, 413)
+    assert smtp.received == []
+
+
+def test_keys_can_be_managed_from_the_command_line(
+    settings: Settings,
+    db: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_client: Callable[..., TestClient],
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("AUTO_MIGRATE", "false")
+
+    security.main(["create", "booking-service", "--scopes", "send,read"])
+    key = capsys.readouterr().out.strip()
+    security.main(["list"])
+    listing = capsys.readouterr().out
+    client = make_client()
+    ok = call(client, "GET", "/notifications", headers=bearer(key))
+    security.main(["revoke", "booking-service"])
+
+    assert key.startswith("ntf_")
+    assert "booking-service" in listing and "send read" in listing and key not in listing
+    assert ok == 200
+    assert call(client, "GET", "/notifications", headers=bearer(key)) == 401
+
+
+def test_secrets_stay_out_of_reprs_and_logs(
+    settings: Settings, client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client.get("/notifications", headers=bearer("ntf_wrong-key-that-must-not-be-logged"))
+
+    assert ADMIN_KEY not in repr(settings)
+    assert "ntf_wrong-key-that-must-not-be-logged" not in caplog.text
+    assert ADMIN_KEY not in caplog.text
