@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     # Idempotency-Key: how long a key is remembered, and how long a repeat waits for the
     # first request (a synchronous send) to finish before answering 409.
     idempotency_key_ttl: float = Field(default=86_400.0, gt=0)
-    idempotency_wait: float = Field(default=30.0, ge=0)
+    # The wait holds a request thread, so it is short; a longer send answers 409.
+    idempotency_wait: float = Field(default=10.0, ge=0)
 
     # Access control. BOOTSTRAP_API_KEY becomes a key with every scope (deployments, tests);
     # in development (no SMTP_HOST) a key is created in DEV_API_KEY_FILE if none works.

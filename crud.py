@@ -65,27 +65,30 @@ def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
     with the same key waits for this transaction and then finds the key taken.
     """
     same_key = (IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
-    # An expired key is free again.
-    session.execute(delete(IdempotencyKey).where(*same_key, IdempotencyKey.expires_at <= now))
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    key_id = session.scalar(
-        dialect.insert(IdempotencyKey)
-        .values(
-            scope=claim.scope,
-            key=claim.key,
-            fingerprint=claim.fingerprint,
-            created_at=now,
-            expires_at=now + claim.ttl,
+    while True:
+        # An expired key is free again.
+        session.execute(delete(IdempotencyKey).where(*same_key, IdempotencyKey.expires_at <= now))
+        key_id = session.scalar(
+            dialect.insert(IdempotencyKey)
+            .values(
+                scope=claim.scope,
+                key=claim.key,
+                fingerprint=claim.fingerprint,
+                created_at=now,
+                expires_at=now + claim.ttl,
+            )
+            .on_conflict_do_nothing(index_elements=["scope", "key"])
+            .returning(IdempotencyKey.id)
         )
-        .on_conflict_do_nothing(index_elements=["scope", "key"])
-        .returning(IdempotencyKey.id)
-    )
-    if key_id is None:
+        if key_id is not None:
+            return key_id
         session.rollback()
-        record = session.scalars(select(IdempotencyKey).where(*same_key)).one()
+        record = session.scalars(select(IdempotencyKey).where(*same_key)).one_or_none()
         session.commit()
-        raise IdempotencyKeyUsed(record)
-    return key_id
+        if record is not None:
+            raise IdempotencyKeyUsed(record)
+        # It expired and was purged in between: try again.
 
 
 def create_email_notification(
@@ -203,7 +206,23 @@ def finish_idempotency_key(*, session: Session, claim: IdempotencyClaim, status_
     """Record the status code a key's first request answered with."""
     session.execute(
         update(IdempotencyKey)
-        .where(IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
+        .where(
+            IdempotencyKey.scope == claim.scope,
+            IdempotencyKey.key == claim.key,
+            # Not a newer request's: this key may have expired and been reused meanwhile.
+            IdempotencyKey.fingerprint == claim.fingerprint,
+            IdempotencyKey.status_code.is_(None),
+        )
+        .values(status_code=status_code)
+    )
+    session.commit()
+
+
+def settle_idempotency_key(*, session: Session, record_id: int, status_code: int) -> None:
+    """Fix the answer of a key whose first request died before answering."""
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.id == record_id, IdempotencyKey.status_code.is_(None))
         .values(status_code=status_code)
     )
     session.commit()
@@ -348,7 +367,8 @@ def claim_due(
                 ),
             )
         )
-        .order_by(Notification.next_attempt_at)
+        # A taken-over send has no next_attempt_at: it is due since its lease ran out.
+        .order_by(func.coalesce(Notification.next_attempt_at, Notification.lease_expires_at))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -367,6 +387,28 @@ def claim_due(
     ).all()
     session.commit()
     return sorted(claimed, key=lambda n: (n.next_attempt_at or now, n.id))
+
+
+def renew_lease(
+    *, session: Session, notification: Notification, worker_id: str, lease: timedelta
+) -> bool:
+    """Extend our lease just before an attempt; False if another claimer took it meanwhile.
+
+    A batch is claimed at once but sent one by one: without this, the last of a slow batch
+    could outlive its lease and be sent by a second worker too. The condition is on the
+    holder, not only the row version: a rollback reloads rows with their new versions.
+    """
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Notification)
+        .where(
+            Notification.id == notification.id,
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == worker_id,
+        )
+        .values(lease_expires_at=utcnow() + lease, version=Notification.version + 1)
+    )
+    session.commit()
+    return result.rowcount == 1
 
 
 def release(*, session: Session, worker_id: str, notification_ids: list[int]) -> int:

@@ -1,12 +1,14 @@
 """Engine, sessions and schema migrations."""
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import PROJECT_DIR, Settings
@@ -55,10 +57,34 @@ def alembic_config() -> Config:
     return Config(str(PROJECT_DIR / "alembic.ini"))
 
 
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection to migrate on, in one transaction.
+
+    On SQLite, foreign keys are off meanwhile: Alembic's batch mode rebuilds a table by
+    copying it and dropping the original, and with them on that DROP would cascade into
+    the tables that reference it (delivery attempts). They are checked before commit.
+    """
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                yield connection
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise RuntimeError("a migration left rows with dangling foreign keys")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
 def run_migrations(engine: Engine) -> None:
     """Bring the schema to the newest migration."""
     config = alembic_config()
-    with engine.begin() as connection:
+    with migration_connection(engine) as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     logger.info("database schema is up to date")

@@ -57,8 +57,8 @@ def first_outcome(
 ) -> IdempotencyKey:
     """The stored key once its first request has answered (its `status_code` is set).
 
-    A first request that died mid-send never answers: once its lease has run out, the
-    stored record is returned as it is and the caller answers from the notification.
+    A first request that died mid-send never answers: once its lease has run out, its
+    notification is in the workers' hands, and every repeat answers 202.
     """
     if record.fingerprint != claim.fingerprint:
         raise KeyReusedError
@@ -69,6 +69,12 @@ def first_outcome(
         time.sleep(poll)
         fresh = crud.get_idempotency_key(session=session, record_id=record.id)
         if fresh is None:  # expired and purged meanwhile: nothing left to replay
+            raise KeyInFlightError
+        record = fresh
+    if record.status_code is None:
+        crud.settle_idempotency_key(session=session, record_id=record.id, status_code=202)
+        fresh = crud.get_idempotency_key(session=session, record_id=record.id)
+        if fresh is None:
             raise KeyInFlightError
         record = fresh
     return record

@@ -197,6 +197,9 @@ class SMTPMailer:
             # A refusal of this message; smtplib has reset the session for the next one.
             self._give_back(smtp)
             raise
+        except BaseException:
+            smtp.close()  # in an unknown state: never reused
+            raise
         self._give_back(smtp)
 
     def _open(self) -> smtplib.SMTP:
@@ -213,9 +216,9 @@ class SMTPMailer:
                     smtp.starttls(context=self.ssl_context)
                 if self.username:
                     smtp.login(self.username, self._password or "")
-        except DeliveryError:
+        except BaseException:
             if smtp is not None:
-                _hang_up(smtp)
+                smtp.close()
             raise
         assert smtp is not None
         return smtp

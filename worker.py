@@ -86,22 +86,43 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim one batch and work through it; the number of notifications attempted."""
+        lease = timedelta(seconds=self.settings.worker_lease)
         with self.session_factory() as session:
             batch = crud.claim_due(
                 session=session,
                 worker_id=self.worker_id,
-                lease=timedelta(seconds=self.settings.worker_lease),
+                lease=lease,
                 limit=self.settings.worker_batch_size,
             )
-            for done, notification in enumerate(batch):
-                if self.stopping.is_set():
-                    rest = [n.id for n in batch[done:]]
+            done = 0
+            try:
+                for notification in batch:
+                    if self.stopping.is_set():
+                        break
+                    done += 1
+                    if not crud.renew_lease(
+                        session=session,
+                        notification=notification,
+                        worker_id=self.worker_id,
+                        lease=lease,
+                    ):
+                        logger.warning(
+                            "worker %s: notification %d was taken over before its turn",
+                            self.worker_id,
+                            notification.id,
+                        )
+                        continue
+                    self.deliverer.deliver(
+                        session=session, notification=notification, quick_retries=False
+                    )
+            finally:
+                # Stopping, or the database failed: what was not attempted goes back now
+                # rather than when the lease runs out.
+                rest = [n.id for n in batch[done:]]
+                if rest:
+                    session.rollback()
                     crud.release(session=session, worker_id=self.worker_id, notification_ids=rest)
-                    return done
-                self.deliverer.deliver(
-                    session=session, notification=notification, quick_retries=False
-                )
-            return len(batch)
+            return done
 
 
 def main() -> None:

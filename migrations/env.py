@@ -7,7 +7,7 @@ from alembic import context
 from sqlalchemy import Connection, text
 
 from config import Settings
-from db import make_engine
+from db import make_engine, migration_connection
 from models import Base, UTCDateTime
 
 config = context.config
@@ -48,7 +48,7 @@ def run_migrations_online() -> None:
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     engine = make_engine(Settings())
-    with engine.connect() as connection:
+    with migration_connection(engine) as connection:
         run_with(connection)
     engine.dispose()
 

@@ -46,6 +46,7 @@ class ScriptedHandler:
     port: int = 0  # set by start_server
     quit_reply: str = "221 2.0.0 Bye"
     quits: int = 0
+    data_delay: float = 0.0  # seconds each DATA takes to answer
     controller: Controller | None = None  # set by start_server
     restart: Any = None  # set by start_server: starts it again on the same port
     running: bool = False
@@ -73,6 +74,8 @@ class ScriptedHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.data_started.set()
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.gate is not None:
             await asyncio.to_thread(self.gate.wait, 10)
         if self.data_replies:

@@ -4,9 +4,12 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from config import Settings
+from db import alembic_config, make_engine, migration_connection, run_migrations
 from mailer import SMTPMailer
 from main import create_app
 from tests.conftest import BOOKING
@@ -74,3 +77,35 @@ def test_secrets_stay_out_of_reprs() -> None:
     assert "hunter2-pass" not in repr(settings)
     assert "hunter2-pass" not in str(settings.model_dump())
     assert "hunter2-pass" not in repr(SMTPMailer.from_settings(settings))
+
+
+def test_upgrading_sqlite_keeps_every_row(tmp_path: Path) -> None:
+    # Batch migrations rebuild tables on SQLite; the rebuild must not cascade into attempts.
+    engine = make_engine(Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'old.db'}"))
+    config = alembic_config()
+    with migration_connection(engine) as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO notifications (id, channel, recipient, subject, text, status,"
+                " attempts, created_at, updated_at) VALUES (1, 'email', 'a@example.com', 's',"
+                " 't', 'sent', 1, '2026-11-01 10:00:00', '2026-11-01 10:00:00')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO delivery_attempts (notification_id, number, started_at,"
+                " finished_at, outcome) VALUES (1, 1, '2026-11-01 10:00:00',"
+                " '2026-11-01 10:00:01', 'sent')"
+            )
+        )
+
+    run_migrations(engine)
+
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM delivery_attempts")).scalar() == 1
+        assert connection.execute(text("SELECT version FROM notifications")).scalar() == 1
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    engine.dispose()

@@ -318,3 +318,28 @@ def test_smtp_down_for_a_while_then_back_delivers_everything(
             assert outcomes == ["transient_error", "transient_error", "sent"]
             assert "ConnectionRefusedError" in str(notification.delivery_attempts[0].error)
             assert notification.status == NotificationStatus.SENT
+
+
+def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
+    smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
+) -> None:
+    # Ten messages at 0.15 s each take 1.5 s; the lease is 0.5 s. Each message's lease is
+    # renewed just before it is sent, so a second worker only gets what the first has
+    # not reached yet, and the first skips what was taken from it.
+    message_ids = queue_messages(db, 10)
+    smtp.data_delay = 0.15
+    first, second = (make_worker(worker_lease=0.5, worker_batch_size=10) for _ in range(2))
+
+    def drain(worker: Worker) -> None:
+        while worker.run_once():
+            pass
+
+    early = threading.Thread(target=drain, args=(first,))
+    early.start()
+    time.sleep(0.6)
+    drain(second)
+    early.join(10)
+
+    delivered = Counter(r.message["Message-ID"] for r in smtp.received)
+    assert set(delivered) == set(message_ids)
+    assert max(delivered.values()) == 1
