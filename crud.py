@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailer import DeliveryError, TransientDeliveryError
 from models import (
@@ -398,17 +399,25 @@ def renew_lease(
     could outlive its lease and be sent by a second worker too. The condition is on the
     holder, not only the row version: a rollback reloads rows with their new versions.
     """
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+    expires = utcnow() + lease
+    version = session.scalar(
         update(Notification)
         .where(
             Notification.id == notification.id,
             Notification.status == NotificationStatus.SENDING,
             Notification.leased_by == worker_id,
         )
-        .values(lease_expires_at=utcnow() + lease, version=Notification.version + 1)
+        .values(lease_expires_at=expires, version=Notification.version + 1)
+        .returning(Notification.version),
+        # Not "evaluate": that would visit every object of the batch in the session.
+        execution_options={"synchronize_session": False},
     )
     session.commit()
-    return result.rowcount == 1
+    if version is None:
+        return False
+    set_committed_value(notification, "version", version)
+    set_committed_value(notification, "lease_expires_at", expires)
+    return True
 
 
 def release(*, session: Session, worker_id: str, notification_ids: list[int]) -> int:
