@@ -112,7 +112,14 @@ DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     }
 }
 
-router = APIRouter(responses=AUTH)
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"description": "No such notification."}
+}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    status.HTTP_413_CONTENT_TOO_LARGE: {"description": "The body is over MAX_BODY_BYTES."}
+}
+
+router = APIRouter(responses={**AUTH, **TOO_LARGE, **DATABASE_DOWN})
 health = APIRouter(tags=["health"])
 
 
@@ -330,6 +337,7 @@ def list_notifications(
     "/notifications/{notification_id}",
     dependencies=READ,
     response_model=NotificationDetail,
+    responses=NOT_FOUND,
     tags=["history"],
 )
 def read_notification(notification: NotificationDep) -> Notification:
@@ -343,6 +351,7 @@ def read_notification(notification: NotificationDep) -> Notification:
     response_model=NotificationDetail,
     responses={
         status.HTTP_409_CONFLICT: {"description": "Only a failed notification can be resent."},
+        **NOT_FOUND,
         **DELIVERY_FAILED,
     },
     tags=["history"],
@@ -368,7 +377,8 @@ def resend_notification(
     dependencies=ADMIN,
     response_model=NotificationDetail,
     responses={
-        status.HTTP_409_CONFLICT: {"description": "Only a queued notification is cancelled."}
+        status.HTTP_409_CONFLICT: {"description": "Only a queued notification is cancelled."},
+        **NOT_FOUND,
     },
     tags=["history"],
 )
