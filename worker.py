@@ -27,6 +27,7 @@ import crud
 from config import Settings
 from db import make_engine, make_session_factory
 from delivery import Deliverer
+from models import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class Worker:
         logger.info("worker %s stopped", self.worker_id)
 
     def _housekeeping(self) -> None:
-        """When idle, at most once a minute: forget expired Idempotency-Keys."""
+        """When idle, at most once a minute: forget expired Idempotency-Keys and the
+        rate-limit windows that are over."""
         now = time.monotonic()
         if now < self.next_housekeeping:
             return
@@ -75,6 +77,7 @@ class Worker:
         try:
             with self.session_factory() as session:
                 purged = crud.purge_expired_idempotency_keys(session=session)
+                crud.purge_rate_counters(session=session, before=utcnow() - timedelta(hours=2))
         except Exception:
             logger.exception("worker %s: housekeeping failed", self.worker_id)
             return

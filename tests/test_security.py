@@ -3,6 +3,7 @@
 import hashlib
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,9 +11,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+import crud
 import security
 from config import Settings
-from models import ApiKey, Notification
+from models import ApiKey, Notification, RateCounter, utcnow
 from tests.conftest import ADMIN_KEY, BOOKING
 from tests.smtpd import ScriptedHandler
 
@@ -308,3 +310,15 @@ def test_secrets_stay_out_of_reprs_and_logs(
     assert ADMIN_KEY not in repr(settings)
     assert "ntf_wrong-key-that-must-not-be-logged" not in caplog.text
     assert ADMIN_KEY not in caplog.text
+
+
+def test_old_rate_windows_are_purged(db: sessionmaker[Session]) -> None:
+    now = utcnow()
+    with db() as session:
+        for start in (now - timedelta(hours=3), now):
+            crud.take_rate(
+                session=session, subjects=["rcpt:a@example.com"], window_start=start, limit=5
+            )
+
+        assert crud.purge_rate_counters(session=session, before=now - timedelta(hours=2)) == 1
+        assert [c.window_start for c in session.scalars(select(RateCounter))] == [now]
