@@ -5,7 +5,7 @@ PORT ?= 8003
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test worker migrate
+.PHONY: run test worker migrate bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,12 @@ worker: $(VENV)/.runtime
 
 migrate: $(VENV)/.runtime
 	$(BIN)/alembic upgrade head
+
+# Not part of `make test`: minutes of load on PostgreSQL, SMTP sinks and the service.
+bench: $(VENV)/.dev
+	sh bench/setup.sh
+	$(BIN)/python bench/run.py
+
+bench-quick: $(VENV)/.dev
+	sh bench/setup.sh
+	$(BIN)/python bench/run.py --quick

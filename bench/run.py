@@ -1,0 +1,719 @@
+"""The benchmark: `make bench` (about 12 minutes) or `make bench-quick` (about 3).
+
+Starts what it needs (a PostgreSQL database on the local server, Postfix's smtp-sink, a
+STARTTLS+AUTH sink, the service, its worker processes and the naive reference), runs the
+workloads of bench/README.md, and writes bench/results.json and bench/results.md. Every
+comparison is taken side by side in one run; each figure is the median of several runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+
+BENCH = Path(__file__).resolve().parent
+PROJECT = BENCH.parent
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+KEY = "ntf_bench-key-not-secret-0123456789abcdefghijklmnop"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SMTP_USER, SMTP_PASSWORD = "bench", "bench-password"
+BODY = {
+    "email": "ivan.petrov@example.com",
+    "subject": "Бронирование подтверждено: переговорная «Байкал»",
+    "text": "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, "
+    "10:00–12:00.\n",
+}
+
+
+@dataclass
+class Mode:
+    runs: int  # repetitions of each side-by-side measurement
+    seconds: int  # wrk duration
+    delivery: int  # W3 messages
+    history_rows: int  # W5 rows
+    workers: int
+
+
+FULL = Mode(runs=3, seconds=10, delivery=50_000, history_rows=1_000_000, workers=2)
+QUICK = Mode(runs=1, seconds=3, delivery=5_000, history_rows=100_000, workers=2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Process:
+    """A child process, stopped with SIGTERM at the end."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.port = 0  # where it listens, if it does
+        self.log = log.open("wb")
+        self.popen = subprocess.Popen(
+            args, cwd=PROJECT, env=os.environ | env, stdout=self.log, stderr=self.log
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> float:
+        """Stop it; its peak RSS in MB."""
+        rss = peak_rss_mb(self.pid) if self.popen.poll() is None else float("nan")
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self.log.close()
+        return rss
+
+
+class Bench:
+    def __init__(self, mode: Mode, workdir: Path) -> None:
+        self.mode = mode
+        self.workdir = workdir
+        self.python = sys.executable
+        self.results: dict[str, Any] = {}
+        self.admin = psycopg2.connect(ADMIN_URL)
+        self.admin.autocommit = True
+        self.database = f"notify_bench_{int(time.time())}"
+        with self.admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{self.database}"')
+        base = ADMIN_URL.rsplit("/", 1)[0]
+        self.database_url = f"{base}/{self.database}"
+        self.sink_port = free_port()
+        self.tls_port = free_port()
+        self.ca_file = workdir / "ca.pem"
+        self.processes: list[Process] = []
+
+    # -- infrastructure -------------------------------------------------------------
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        process = Process(args, env or {}, self.workdir / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def start_sinks(self) -> None:
+        # -c: count; -u: drop root; backlog 1000. It accepts and discards every message.
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.start("smtp-sink", ["smtp-sink", "-c", *user, f"127.0.0.1:{self.sink_port}", "1000"])
+        wait_port(self.sink_port)
+        self.start(
+            "tls-sink",
+            [
+                self.python,
+                str(BENCH / "tls_sink.py"),
+                str(self.tls_port),
+                str(self.ca_file),
+                SMTP_USER,
+                SMTP_PASSWORD,
+            ],
+        )
+        wait_port(self.tls_port)
+
+    def service_env(self, *, tls: bool = False, **extra: str) -> dict[str, str]:
+        env = {
+            "DATABASE_URL": self.database_url,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(self.tls_port if tls else self.sink_port),
+            "BOOTSTRAP_API_KEY": KEY,
+            "WORKER_IN_API": "false",
+            "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000000",
+            "RATE_LIMIT_PER_RECIPIENT_PER_HOUR": "1000000000",
+            "EMAIL_FROM": "Coworking <noreply@coworking.local>",
+        }
+        if tls:
+            env |= {
+                "SMTP_SECURITY": "starttls",
+                "SMTP_USER": SMTP_USER,
+                "SMTP_PASSWORD": SMTP_PASSWORD,
+                "SMTP_CA_FILE": str(self.ca_file),
+            }
+        return env | extra
+
+    @contextmanager
+    def service(self, name: str, env: dict[str, str], app: str = "main:app") -> Iterator[Process]:
+        port = free_port()
+        process = self.start(
+            name,
+            [
+                self.python,
+                "-m",
+                "uvicorn",
+                app,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env | {"PORT": str(port)},
+        )
+        wait_port(port)
+        process.port = port
+        try:
+            yield process
+        finally:
+            self.rss(name, process.stop())
+
+    def rss(self, name: str, mb: float) -> None:
+        peaks = self.results.setdefault("peak_rss_mb", {})
+        peaks[name] = max(peaks.get(name, 0.0), round(mb, 1))
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        with psycopg2.connect(self.database_url) as connection, connection.cursor() as cursor:
+            cursor.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+
+    # -- load generation --------------------------------------------------------------
+
+    def wrk(
+        self,
+        url: str,
+        *,
+        connections: int,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        seconds: int | None = None,
+    ) -> dict[str, float]:
+        """wrk's throughput and latency percentiles, and its own CPU seconds."""
+        script = self.workdir / "wrk.lua"
+        lines = []
+        if body is not None:
+            lines += [
+                'wrk.method = "POST"',
+                f"wrk.body = {lua_string(json.dumps(body))}",
+                'wrk.headers["Content-Type"] = "application/json"',
+            ]
+        for name, value in (headers or {}).items():
+            lines.append(f"wrk.headers[{lua_string(name)}] = {lua_string(value)}")
+        script.write_text("\n".join(lines) + "\n")
+        args = [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds or self.mode.seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = parse_wrk(output)
+        result["wrk_cpu_s"] = round(
+            after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 2
+        )
+        return result
+
+    # -- workloads ----------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        subprocess.run(
+            [self.python, "-m", "alembic", "upgrade", "head"],
+            cwd=PROJECT,
+            check=True,
+            env=os.environ | {"DATABASE_URL": self.database_url},
+            capture_output=True,
+        )
+
+    def truncate(self) -> None:
+        self.sql(
+            "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys,"
+            " rate_counters RESTART IDENTITY"
+        )
+
+    def w1_sync(self) -> None:
+        """Synchronous send, 16 clients: ours (stores every attempt) vs the naive reference."""
+        out: dict[str, Any] = {}
+        for label, tls in (("plain", False), ("starttls_auth", True)):
+            ours: list[dict[str, float]] = []
+            naive: list[dict[str, float]] = []
+            naive_env = {
+                k: v for k, v in self.service_env(tls=tls).items() if k.startswith("SMTP_")
+            }
+            for _ in range(self.mode.runs):
+                self.truncate()
+                with self.service(f"api-w1-{label}", self.service_env(tls=tls)) as api:
+                    ours.append(
+                        self.wrk(
+                            f"http://127.0.0.1:{api.port}/notify/email",
+                            connections=16,
+                            body=BODY,
+                            headers=AUTH,
+                        )
+                    )
+                with self.service(f"naive-w1-{label}", naive_env, app="bench.naive:app") as ref:
+                    naive.append(
+                        self.wrk(
+                            f"http://127.0.0.1:{ref.port}/notify/email", connections=16, body=BODY
+                        )
+                    )
+            stored = self.sql("SELECT count(*) FROM delivery_attempts")[0][0]
+            ours_m, naive_m = medians(ours), medians(naive)
+            out[label] = {
+                "ours": ours_m,
+                "naive": naive_m,
+                "throughput_ratio": round(ours_m["rps"] / naive_m["rps"], 2),
+                "p99_ratio_naive_over_ours": round(naive_m["p99_ms"] / ours_m["p99_ms"], 2),
+                "attempts_stored_last_run": stored,
+                "non_2xx_last_run": ours[-1].get("non_2xx", 0),
+            }
+        self.results["W1_sync_send"] = out
+
+    def w2_queued(self) -> None:
+        """Queued accept (202) vs a trivial endpoint of the same app (/healthz)."""
+        ours, ceiling = [], []
+        for _ in range(self.mode.runs):
+            self.truncate()
+            with self.service("api-w2", self.service_env()) as api:
+                base = f"http://127.0.0.1:{api.port}"
+                ours.append(
+                    self.wrk(
+                        f"{base}/notify/email",
+                        connections=16,
+                        body=BODY,
+                        headers=AUTH | {"Prefer": "respond-async"},
+                    )
+                )
+                ceiling.append(self.wrk(f"{base}/healthz", connections=16))
+        ours_m, ceiling_m = medians(ours), medians(ceiling)
+        self.results["W2_queued_accept"] = {
+            "ours": ours_m,
+            "ceiling_healthz": ceiling_m,
+            "ratio": round(ours_m["rps"] / ceiling_m["rps"], 2),
+        }
+
+    def queue_rows(self, count: int) -> None:
+        self.truncate()
+        text = BODY["text"].replace("'", "''")
+        subject = BODY["subject"].replace("'", "''")
+        self.sql(
+            "INSERT INTO notifications (channel, recipient, subject, text, status, attempts,"
+            " message_id, next_attempt_at, created_at, updated_at)"
+            f" SELECT 'email', 'member' || i || '@example.com', '{subject}', '{text}',"
+            " 'queued', 0, '<bench-' || i || '@coworking.local>', now(), now(), now()"
+            f" FROM generate_series(1, {count}) AS i"
+        )
+
+    def drain(self, name: str, env: dict[str, str], expected: int) -> float:
+        """Start the workers, wait until `expected` are sent; seconds first claim → last sent."""
+        workers = [
+            self.start(
+                f"{name}-{n}",
+                [self.python, "worker.py"],
+                env | {"WORKER_BATCH_SIZE": "100", "WORKER_POLL_INTERVAL": "0.2"},
+            )
+            for n in range(self.mode.workers)
+        ]
+        deadline = time.monotonic() + 900
+        while self.sql("SELECT count(*) FROM notifications WHERE status = 'sent'")[0][0] < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: not everything was sent")
+            time.sleep(0.5)
+        for worker in workers:
+            self.rss("worker", worker.stop())
+        first, last = self.sql("SELECT min(started_at), max(finished_at) FROM delivery_attempts")[0]
+        return float((last - first).total_seconds())
+
+    def smtp_source(self, count: int, size: int) -> float:
+        """Postfix's smtp-source: `count` messages of `size` bytes over 16 sessions."""
+        started = time.monotonic()
+        subprocess.run(
+            [
+                "smtp-source",
+                "-s",
+                "16",
+                "-m",
+                str(count),
+                "-l",
+                str(size),
+                "-f",
+                "noreply@coworking.local",
+                "-t",
+                "member@example.com",
+                f"127.0.0.1:{self.sink_port}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return time.monotonic() - started
+
+    def w3_delivery(self) -> None:
+        """Queued notifications delivered by the workers vs smtp-source, same sink and size."""
+        count = self.mode.delivery
+        ours, limit = [], []
+        size = 0
+        for _ in range(self.mode.runs):
+            self.queue_rows(count)
+            seconds = self.drain("worker-w3", self.service_env(), count)
+            ours.append(count / seconds)
+            size = size or message_size()
+            limit.append(count / self.smtp_source(count, size))
+        self.queue_rows(count)
+        tls_seconds = self.drain("worker-w3-tls", self.service_env(tls=True), count)
+        self.results["W3_delivery"] = {
+            "messages": count,
+            "message_bytes": size,
+            "workers": self.mode.workers,
+            "ours_msgs_per_s": round(statistics.median(ours), 1),
+            "smtp_source_msgs_per_s": round(statistics.median(limit), 1),
+            "ratio": round(statistics.median(ours) / statistics.median(limit), 2),
+            "ours_starttls_auth_msgs_per_s": round(count / tls_seconds, 1),
+        }
+
+    def w4_bulk(self) -> None:
+        """One /notify/bulk of 10,000: time to 202, and until the last is sent."""
+        self.truncate()
+        emails = [f"member{i}@example.com" for i in range(10_000)]
+        body = {"emails": emails, "subject": BODY["subject"], "text": BODY["text"]}
+        env = self.service_env()
+        with self.service("api-w4", env) as api:
+            workers = [
+                self.start(
+                    f"worker-w4-{n}",
+                    [self.python, "worker.py"],
+                    env | {"WORKER_BATCH_SIZE": "100", "WORKER_POLL_INTERVAL": "0.1"},
+                )
+                for n in range(self.mode.workers)
+            ]
+            base = f"http://127.0.0.1:{api.port}"
+            started = time.monotonic()
+            response = httpx.post(f"{base}/notify/bulk", json=body, headers=AUTH, timeout=60)
+            accepted = time.monotonic() - started
+            response.raise_for_status()
+            batch = response.json()["batch"]["id"]
+            while True:
+                counts = httpx.get(f"{base}/batches/{batch}", headers=AUTH).json()["counts"]
+                if counts["sent"] == 10_000:
+                    break
+                time.sleep(0.1)
+            sent = time.monotonic() - started
+            for worker in workers:
+                self.rss("worker", worker.stop())
+        self.results["W4_bulk"] = {
+            "recipients": 10_000,
+            "workers": self.mode.workers,
+            "seconds_to_202": round(accepted, 3),
+            "seconds_to_last_sent": round(sent, 2),
+        }
+
+    def w5_history(self) -> None:
+        """History over N rows: first pages per filter and deep cursor pages, over HTTP."""
+        rows = self.mode.history_rows
+        self.truncate()
+        self.sql(
+            "INSERT INTO notifications (channel, recipient, subject, text, status, attempts,"
+            " message_id, created_at, updated_at, sent_at)"
+            " SELECT 'email', 'member' || (i % 5000) || '@example.com', 'Напоминание',"
+            " 'Текст', (ARRAY['sent','sent','sent','failed','queued'])[1 + i % 5], 1,"
+            " '<h-' || i || '@coworking.local>',"
+            " timestamptz '2026-01-01' + i * interval '20 seconds',"
+            " timestamptz '2026-01-01' + i * interval '20 seconds',"
+            " timestamptz '2026-01-01' + i * interval '20 seconds'"
+            f" FROM generate_series(1, {rows}) AS i"
+        )
+        self.sql("ANALYZE notifications")
+        explain_dir = BENCH / "explain"
+        explain_dir.mkdir(exist_ok=True)
+        out: dict[str, Any] = {"rows": rows}
+        with self.service("api-w5", self.service_env()) as api:
+            base = f"http://127.0.0.1:{api.port}"
+            queries = {
+                "first_page": "",
+                "recipient": "recipient=member42@example.com",
+                "status": "status=failed",
+                "date_range": "created_from=2026-02-01T00:00:00Z&created_to=2026-02-02T00:00:00Z",
+            }
+            urls = {name: f"{base}/notifications?limit=50&{q}" for name, q in queries.items()}
+            for depth in (10, 100, 1000):
+                urls[f"depth_{depth}"] = f"{base}/notifications?limit=50&cursor=" + cursor_at(
+                    base, depth
+                )
+            for name, url in urls.items():
+                runs = [
+                    self.wrk(url, connections=1, headers=AUTH, seconds=3)
+                    for _ in range(self.mode.runs)
+                ]
+                out[name] = medians(runs)
+            self.explain(explain_dir)
+        self.results["W5_history"] = out
+
+    def explain(self, directory: Path) -> None:
+        """EXPLAIN ANALYZE of the history queries, as the service sends them."""
+        position = self.sql(
+            "SELECT created_at, id FROM notifications ORDER BY created_at DESC, id DESC"
+            " OFFSET 50000 LIMIT 1"
+        )[0]
+        head = "SELECT * FROM notifications"
+        tail = " ORDER BY created_at DESC, id DESC LIMIT 51"
+        statements = {
+            "first_page": head + tail,
+            "recipient": head + " WHERE recipient = 'member42@example.com'" + tail,
+            "status": head + " WHERE status = 'failed'" + tail,
+            "date_range": head
+            + " WHERE created_at >= '2026-02-01' AND created_at < '2026-02-02'"
+            + tail,
+            "deep_cursor": head + f" WHERE (created_at, id) < ('{position[0].isoformat()}',"
+            f" {position[1]})" + tail,
+        }
+        for name, statement in statements.items():
+            plan = self.sql("EXPLAIN (ANALYZE, BUFFERS) " + statement)
+            (directory / f"{name}.txt").write_text(
+                statement + "\n\n" + "\n".join(line for (line,) in plan) + "\n"
+            )
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.popen.poll() is None:
+                process.stop()
+        with self.admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        self.admin.close()
+
+
+def cursor_at(base: str, depth: int) -> str:
+    """The cursor of page `depth` of the whole history, following next_cursor."""
+    cursor = ""
+    with httpx.Client(headers=AUTH, timeout=30) as client:
+        for _ in range(depth):
+            page = client.get(f"{base}/notifications", params={"limit": 50, "cursor": cursor})
+            cursor = page.json()["next_cursor"]
+    return cursor
+
+
+def message_size() -> int:
+    """The size of the message the service builds for BODY, headers included."""
+    sys.path.insert(0, str(PROJECT))
+    from mailer import build_message, new_message_id
+
+    message = build_message(
+        sender="Coworking <noreply@coworking.local>",
+        recipient=BODY["email"],
+        subject=BODY["subject"],
+        text=BODY["text"],
+        message_id=new_message_id("noreply@coworking.local"),
+        date=datetime.now(UTC),
+    )
+    return len(message.as_bytes())
+
+
+def lua_string(value: str) -> str:
+    return "[==[" + value + "]==]"
+
+
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
+        if match is None:
+            raise RuntimeError(f"no {percent}% latency in wrk output:\n{output}")
+        return round(float(match[1]) * UNITS[match[2]], 2)
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if rps is None:
+        raise RuntimeError(f"no throughput in wrk output:\n{output}")
+    result = {"rps": round(float(rps[1]), 1), "p50_ms": latency("50"), "p99_ms": latency("99")}
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if errors:
+        result["non_2xx"] = int(errors[1])
+    return result
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
+
+
+def machine(mode: Mode) -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+
+    def version(args: list[str]) -> str:
+        try:
+            result = subprocess.run(args, capture_output=True, text=True)
+        except FileNotFoundError:
+            return "missing"
+        return (result.stdout or result.stderr).strip().splitlines()[0]
+
+    from importlib.metadata import version as package_version
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": version(["psql", "--version"]),
+        "wrk": version(["wrk", "--version"]),
+        "postfix": version(["postconf", "-d", "mail_version"]),
+        "packages": {
+            p: package_version(p)
+            for p in ("fastapi", "uvicorn", "sqlalchemy", "psycopg2-binary", "pydantic")
+        },
+        "mode": mode.__dict__,
+        "load_average_at_start": os.getloadavg(),
+        "service_settings": "one uvicorn process, WORKER_IN_API=false, default pools"
+        " (DB_POOL_SIZE=10, SMTP_POOL_SIZE=8), rate limits lifted; workers: WORKER_BATCH_SIZE=100",
+    }
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    w1, w2, w3, w4, w5 = (
+        results[k]
+        for k in ("W1_sync_send", "W2_queued_accept", "W3_delivery", "W4_bulk", "W5_history")
+    )
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"Python {results['machine']['python']}, {results['machine']['postgresql']}, "
+        f"{results['machine']['wrk']}. Mode: `{results['mode']}` "
+        f"(median of {results['machine']['mode']['runs']} run(s) each). "
+        f"Taken {results['machine']['date']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in results['machine']['load_average_at_start'])}.",
+        "",
+        "| workload | ours | reference | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in ("plain", "starttls_auth"):
+        row = w1[label]
+        lines.append(
+            f"| W1 sync send, 16 clients, {label} | {row['ours']['rps']} req/s, p50 "
+            f"{row['ours']['p50_ms']} ms, p99 {row['ours']['p99_ms']} ms | naive: "
+            f"{row['naive']['rps']} req/s, p99 {row['naive']['p99_ms']} ms | "
+            f"{row['throughput_ratio']}× throughput, p99 naive/ours "
+            f"{row['p99_ratio_naive_over_ours']} | ≥ 3×, ≥ 3 |"
+        )
+    lines += [
+        f"| W2 queued accept (202), 16 clients | {w2['ours']['rps']} req/s, p99 "
+        f"{w2['ours']['p99_ms']} ms | /healthz: {w2['ceiling_healthz']['rps']} req/s, p99 "
+        f"{w2['ceiling_healthz']['p99_ms']} ms | {w2['ratio']} | ≥ 0.5 |",
+        f"| W3 delivery of {w3['messages']:,} ({w3['message_bytes']} B, {w3['workers']} workers) "
+        f"| {w3['ours_msgs_per_s']} msg/s | smtp-source: {w3['smtp_source_msgs_per_s']} msg/s "
+        f"| {w3['ratio']} | ≥ 0.4 |",
+        f"| W3 delivery, STARTTLS+AUTH sink | {w3['ours_starttls_auth_msgs_per_s']} msg/s | "
+        "(smtp-source has no TLS) | | |",
+        f"| W4 bulk of 10,000 | 202 in {w4['seconds_to_202']} s; all sent in "
+        f"{w4['seconds_to_last_sent']} s | | | < 1 s; < 10 s |",
+    ]
+    for name in (
+        "first_page",
+        "recipient",
+        "status",
+        "date_range",
+        "depth_10",
+        "depth_100",
+        "depth_1000",
+    ):
+        row = w5[name]
+        lines.append(
+            f"| W5 history ({w5['rows']:,} rows), {name} | p50 {row['p50_ms']} ms, p99 "
+            f"{row['p99_ms']} ms, {row['rps']} req/s (1 client) | | | p99 < 10 ms |"
+        )
+    peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
+    lines += [
+        "",
+        f"Peak RSS (VmHWM): {peaks}. Target: API < 120 MB.",
+        "",
+        "wrk's own CPU seconds per measurement are in results.json (`wrk_cpu_s`). EXPLAIN "
+        "ANALYZE of each history query is in `bench/explain/`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs: about 3 minutes")
+    parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W5")
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    for tool in ("wrk", "smtp-sink", "smtp-source"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: run bench/setup.sh (make bench does)")
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="notify-bench-"))
+    bench = Bench(mode, workdir)
+    steps: dict[str, Callable[[], None]] = {
+        "W1": bench.w1_sync,
+        "W2": bench.w2_queued,
+        "W3": bench.w3_delivery,
+        "W4": bench.w4_bulk,
+        "W5": bench.w5_history,
+    }
+    chosen = args.only.split(",") if args.only else list(steps)
+    try:
+        bench.start_sinks()
+        bench.migrate()
+        for name in chosen:
+            t = time.monotonic()
+            steps[name]()
+            print(f"{name} done in {time.monotonic() - t:.0f} s", flush=True)
+    finally:
+        bench.close()
+    bench.results["machine"] = machine(mode)
+    bench.results["mode"] = "quick" if args.quick else "full"
+    bench.results["total_seconds"] = round(time.monotonic() - started, 1)
+    suffix = "" if not args.only else "-partial"
+    (BENCH / f"results{suffix}.json").write_text(json.dumps(bench.results, indent=2) + "\n")
+    if not args.only:
+        write_markdown(bench.results, BENCH / "results.md")
+    print(json.dumps(bench.results, indent=2))
+    print(f"logs in {workdir}")
+
+
+if __name__ == "__main__":
+    main()
