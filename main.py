@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from aiosmtpd.controller import Controller
 from anyio import to_thread
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +19,7 @@ from delivery import Deliverer
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import health, router
+from schemas import printable
 from security import BodySizeLimit, ensure_development_key
 from worker import Worker
 
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     return app
 
 
@@ -96,6 +99,23 @@ def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
             max_idle=settings.smtp_max_idle,
         )
     return Deliverer.from_settings(settings, mailer=mailer), catcher
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: it may be a sensitive text, or not even
+    encodable (a lone surrogate)."""
+    assert isinstance(exc, RequestValidationError)
+    detail = [
+        {
+            "type": error["type"],
+            "loc": [
+                printable(str(part)) if isinstance(part, str) else part for part in error["loc"]
+            ],
+            "msg": printable(error["msg"]),
+        }
+        for error in exc.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:

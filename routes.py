@@ -146,7 +146,7 @@ def notify_email(
     queued = data.send_at is not None or wants_async(prefer)
     claim = idempotency.claim_for(
         idempotency_key,
-        scope=caller.name,
+        scope=f"key:{caller.id}",
         endpoint="/notify/email",
         body=data,
         ttl=settings.idempotency_key_ttl,
@@ -247,7 +247,7 @@ def notify_bulk(
         )
     claim = idempotency.claim_for(
         idempotency_key,
-        scope=caller.name,
+        scope=f"key:{caller.id}",
         endpoint="/notify/bulk",
         body=data,
         ttl=settings.idempotency_key_ttl,

@@ -30,8 +30,23 @@ API_SCOPES = ("send", "read", "admin")
 
 # C0 and C1 controls and DEL. Any of them in a header could start a new header line.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# In a body, line breaks and tabs are content; other controls are not.
-BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# In a body, line breaks and tabs are content; other controls (C0, DEL, C1) are not.
+BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def printable(value: str, limit: int = 400) -> str:
+    """`value` safe to echo in a response: lone surrogates escaped, length capped."""
+    return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def in_utc(value: datetime | None) -> datetime | None:
+    """An aware datetime in UTC; one that does not fit there is invalid, not a crash."""
+    if value is None:
+        return None
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
 
 
 class EmailContent(BaseModel):
@@ -48,6 +63,11 @@ class EmailContent(BaseModel):
         description="A code or reset link: the text is never returned by the API and is "
         "erased from the database once the notification is sent, failed or cancelled.",
     )
+
+    @field_validator("send_at")
+    @classmethod
+    def send_at_in_utc(cls, send_at: datetime | None) -> datetime | None:
+        return in_utc(send_at)
 
     @field_validator("subject")
     @classmethod
@@ -93,20 +113,24 @@ class BulkEmailCreate(EmailContent):
         """The valid addresses, normalised and each once (with their index), and the items
         refused, with why."""
         rejected: list[RejectedRecipient] = []
-        first_seen: dict[str, int] = {}
+        accepted: dict[str, int] = {}
+        seen: dict[str, int] = {}
         for index, item in enumerate(self.emails):
             try:
                 address = _email_address.validate_python(item)
             except ValidationError as exc:
-                error = exc.errors()[0]["msg"]
-                rejected.append(RejectedRecipient(index=index, email=item, error=error))
+                error = printable(exc.errors()[0]["msg"])
+                rejected.append(RejectedRecipient(index=index, email=printable(item), error=error))
                 continue
-            if address in first_seen:
-                error = f"duplicate of item {first_seen[address]}"
-                rejected.append(RejectedRecipient(index=index, email=item, error=error))
+            # Mailboxes are case-insensitive in practice: one counter and one message each.
+            folded = address.lower()
+            if folded in seen:
+                error = f"duplicate of item {seen[folded]}"
+                rejected.append(RejectedRecipient(index=index, email=printable(item), error=error))
                 continue
-            first_seen[address] = index
-        return first_seen, rejected
+            seen[folded] = index
+            accepted[address] = index
+        return accepted, rejected
 
 
 class DeliveryAttemptPublic(BaseModel):
@@ -223,6 +247,11 @@ class HistoryCursor(BaseModel):
     created_at: AwareDatetime
     id: int
 
+    @field_validator("created_at")
+    @classmethod
+    def created_at_in_utc(cls, created_at: datetime) -> datetime | None:
+        return in_utc(created_at)
+
     def encode(self) -> str:
         return base64.urlsafe_b64encode(self.model_dump_json().encode()).decode().rstrip("=")
 
@@ -254,6 +283,8 @@ class HistoryQuery(BaseModel):
         # Stored addresses are email-validator's normal form (lower-case domain).
         if recipient is None:
             return None
+        if HEADER_UNSAFE.search(recipient):
+            raise ValueError("must not contain control characters")
         try:
             return validate_email(recipient, check_deliverability=False).normalized
         except EmailNotValidError:
@@ -263,8 +294,8 @@ class HistoryQuery(BaseModel):
     @classmethod
     def assume_utc(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+            value = value.replace(tzinfo=UTC)
+        return in_utc(value)
 
     @field_validator("cursor")
     @classmethod

@@ -97,8 +97,11 @@ def ensure_development_key(*, session: Session, path: Path) -> None:
         key = path.read_text().strip()
         if crud.find_api_key(session=session, key_hash=hash_key(key)):
             return
-    key = new_key()
     existing = crud.get_api_key_by_name(session=session, name="development")
+    if existing is not None and existing.revoked_at is not None:
+        logger.warning("the development API key is revoked; create one: python security.py")
+        return
+    key = new_key()
     if existing is None:
         crud.create_api_key(
             session=session,
@@ -243,6 +246,13 @@ def take_recipients(
     return allowed, limit, retry_after
 
 
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Manage API keys from the command line."""
     from db import make_engine, make_session_factory, run_migrations
@@ -254,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     create.add_argument(
         "--scopes", default="send", help="comma-separated: send, read, admin (default: send)"
     )
-    create.add_argument("--requests-per-minute", type=int)
-    create.add_argument("--recipient-hourly-limit", type=int)
+    create.add_argument("--requests-per-minute", type=positive)
+    create.add_argument("--recipient-hourly-limit", type=positive)
     commands.add_parser("list", help="list keys (never the keys themselves)")
     revoke = commands.add_parser("revoke", help="revoke a key by name")
     revoke.add_argument("name")

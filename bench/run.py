@@ -227,12 +227,12 @@ class Bench:
                 'wrk.headers["Content-Type"] = "application/json"',
             ]
         for name, value in (headers or {}).items():
-            lines.append(f"wrk.headers[{lua_string(name)}] = {lua_string(value)}")
-        script.write_text("\n".join(lines) + "\n")
+            lines.append(f'wrk.headers["{name}"] = {lua_string(value)}')
+        script.write_text("\n".join(lines) + "\n" + STATUS_COUNTER)
         args = [
             "wrk",
             "-t",
-            "2",
+            str(min(2, connections)),  # wrk wants at least one connection per thread
             "-c",
             str(connections),
             "-d",
@@ -243,7 +243,10 @@ class Bench:
             url,
         ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        run = subprocess.run(args, capture_output=True, text=True, check=True)
+        if run.stderr.strip():  # a broken script still runs, without its headers
+            raise RuntimeError(f"wrk: {run.stderr}")
+        output = run.stdout
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = parse_wrk(output)
         result["wrk_cpu_s"] = round(
@@ -547,6 +550,21 @@ def lua_string(value: str) -> str:
     return "[==[" + value + "]==]"
 
 
+# Counts responses per status code in each wrk thread and prints them at the end.
+STATUS_COUNTER = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    for status, count in pairs(thread:get("statuses")) do
+      io.write(string.format("status %d %d\\n", status, count))
+    end
+  end
+end
+"""
+
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
@@ -564,6 +582,8 @@ def parse_wrk(output: str) -> dict[str, float]:
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     if errors:
         result["non_2xx"] = int(errors[1])
+    for status, count in re.findall(r"^status (\d+) (\d+)$", output, re.M):
+        result[f"status_{status}"] = result.get(f"status_{status}", 0) + int(count)
     return result
 
 

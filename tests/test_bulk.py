@@ -46,19 +46,19 @@ def test_invalid_and_repeated_addresses_are_reported_and_the_rest_queued(
     assert response.status_code == 202
     body = response.json()
     batch = body["batch"]
-    assert (batch["requested"], batch["accepted"]) == (6, 3)
-    assert batch["counts"]["queued"] == 3
+    assert (batch["requested"], batch["accepted"]) == (6, 2)
+    assert batch["counts"]["queued"] == 2
     assert batch["subject"] == CLOSURE["subject"]
     rejected = {r["index"]: r["error"] for r in body["rejected"]}
-    assert sorted(rejected) == [1, 3, 4]
+    assert sorted(rejected) == [1, 3, 4, 5]
     assert rejected[3] == "duplicate of item 0"
+    assert rejected[5] == "duplicate of item 2"  # the same mailbox in other letter case
     assert smtp.received == []
 
     history = queue_client.get("/notifications", params={"batch_id": batch["id"]}).json()
     assert sorted(n["recipient"] for n in history["data"]) == [
         "Boris@example.com",
         "anna@example.com",
-        "boris@example.com",
     ]
     assert {n["batch_id"] for n in history["data"]} == {batch["id"]}
 

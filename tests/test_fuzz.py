@@ -16,7 +16,7 @@ from schemathesis.core.result import Err
 
 from tests.conftest import AUTH
 
-EXAMPLES_PER_OPERATION = 50
+EXAMPLES_PER_OPERATION = 100
 OPEN = ("/healthz", "/readyz")
 # What the service promises: never a 5xx, and answers as documented. (Not that every
 # schema-valid body is accepted: a subject with control characters passes the JSON
@@ -57,8 +57,10 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(
             made += 1
             response = case.call_and_validate(headers=headers, checks=CHECKS)
             if not authorized and case.operation.path not in OPEN:
+                # FastAPI parses and validates the body before any dependency runs, so
+                # an unparseable body is refused (422/413) before the key is looked at.
                 assert response.status_code in (401, 413, 422), response.status_code
 
         fuzz()
 
-    assert made >= 500, made
+    assert made >= 1000, made

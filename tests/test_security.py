@@ -322,3 +322,74 @@ def test_old_rate_windows_are_purged(db: sessionmaker[Session]) -> None:
 
         assert crud.purge_rate_counters(session=session, before=now - timedelta(hours=2)) == 1
         assert [c.window_start for c in session.scalars(select(RateCounter))] == [now]
+
+
+def test_case_variants_of_one_address_are_one_recipient(client: TestClient) -> None:
+    key = new_key(client, ["send"], recipient_hourly_limit=1)
+    variants = ["ivan@example.com", "Ivan@example.com", "IVAN@EXAMPLE.COM", "iVaN@example.com"]
+    body = {"emails": variants, "subject": "Тест", "text": "Текст"}
+
+    response = client.post("/notify/bulk", json=body, headers=bearer(key))
+
+    assert response.json()["batch"]["accepted"] == 1
+    assert {r["error"] for r in response.json()["rejected"]} == {"duplicate of item 0"}
+
+
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        ("/notify/email", '{"email": "\\ud800@example.com", "subject": "s", "text": "t"}'),
+        ("/notify/email", '{"email": "a@example.com", "subject": "\\ud800", "text": "t"}'),
+        (
+            "/notify/email",
+            '{"email": "a@example.com", "subject": "s", "text": "t",'
+            ' "send_at": "0001-01-01T00:00:00+14:00"}',
+        ),
+        (
+            "/notify/bulk",
+            '{"emails": ["a@example.com"], "subject": "s", "text": "t",'
+            ' "send_at": "9999-12-31T23:59:59-23:59"}',
+        ),
+    ],
+    ids=["surrogate-address", "surrogate-subject", "send-at-underflow", "send-at-overflow"],
+)
+def test_unencodable_or_out_of_range_input_is_a_422_not_a_500(
+    client: TestClient, smtp: ScriptedHandler, path: str, content: str
+) -> None:
+    response = client.post(path, content=content, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 422, response.text
+    assert smtp.received == []
+
+
+def test_a_surrogate_in_a_bulk_item_is_reported_not_a_500(client: TestClient) -> None:
+    content = '{"emails": ["a@example.com", "\\ud800@example.com"], "subject": "s", "text": "t"}'
+
+    response = client.post(
+        "/notify/bulk", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 202
+    assert response.json()["rejected"][0]["email"] == "\\ud800@example.com"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"recipient": "a\x00b@example.com"},
+        {"created_from": "9999-12-31T23:59:59-23:59"},
+        {"created_to": "0001-01-01T00:00:00+14:00"},
+    ],
+)
+def test_hostile_history_filters_are_a_422(client: TestClient, query: dict[str, str]) -> None:
+    assert client.get("/notifications", params=query).status_code == 422
+
+
+def test_a_refused_sensitive_request_does_not_echo_its_text(client: TestClient) -> None:
+    code = {**BOOKING, "text": "Ваш код: 482913\x07", "sensitive": True}
+
+    response = client.post("/notify/email", json=code)
+
+    assert response.status_code == 422
+    assert "482913" not in response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "text"]
