@@ -18,7 +18,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -401,9 +400,6 @@ def renew_lease(
     holder, not only the row version: a rollback reloads rows with their new versions.
     """
     expires = utcnow() + lease
-    if session.get_bind().dialect.name == "postgresql":
-        # Losing a renewal in a server crash only shortens a lease: no disk flush needed.
-        session.execute(sql_text("SET LOCAL synchronous_commit = off"))
     version = session.scalar(
         update(Notification)
         .where(
@@ -616,12 +612,7 @@ def take_rate(
     subjects = sorted(set(subjects))
     if not subjects or limit < 1:
         return set()
-    on_postgresql = session.get_bind().dialect.name == "postgresql"
-    dialect = postgresql if on_postgresql else sqlite
-    if on_postgresql:
-        # A counter may lose its last hits if the server crashes: not worth a disk flush
-        # on every request.
-        session.execute(sql_text("SET LOCAL synchronous_commit = off"))
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     taken: set[str] = set()
     # Chunks keep the statement's parameter count within every driver's limits.
     for start in range(0, len(subjects), 1000):

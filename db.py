@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
 
 from config import PROJECT_DIR, Settings
 
@@ -51,6 +52,12 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     # Loaded attributes stay readable after commit without a new transaction,
     # so no connection is held while an SMTP conversation runs.
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """The request's session (a FastAPI dependency, shared by all of a request's dependants)."""
+    with request.app.state.session_factory() as session:
+        yield session
 
 
 def alembic_config() -> Config:

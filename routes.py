@@ -1,6 +1,5 @@
 """HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
 
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import (
@@ -22,6 +21,7 @@ import crud
 import idempotency
 import security
 from config import Settings
+from db import get_session
 from delivery import Deliverer
 from models import ApiKey, Batch, IdempotencyKey, Notification, NotificationStatus
 from schemas import (
@@ -38,11 +38,6 @@ from schemas import (
     NotificationsPublic,
     RejectedRecipient,
 )
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
-        yield session
 
 
 def get_deliverer(request: Request) -> Deliverer:

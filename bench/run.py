@@ -37,7 +37,7 @@ KEY = "ntf_bench-key-not-secret-0123456789abcdefghijklmnop"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SMTP_USER, SMTP_PASSWORD = "bench", "bench-password"
 BODY = {
-    "email": "ivan.petrov@example.com",
+    "email": "member{n}@example.com",  # numbered per request by the wrk script
     "subject": "Бронирование подтверждено: переговорная «Байкал»",
     "text": "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, "
     "10:00–12:00.\n",
@@ -559,7 +559,7 @@ def message_size() -> int:
 
     message = build_message(
         sender="Coworking <noreply@coworking.local>",
-        recipient=BODY["email"],
+        recipient="member1@example.com",
         subject=BODY["subject"],
         text=BODY["text"],
         message_id=new_message_id("noreply@coworking.local"),
@@ -575,7 +575,7 @@ def lua_string(value: str) -> str:
 # Counts responses per status code in each wrk thread and prints them at the end.
 STATUS_COUNTER = """
 local threads = {}
-function setup(thread) table.insert(threads, thread) end
+function setup(thread) table.insert(threads, thread); thread:set("id", #threads) end
 function init(args) statuses = {} end
 function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
 function done(summary, latency, requests)
