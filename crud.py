@@ -59,6 +59,11 @@ class IdempotencyKeyUsed(Exception):
         self.record = record
 
 
+def _dialect(session: Session) -> Any:
+    """The dialect module whose insert() has ON CONFLICT: PostgreSQL's, or SQLite's."""
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
 def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
     """Insert the key in the open transaction, or raise `IdempotencyKeyUsed`.
 
@@ -66,7 +71,7 @@ def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
     with the same key waits for this transaction and then finds the key taken.
     """
     same_key = (IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = _dialect(session)
     while True:
         # An expired key is free again.
         session.execute(delete(IdempotencyKey).where(*same_key, IdempotencyKey.expires_at <= now))
@@ -587,13 +592,6 @@ def replace_api_key_hash(*, session: Session, api_key: ApiKey, key_hash: str, pr
     session.commit()
 
 
-def count_active_api_keys(*, session: Session) -> int:
-    return (
-        session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None)))
-        or 0
-    )
-
-
 def take_rate(
     *,
     session: Session,
@@ -612,7 +610,7 @@ def take_rate(
     subjects = sorted(set(subjects))
     if not subjects or limit < 1:
         return set()
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = _dialect(session)
     taken: set[str] = set()
     # Chunks keep the statement's parameter count within every driver's limits.
     for start in range(0, len(subjects), 1000):
