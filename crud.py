@@ -560,8 +560,13 @@ def touch_api_key(*, session: Session, api_key: ApiKey, every: timedelta) -> Non
     """Record that the key was used, at most once per `every` (not a write per request)."""
     now = utcnow()
     if api_key.last_used_at is None or now - api_key.last_used_at >= every:
-        api_key.last_used_at = now
+        # By id: the record may have been read in another session.
+        session.execute(
+            update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now),
+            execution_options={"synchronize_session": False},
+        )
         session.commit()
+        api_key.last_used_at = now
 
 
 def list_api_keys(*, session: Session) -> list[ApiKey]:

@@ -9,12 +9,16 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from config import PROJECT_DIR, Settings
 
 logger = logging.getLogger(__name__)
+
+# Connection refused or dropped, pool exhausted: the database, not the request, is at fault.
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 def make_engine(settings: Settings) -> Engine:

@@ -10,23 +10,19 @@ from anyio import to_thread
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from db import make_engine, make_session_factory, run_migrations
+from db import DATABASE_UNAVAILABLE, make_engine, make_session_factory, run_migrations
 from delivery import Deliverer
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import health, router
 from schemas import printable
-from security import BodySizeLimit, ensure_development_key
+from security import BodySizeLimit, RequireApiKey, ensure_development_key
 from worker import Worker
 
 logger = logging.getLogger(__name__)
-
-# Connection refused or dropped, pool exhausted: the database, not the request, is at fault.
-DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(health)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so it runs first: no key, no body read, whatever its size.
+    documentation = {
+        app.docs_url,
+        app.redoc_url,
+        app.openapi_url,
+        app.swagger_ui_oauth2_redirect_url,
+    }
+    open_paths = {"/healthz", "/readyz"} | {path for path in documentation if path}
+    app.add_middleware(RequireApiKey, open_paths=open_paths)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
     app.add_exception_handler(RequestValidationError, invalid_request)

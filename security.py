@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
@@ -41,7 +42,7 @@ from starlette.types import Scope as Scope_
 
 import crud
 from config import Settings
-from db import get_session
+from db import DATABASE_UNAVAILABLE, get_session
 from models import ApiKey, utcnow
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,68 @@ def window(now: datetime, length: timedelta) -> tuple[datetime, float]:
     return datetime.fromtimestamp(start, now.tzinfo), start + seconds - now.timestamp()
 
 
+def identify(*, session: Session, settings: Settings, credentials: str) -> ApiKey | None:
+    """The valid, unrevoked key `credentials` is, or None."""
+    presented = hash_key(credentials)
+    api_key = bootstrap_key(settings, presented) or crud.find_api_key(
+        session=session, key_hash=presented
+    )
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, presented):
+        return None
+    return api_key
+
+
+class RequireApiKey:
+    """ASGI middleware: a request without a valid key is a 401 before its body is read.
+
+    FastAPI parses and validates a body before any dependency runs, so without this an
+    anonymous caller would get 422s (and make the server parse megabytes). The key found
+    is handed to `authenticate` in the request state; scopes and rate limits stay there.
+    """
+
+    def __init__(self, app: ASGIApp, *, open_paths: set[str]) -> None:
+        self.app = app
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, credentials = (Headers(scope=scope).get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            await self._refuse(scope, receive, send, "an API key is required: Bearer <key>")
+            return
+        state = scope["app"].state
+        try:
+            api_key = await to_thread.run_sync(self._identify, state, credentials.strip())
+        except DATABASE_UNAVAILABLE:
+            logger.exception("database unavailable while checking an API key")
+            response = JSONResponse(
+                {"detail": "database unavailable, try again later"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+            await response(scope, receive, send)
+            return
+        if api_key is None:
+            await self._refuse(scope, receive, send, "invalid or revoked API key")
+            return
+        scope.setdefault("state", {})["api_key"] = api_key
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _identify(state: Any, credentials: str) -> ApiKey | None:
+        with state.session_factory() as session:
+            return identify(session=session, settings=state.settings, credentials=credentials)
+
+    @staticmethod
+    async def _refuse(scope: Scope_, receive: Receive, send: Send, detail: str) -> None:
+        response = JSONResponse(
+            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+        await response(scope, receive, send)
+
+
 def authenticate(
     security_scopes: SecurityScopes,
     request: Request,
@@ -196,16 +259,15 @@ def authenticate(
     session: Annotated[Session, Depends(get_session)],
 ) -> ApiKey:
     """The caller's key, if valid, unrevoked, holding the scopes and within its request rate."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise unauthorized("an API key is required: Authorization: Bearer <key>")
-    presented = hash_key(credentials.credentials)
     settings: Settings = request.app.state.settings
-    # The request's own session (FastAPI gives every dependency the same one).
-    api_key = bootstrap_key(settings, presented) or crud.find_api_key(
-        session=session, key_hash=presented
-    )
-    if api_key is None or not hmac.compare_digest(api_key.key_hash, presented):
-        raise unauthorized("invalid or revoked API key")
+    # Normally RequireApiKey has found the key already.
+    api_key: ApiKey | None = getattr(request.state, "api_key", None)
+    if api_key is None:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise unauthorized("an API key is required: Authorization: Bearer <key>")
+        api_key = identify(session=session, settings=settings, credentials=credentials.credentials)
+        if api_key is None:
+            raise unauthorized("invalid or revoked API key")
     granted = set(api_key.scopes.split())
     missing = [scope for scope in security_scopes.scopes if scope not in granted]
     if missing:

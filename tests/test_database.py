@@ -126,3 +126,20 @@ def test_bare_postgresql_url_uses_psycopg2() -> None:
         settings = Settings(_env_file=None, database_url=url)
         assert settings.database_url == "postgresql+psycopg2://u@h/db"
         assert make_engine(settings).dialect.driver == "psycopg2"
+
+
+def test_checking_a_stored_key_while_the_database_is_down_is_a_503(
+    outage_client: tuple[TestClient, Outage],
+) -> None:
+    client, outage = outage_client
+    created = client.post("/keys", json={"name": "reader", "scopes": ["read"]}).json()
+    reader = {"Authorization": f"Bearer {created['key']}"}
+    assert client.get("/notifications", headers=reader).status_code == 200
+
+    outage.start()
+    response = client.get("/notifications", headers=reader)
+    outage.end()
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert client.get("/notifications", headers=reader).status_code == 200

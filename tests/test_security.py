@@ -393,3 +393,23 @@ def test_a_refused_sensitive_request_does_not_echo_its_text(client: TestClient) 
     assert response.status_code == 422
     assert "482913" not in response.text
     assert response.json()["detail"][0]["loc"] == ["body", "text"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"email": "broken', b"x" * 10_000],
+    ids=["malformed-json", "over-the-size-limit"],
+)
+def test_without_a_key_the_body_is_never_read(
+    make_client: Callable[..., TestClient], content: bytes
+) -> None:
+    client = make_client(max_body_bytes=2048)
+
+    response = client.post(
+        "/notify/email",
+        content=content,
+        headers={"Authorization": "Bearer ntf_unknown", "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 401
+    assert call(client, "GET", "/openapi.json", headers={"Authorization": ""}) == 200
