@@ -2,6 +2,7 @@
 
 import os
 import ssl
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -223,3 +224,18 @@ def queue_messages(db: sessionmaker[Session], count: int, prefix: str = "queued"
         session.execute(insert(Notification), rows)
         session.commit()
     return message_ids
+
+
+def drain(worker: Worker) -> None:
+    """Run `worker` until a round finds nothing to do."""
+    while worker.run_once():
+        pass
+
+
+def drain_in_parallel(workers: list[Worker], timeout: float) -> None:
+    """Run the workers side by side, each until it finds nothing to do."""
+    threads = [threading.Thread(target=drain, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)

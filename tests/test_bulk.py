@@ -1,6 +1,5 @@
 """POST /notify/bulk: one call queues a batch; invalid items are reported, not fatal."""
 
-import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 
 from schemas import MAX_BULK_RECIPIENTS
-from tests.conftest import BOOKING
+from tests.conftest import BOOKING, drain_in_parallel
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -127,17 +126,7 @@ def test_ten_thousand_recipients_are_stored_in_a_few_statements_and_all_delivere
     assert batch["accepted"] == 10_000
     assert len(inserts) <= 20, "rows must go in multi-row INSERTs, not one by one"
 
-    workers = [make_worker(worker_batch_size=500) for _ in range(2)]
-
-    def drain(worker: Worker) -> None:
-        while worker.run_once():
-            pass
-
-    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    drain_in_parallel([make_worker(worker_batch_size=500) for _ in range(2)], timeout=300)
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert len(delivered) == 10_000

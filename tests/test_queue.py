@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import crud
 from models import Notification, NotificationStatus
 from schemas import EmailNotificationCreate
-from tests.conftest import BOOKING, queue_messages
+from tests.conftest import BOOKING, drain, drain_in_parallel, queue_messages
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -213,17 +213,7 @@ def test_two_workers_deliver_2000_messages_exactly_once(
     make_worker: Callable[..., Worker],
 ) -> None:
     queue_messages(db, 2000)
-    workers = [make_worker(worker_batch_size=50) for _ in range(2)]
-
-    def drain(worker: Worker) -> None:
-        while worker.run_once():
-            pass
-
-    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    drain_in_parallel([make_worker(worker_batch_size=50) for _ in range(2)], timeout=120)
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert len(delivered) == 2000
@@ -308,8 +298,7 @@ def test_smtp_down_for_a_while_then_back_delivers_everything(
     assert worker.run_once() == 20
     assert worker.run_once() == 20
     smtp.come_back()
-    while worker.run_once():
-        pass
+    drain(worker)
 
     assert sorted(r.message["Message-ID"] for r in smtp.received) == sorted(message_ids)
     with db() as session:
@@ -329,11 +318,6 @@ def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
     message_ids = queue_messages(db, 10)
     smtp.data_delay = 0.15
     first, second = (make_worker(worker_lease=0.5, worker_batch_size=10) for _ in range(2))
-
-    def drain(worker: Worker) -> None:
-        while worker.run_once():
-            pass
-
     early = threading.Thread(target=drain, args=(first,))
     early.start()
     time.sleep(0.6)

@@ -71,7 +71,7 @@ def count(db: sessionmaker[Session], status: NotificationStatus) -> int:
         )
 
 
-def drain(worker: Worker, db: sessionmaker[Session], timeout: float) -> None:
+def drain_queue(worker: Worker, db: sessionmaker[Session], timeout: float) -> None:
     """Run `worker` until nothing is queued or sending any more."""
     deadline = time.monotonic() + timeout
     while count(db, NotificationStatus.QUEUED) + count(db, NotificationStatus.SENDING):
@@ -95,7 +95,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     claimed_by_the_dead = count(db, NotificationStatus.SENDING)
     assert claimed_by_the_dead > 0, "killed between batches: nothing to take over"
 
-    drain(make_worker(), db, timeout=60)
+    drain_queue(make_worker(), db, timeout=60)
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert set(delivered) == set(message_ids)
@@ -122,7 +122,7 @@ def test_sigterm_finishes_the_message_in_hand_and_gives_back_the_rest(
     assert sent == len(smtp.received) < MESSAGES
     assert count(db, NotificationStatus.QUEUED) == MESSAGES - sent
 
-    drain(make_worker(), db, timeout=60)
+    drain_queue(make_worker(), db, timeout=60)
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert set(delivered) == set(message_ids)
