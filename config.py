@@ -1,9 +1,10 @@
 """Service settings, read once from the environment and `.env`."""
 
+import secrets
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -66,11 +67,27 @@ class Settings(BaseSettings):
     # The wait holds a request thread, so it is short; a longer send answers 409.
     idempotency_wait: float = Field(default=10.0, ge=0)
 
+    # Synchronous sends in progress at once per process; more are queued (202), so slow
+    # SMTP can never take every request thread.
+    sync_send_limit: int = Field(default=16, ge=1)
+    # How far ahead (and behind) `send_at` may be; a time in the past is due at once.
+    send_at_horizon: float = Field(default=366 * 86_400.0, gt=0)
+
+    # Keys the HMACs kept instead of erased sensitive texts and of idempotency
+    # fingerprints. Required with a real SMTP server; generated in development.
+    secret_key: SecretStr | None = None
+    dev_secret_key_file: Path = PROJECT_DIR / "var" / "secret-key"
+
     # Access control. BOOTSTRAP_API_KEY becomes a key with every scope (deployments, tests);
     # in development (no SMTP_HOST) a key is created in DEV_API_KEY_FILE if none works.
     bootstrap_api_key: SecretStr | None = None
     rate_limit_requests_per_minute: int = Field(default=600, ge=1)
     rate_limit_per_recipient_per_hour: int = Field(default=20, ge=1)
+    # Where the moving-window counters live: `memory://` counts per process (development,
+    # one process); `redis://host:6379/0` is shared by every process and replica.
+    rate_limit_storage: str = Field(default="memory://", repr=False)
+    # Keys in that storage start with this: deployments sharing one Redis keep apart.
+    rate_limit_prefix: str = "notify"
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
     dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
@@ -85,6 +102,23 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg2://" + url.removeprefix(prefix)
         return url
 
+    @model_validator(mode="after")
+    def secret_key_in_production(self) -> "Settings":
+        if not self.uses_dev_mail_catcher and self.secret_key is None:
+            raise ValueError("SECRET_KEY is required when SMTP_HOST is set")
+        return self
+
     @property
     def uses_dev_mail_catcher(self) -> bool:
         return not self.smtp_host
+
+    def hmac_key(self) -> bytes:
+        """SECRET_KEY, or in development a random key kept in DEV_SECRET_KEY_FILE."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.dev_secret_key_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip().encode()

@@ -1,14 +1,17 @@
 """Reading and writing notifications; each write function is one committed unit of work."""
 
 import hashlib
+import hmac
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     CursorResult,
     and_,
+    case,
     delete,
     func,
     insert,
@@ -22,7 +25,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from mailer import DeliveryError, TransientDeliveryError
 from models import (
     ApiKey,
     AttemptOutcome,
@@ -32,13 +34,54 @@ from models import (
     IdempotencyKey,
     Notification,
     NotificationStatus,
-    RateCounter,
     utcnow,
 )
 from schemas import BulkEmailCreate, EmailNotificationCreate, HistoryCursor, HistoryQuery
 
-# The lease holder of a notification being sent inside an API request.
-SYNC_SENDER = "api"
+# A taken-over send's first attempt: its sender stopped before telling how it went.
+ABANDONED_ERROR = (
+    "the sender stopped before recording an outcome (its lease ran out); "
+    "the message may have been delivered"
+)
+# Do not compare a conditional UPDATE's WHERE with the objects in the session: it would
+# change an object even when the row did not match (and the row is what counts).
+NO_SYNC = {"synchronize_session": False}
+
+
+def request_holder() -> str:
+    """A lease holder name for one synchronous send inside an API request."""
+    return f"api:{uuid.uuid4().hex}"
+
+
+def text_hmac(key: bytes, text: str) -> str:
+    """Keyed evidence of a text: without the key, trying every six-digit code finds nothing."""
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def erased(text: str, key: bytes) -> dict[str, Any]:
+    """The column values that erase a sensitive text, keeping its length and HMAC."""
+    return {"text": "", "text_length": len(text), "text_hmac": text_hmac(key, text)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt's result, and the state it leaves its notification in, ready to store.
+
+    `outcome` None stores no attempt (a settlement after attempts already stored);
+    `status` None leaves the notification sending (a quick retry follows).
+    """
+
+    notification_id: int
+    holder: str
+    finished_at: datetime
+    outcome: AttemptOutcome | None = None
+    started_at: datetime | None = None
+    smtp_code: int | None = None
+    error: str | None = None
+    status: NotificationStatus | None = None
+    next_attempt_at: datetime | None = None
+    # The columns that erase a sensitive text once the notification is settled.
+    erase: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,9 +147,11 @@ def create_email_notification(
     message_id: str,
     queued: bool,
     lease: timedelta,
+    holder: str | None = None,
     idempotency: IdempotencyClaim | None = None,
 ) -> Notification:
-    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now.
+    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now
+    under a lease held by `holder`.
 
     A notification sent now is leased to its request: if the process dies mid-send, a
     worker takes it over when the lease expires. With `idempotency`, the key is stored
@@ -125,7 +170,7 @@ def create_email_notification(
         message_id=message_id,
         send_at=data.send_at,
         next_attempt_at=(data.send_at or now) if queued else None,
-        leased_by=None if queued else SYNC_SENDER,
+        leased_by=None if queued else holder or request_holder(),
         lease_expires_at=None if queued else now + lease,
         created_at=now,
         updated_at=now,
@@ -137,11 +182,16 @@ def create_email_notification(
         status_code = 202 if queued else None
         _link_key(session, key_id, notification_id=notification.id, status_code=status_code)
     session.commit()
+    # It has no attempts yet: a response can show them without a query.
+    set_committed_value(notification, "delivery_attempts", [])
     return notification
 
 
 def _link_key(session: Session, key_id: int, **values: Any) -> None:
-    session.execute(update(IdempotencyKey).where(IdempotencyKey.id == key_id).values(**values))
+    session.execute(
+        update(IdempotencyKey).where(IdempotencyKey.id == key_id).values(**values),
+        execution_options=NO_SYNC,
+    )
 
 
 def create_email_batch(
@@ -219,7 +269,8 @@ def finish_idempotency_key(*, session: Session, claim: IdempotencyClaim, status_
             IdempotencyKey.fingerprint == claim.fingerprint,
             IdempotencyKey.status_code.is_(None),
         )
-        .values(status_code=status_code)
+        .values(status_code=status_code),
+        execution_options=NO_SYNC,
     )
     session.commit()
 
@@ -229,7 +280,8 @@ def settle_idempotency_key(*, session: Session, record_id: int, status_code: int
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.id == record_id, IdempotencyKey.status_code.is_(None))
-        .values(status_code=status_code)
+        .values(status_code=status_code),
+        execution_options=NO_SYNC,
     )
     session.commit()
 
@@ -277,76 +329,123 @@ def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, 
     return counts
 
 
-def record_attempt(
-    *,
-    session: Session,
-    notification: Notification,
-    started_at: datetime,
-    error: DeliveryError | None,
-) -> DeliveryAttempt:
-    """Log one SMTP attempt; a successful one makes the notification sent."""
-    finished_at = utcnow()
-    notification.attempts += 1
-    attempt = DeliveryAttempt(
-        notification_id=notification.id,
-        number=notification.attempts,
-        started_at=started_at,
-        finished_at=finished_at,
-    )
-    if "delivery_attempts" not in inspect(notification).unloaded:
-        # Keep a loaded collection current; an unloaded one is not worth a SELECT per attempt.
-        notification.delivery_attempts.append(attempt)
-    if error is None:
-        attempt.outcome = AttemptOutcome.SENT
-        notification.status = NotificationStatus.SENT
-        notification.sent_at = finished_at
-        notification.error_message = None
-        notification.next_attempt_at = None
-        _clear_lease(notification)
-        _erase_if_sensitive(notification)
-    else:
-        attempt.outcome = (
-            AttemptOutcome.TRANSIENT_ERROR
-            if isinstance(error, TransientDeliveryError)
-            else AttemptOutcome.PERMANENT_ERROR
+def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
+    """Store an attempt and the state it leaves its notification in, in one commit.
+
+    The state changes only while `outcome.holder` still holds the lease; the attempt is
+    stored either way, since it happened. The attempt's number, or None when the lease
+    was lost (another sender took the notification over).
+    """
+    values: dict[str, Any] = {"updated_at": outcome.finished_at}
+    if outcome.outcome is not None:
+        values["attempts"] = Notification.attempts + 1
+        values["error_message"] = outcome.error
+    if outcome.status is not None:
+        values |= {
+            "status": outcome.status,
+            "next_attempt_at": outcome.next_attempt_at,
+            "leased_by": None,
+            "lease_expires_at": None,
+            **outcome.erase,
+        }
+        if outcome.status == NotificationStatus.SENT:
+            values["sent_at"] = outcome.finished_at
+    held = session.execute(
+        update(Notification)
+        .where(
+            Notification.id == outcome.notification_id,
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == outcome.holder,
         )
-        attempt.smtp_code = error.smtp_code
-        attempt.error = notification.error_message = str(error)
-    session.add(attempt)
+        .values(**values, version=Notification.version + 1)
+        .returning(Notification.attempts),
+        execution_options=NO_SYNC,
+    ).first()
+    attempt = {
+        "started_at": outcome.started_at or outcome.finished_at,
+        "finished_at": outcome.finished_at,
+        "outcome": outcome.outcome,
+        "smtp_code": outcome.smtp_code,
+        "error": outcome.error,
+    }
+    if held is not None and outcome.outcome is not None:
+        session.execute(
+            insert(DeliveryAttempt).values(
+                notification_id=outcome.notification_id, number=held[0], **attempt
+            )
+        )
+    elif outcome.outcome is not None:
+        # Too late for the state, but the attempt is history all the same: it is the
+        # attempt the takeover recorded as abandoned, or else a new one.
+        _record_late_attempt(session, outcome.notification_id, attempt)
     session.commit()
-    return attempt
+    return held[0] if held is not None else None
 
 
-def mark_failed(*, session: Session, notification: Notification) -> Notification:
-    """Give up on a notification; its last attempt's error stays as the reason."""
-    notification.status = NotificationStatus.FAILED
-    notification.next_attempt_at = None
-    _clear_lease(notification)
-    _erase_if_sensitive(notification)
-    session.commit()
-    return notification
+def _record_late_attempt(session: Session, notification_id: int, attempt: dict[str, Any]) -> None:
+    abandoned = (
+        select(DeliveryAttempt.id)
+        .where(
+            DeliveryAttempt.notification_id == notification_id,
+            DeliveryAttempt.outcome == AttemptOutcome.ABANDONED,
+        )
+        .order_by(DeliveryAttempt.number)
+        .limit(1)
+        .scalar_subquery()
+    )
+    filled = session.scalar(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == abandoned)
+        .values(**attempt)
+        .returning(DeliveryAttempt.id),
+        execution_options=NO_SYNC,
+    )
+    if filled is not None:
+        return
+    number = session.scalar(
+        update(Notification)
+        .where(Notification.id == notification_id)
+        .values(attempts=Notification.attempts + 1)
+        .returning(Notification.attempts),
+        execution_options=NO_SYNC,
+    )
+    if number is not None:  # None: the notification was deleted meanwhile
+        session.execute(
+            insert(DeliveryAttempt).values(
+                notification_id=notification_id, number=number, **attempt
+            )
+        )
 
 
-def requeue(*, session: Session, notification: Notification, at: datetime) -> Notification:
-    """Put a notification back in the queue, due at `at`."""
-    notification.status = NotificationStatus.QUEUED
-    notification.next_attempt_at = at
-    _clear_lease(notification)
-    session.commit()
-    return notification
-
-
-def _erase_if_sensitive(notification: Notification) -> None:
-    """A settled sensitive notification keeps only its text's length and SHA-256."""
-    if notification.sensitive and notification.text_sha256 is None:
-        notification.text_length = len(notification.text)
-        notification.text_sha256 = hashlib.sha256(notification.text.encode()).hexdigest()
-        notification.text = ""
-
-
-def _clear_lease(notification: Notification) -> None:
-    notification.leased_by = None
-    notification.lease_expires_at = None
+def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> None:
+    """Show a stored outcome on the in-memory notification, as committed (no query)."""
+    changes: dict[str, Any] = {"updated_at": outcome.finished_at}
+    if outcome.outcome is not None:
+        changes |= {"attempts": number, "error_message": outcome.error}
+        if "delivery_attempts" not in inspect(notification).unloaded:
+            attempt = DeliveryAttempt(
+                notification_id=outcome.notification_id,
+                number=number,
+                started_at=outcome.started_at or outcome.finished_at,
+                finished_at=outcome.finished_at,
+                outcome=outcome.outcome,
+                smtp_code=outcome.smtp_code,
+                error=outcome.error,
+            )
+            changes["delivery_attempts"] = [*notification.delivery_attempts, attempt]
+    if outcome.status is not None:
+        changes |= {
+            "status": outcome.status,
+            "next_attempt_at": outcome.next_attempt_at,
+            "leased_by": None,
+            "lease_expires_at": None,
+            **outcome.erase,
+        }
+        if outcome.status == NotificationStatus.SENT:
+            changes["sent_at"] = outcome.finished_at
+    changes["version"] = notification.version + 1
+    for name, value in changes.items():
+        set_committed_value(notification, name, value)
 
 
 def claim_due(
@@ -355,42 +454,65 @@ def claim_due(
     """Lease up to `limit` due notifications to `worker_id`, oldest due first.
 
     Due: queued with `next_attempt_at` passed, or sending under an expired lease (its
-    worker died). Rows locked by another claimer are skipped, so no two workers get the
-    same notification. On SQLite there is no row locking: run a single worker there.
+    sender died). A taken-over send gets an `abandoned` attempt for the attempt its
+    sender never recorded. Rows locked by another claimer are skipped, so no two workers
+    get the same notification. On SQLite there is no row locking: run one worker there.
     """
     now = utcnow()
-    due = (
-        select(Notification.id)
+    taken_over = and_(
+        Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < now
+    )
+    due = session.execute(
+        select(Notification.id, Notification.status, Notification.updated_at)
         .where(
             or_(
                 and_(
                     Notification.status == NotificationStatus.QUEUED,
                     Notification.next_attempt_at <= now,
                 ),
-                and_(
-                    Notification.status == NotificationStatus.SENDING,
-                    Notification.lease_expires_at < now,
-                ),
+                taken_over,
             )
         )
         # A taken-over send has no next_attempt_at: it is due since its lease ran out.
         .order_by(func.coalesce(Notification.next_attempt_at, Notification.lease_expires_at))
         .limit(limit)
         .with_for_update(skip_locked=True)
-    )
+    ).all()
+    if not due:
+        session.commit()
+        return []
     claimed = session.scalars(
         update(Notification)
-        .where(Notification.id.in_(due.scalar_subquery()))
+        .where(Notification.id.in_([row.id for row in due]))
         .values(
             status=NotificationStatus.SENDING,
             leased_by=worker_id,
             lease_expires_at=now + lease,
+            attempts=Notification.attempts
+            + case((Notification.status == NotificationStatus.SENDING, 1), else_=0),
             updated_at=now,
             version=Notification.version + 1,
         )
         .returning(Notification),
-        execution_options={"synchronize_session": False},
+        execution_options=NO_SYNC,
     ).all()
+    lost = {row.id: row.updated_at for row in due if row.status == NotificationStatus.SENDING}
+    if lost:
+        session.execute(
+            insert(DeliveryAttempt),
+            [
+                {
+                    "notification_id": n.id,
+                    "number": n.attempts,
+                    "started_at": lost[n.id],
+                    "finished_at": now,
+                    "outcome": AttemptOutcome.ABANDONED,
+                    "error": ABANDONED_ERROR,
+                }
+                for n in claimed
+                if n.id in lost
+            ],
+        )
     session.commit()
     return sorted(claimed, key=lambda n: (n.next_attempt_at or now, n.id))
 
@@ -415,7 +537,7 @@ def renew_lease(
         .values(lease_expires_at=expires, version=Notification.version + 1)
         .returning(Notification.version),
         # Not "evaluate": that would visit every object of the batch in the session.
-        execution_options={"synchronize_session": False},
+        execution_options=NO_SYNC,
     )
     session.commit()
     if version is None:
@@ -440,53 +562,72 @@ def release(*, session: Session, worker_id: str, notification_ids: list[int]) ->
             lease_expires_at=None,
             version=Notification.version + 1,
         ),
-        execution_options={"synchronize_session": False},
+        execution_options=NO_SYNC,
     )
     session.commit()
     return result.rowcount
 
 
-def cancel(*, session: Session, notification: Notification) -> bool:
-    """Cancel a queued notification; False if it is no longer queued."""
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        update(Notification)
-        .where(Notification.id == notification.id, Notification.status == NotificationStatus.QUEUED)
-        .values(
-            status=NotificationStatus.CANCELLED,
-            next_attempt_at=None,
-            updated_at=utcnow(),
-            version=Notification.version + 1,
-        )
-    )
-    session.commit()
-    if result.rowcount != 1:
-        return False
+def cancel(*, session: Session, notification: Notification, key: bytes) -> bool:
+    """Cancel a queued notification; False if it is no longer queued, with `notification`
+    then showing the state it is really in."""
+    values: dict[str, Any] = {
+        "status": NotificationStatus.CANCELLED,
+        "next_attempt_at": None,
+        "updated_at": utcnow(),
+    }
     if notification.sensitive:
-        _erase_if_sensitive(notification)
-        session.commit()
-    return True
+        values |= erased(notification.text, key)
+    return _change_if(
+        session,
+        notification,
+        Notification.status == NotificationStatus.QUEUED,
+        values,
+    )
 
 
-def claim_for_resend(*, session: Session, notification: Notification, lease: timedelta) -> bool:
-    """Move a failed notification back to sending; False if it is not failed (any more)
-    or its sensitive text is erased."""
-    if notification.text_sha256 is not None:
+def claim_for_resend(
+    *, session: Session, notification: Notification, lease: timedelta, queued: bool = False
+) -> bool:
+    """Move a failed notification back to sending under a lease held by this request, or
+    to the queue; False if it is not failed (any more) or its sensitive text is erased."""
+    if notification.text_hmac is not None:
         return False
     now = utcnow()
-    # A conditional UPDATE, so two simultaneous resends cannot both win.
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+    values: dict[str, Any] = {"updated_at": now}
+    if queued:
+        values |= {"status": NotificationStatus.QUEUED, "next_attempt_at": now}
+    else:
+        values |= {
+            "status": NotificationStatus.SENDING,
+            "leased_by": request_holder(),
+            "lease_expires_at": now + lease,
+        }
+    # Conditional, so two simultaneous resends cannot both win.
+    return _change_if(
+        session, notification, Notification.status == NotificationStatus.FAILED, values
+    )
+
+
+def _change_if(
+    session: Session, notification: Notification, condition: Any, values: dict[str, Any]
+) -> bool:
+    """UPDATE the notification's row if `condition` holds, and commit. The object shows
+    the change only if the row changed; otherwise it is reloaded to show the row as is."""
+    version = session.scalar(
         update(Notification)
-        .where(Notification.id == notification.id, Notification.status == NotificationStatus.FAILED)
-        .values(
-            status=NotificationStatus.SENDING,
-            leased_by=SYNC_SENDER,
-            lease_expires_at=now + lease,
-            updated_at=now,
-            version=Notification.version + 1,
-        )
+        .where(Notification.id == notification.id, condition)
+        .values(**values, version=Notification.version + 1)
+        .returning(Notification.version),
+        execution_options=NO_SYNC,
     )
     session.commit()
-    return result.rowcount == 1
+    if version is None:
+        session.refresh(notification)
+        return False
+    for name, value in (values | {"version": version}).items():
+        set_committed_value(notification, name, value)
+    return True
 
 
 def get_notification(*, session: Session, notification_id: int) -> Notification | None:
@@ -563,7 +704,7 @@ def touch_api_key(*, session: Session, api_key: ApiKey, every: timedelta) -> Non
         # By id: the record may have been read in another session.
         session.execute(
             update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now),
-            execution_options={"synchronize_session": False},
+            execution_options=NO_SYNC,
         )
         session.commit()
         api_key.last_used_at = now
@@ -595,50 +736,3 @@ def replace_api_key_hash(*, session: Session, api_key: ApiKey, key_hash: str, pr
     api_key.prefix = prefix
     api_key.revoked_at = None
     session.commit()
-
-
-def take_rate(
-    *,
-    session: Session,
-    subjects: Sequence[str],
-    window_start: datetime,
-    limit: int,
-) -> set[str]:
-    """Count one hit for each subject in the window, unless it would pass `limit`.
-
-    One atomic upsert per call, so replicas sharing the database share the counters:
-    INSERT … ON CONFLICT DO UPDATE … WHERE hits < limit. The subjects that got their hit
-    are returned; the others are over the limit and were not counted.
-    """
-    # Once each (a row is upserted once per statement), and in one order for every caller,
-    # so two requests locking overlapping counters cannot deadlock.
-    subjects = sorted(set(subjects))
-    if not subjects or limit < 1:
-        return set()
-    dialect = _dialect(session)
-    taken: set[str] = set()
-    # Chunks keep the statement's parameter count within every driver's limits.
-    for start in range(0, len(subjects), 1000):
-        statement = dialect.insert(RateCounter).values(
-            [
-                {"subject": subject, "window_start": window_start, "hits": 1}
-                for subject in subjects[start : start + 1000]
-            ]
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=["subject", "window_start"],
-            set_={"hits": RateCounter.hits + 1},
-            where=RateCounter.hits < limit,
-        ).returning(RateCounter.subject)
-        taken.update(session.scalars(statement))
-    session.commit()
-    return taken
-
-
-def purge_rate_counters(*, session: Session, before: datetime) -> int:
-    """Delete counters of windows that started before `before`."""
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        delete(RateCounter).where(RateCounter.window_start < before)
-    )
-    session.commit()
-    return result.rowcount

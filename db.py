@@ -1,14 +1,16 @@
 """Engine, sessions and schema migrations."""
 
+import asyncio
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
@@ -21,13 +23,13 @@ logger = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
     """An engine for `settings.database_url`, tuned per backend."""
     url = make_url(settings.database_url)
     if url.get_backend_name() != "sqlite":
         return create_engine(
             url,
-            pool_size=settings.db_pool_size,
+            pool_size=pool_size or settings.db_pool_size,
             pool_timeout=settings.db_pool_timeout,
             # A connection dropped by a database restart is replaced, not handed out.
             pool_pre_ping=True,
@@ -60,8 +62,43 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def get_session(request: Request) -> Iterator[Session]:
     """The request's session (a FastAPI dependency, shared by all of a request's dependants)."""
-    with request.app.state.session_factory() as session:
+    session: Session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        # Runs after the response has started: a rollback on a connection the database
+        # dropped must not break it (every unit of work has committed by then).
+        try:
+            session.close()
+        except Exception as exc:
+            logger.warning("closing a database session failed: %s", exc)
+
+
+class ReadinessProbe:
+    """`SELECT 1` on a connection of its own, in a thread of its own, with a timeout: the
+    answer never waits for request threads or the request pool."""
+
+    def __init__(self, engine: Engine, timeout: float = 1.0) -> None:
+        self.engine = engine
+        self.timeout = timeout
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readiness")
+
+    def _check(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    async def ready(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._thread, self._check), self.timeout)
+        except (TimeoutError, *DATABASE_UNAVAILABLE) as exc:
+            logger.warning("not ready: database unavailable (%s)", type(exc).__name__)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self.engine.dispose()
 
 
 def alembic_config() -> Config:

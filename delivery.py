@@ -1,11 +1,23 @@
-"""Delivering a stored notification: SMTP attempts under the retry policy, each one recorded."""
+"""Delivering a stored notification: SMTP attempts under the retry policy, each one recorded.
+
+An attempt's outcome is stored with the state it leaves the notification in, in one
+commit, and only while the sender still holds the notification's lease. When the
+database fails after the SMTP server has answered, the outcome is not dropped: it is
+kept in memory (`Unrecorded`) and stored as soon as the database answers again, well
+within the lease, so no other sender takes the notification over and sends it again.
+Only a process that dies while it still holds unrecorded outcomes leaves them to the
+takeover (see README: "Database outages").
+"""
 
 import logging
-from datetime import timedelta
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import replace
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -18,7 +30,8 @@ from tenacity.wait import wait_base
 
 import crud
 from config import Settings
-from crud import IdempotencyClaim
+from crud import IdempotencyClaim, Outcome
+from db import DATABASE_UNAVAILABLE
 from mailer import (
     DeliveryError,
     PermanentDeliveryError,
@@ -27,10 +40,111 @@ from mailer import (
     build_message,
     new_message_id,
 )
-from models import Batch, Notification, utcnow
+from models import AttemptOutcome, Batch, Notification, NotificationStatus, utcnow
 from schemas import BulkEmailCreate, EmailNotificationCreate
 
 logger = logging.getLogger(__name__)
+
+# The reply smtplib's sendmail requires of DATA before it returns.
+ACCEPTED = 250
+
+
+class OutcomeNotRecorded(Exception):
+    """The SMTP server answered but the database did not take the outcome; it is kept in
+    `Unrecorded` and stored when the database is back."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"notification {outcome.notification_id}: outcome not recorded yet")
+        self.outcome = outcome
+
+
+class LeaseLost(Exception):
+    """Another sender took the notification over; what happens next is theirs."""
+
+
+class Unrecorded:
+    """Outcomes the database could not take, kept until it can."""
+
+    def __init__(self) -> None:
+        self._outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._outcomes)
+
+    def keep(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._outcomes.append(outcome)
+        self.waiting.set()
+
+    def flush(self, session_factory: sessionmaker[Session]) -> int:
+        """Store what is kept, oldest first; how many were stored. Raises while the
+        database is still down, keeping the rest."""
+        stored = 0
+        while True:
+            with self._lock:
+                if not self._outcomes:
+                    self.waiting.clear()
+                    return stored
+                outcome = self._outcomes[0]
+            with session_factory() as session:
+                if crud.record_outcome(session=session, outcome=outcome) is None:
+                    logger.warning(
+                        "notification %d: outcome recorded after its lease was lost",
+                        outcome.notification_id,
+                    )
+            with self._lock:
+                self._outcomes.remove(outcome)
+            stored += 1
+            logger.info("notification %d: late outcome recorded", outcome.notification_id)
+
+    def run(
+        self,
+        session_factory: sessionmaker[Session],
+        stopping: threading.Event,
+        retry_every: float = 0.5,
+    ) -> None:
+        """Store kept outcomes as soon as the database takes them, until `stopping`."""
+        while not stopping.is_set():
+            if not self.waiting.wait(timeout=retry_every):
+                continue
+            try:
+                self.flush(session_factory)
+            except Exception as exc:
+                logger.warning("%d outcomes still unrecorded: %s", len(self), exc)
+                stopping.wait(retry_every)
+        with suppress(Exception):
+            self.flush(session_factory)
+        if len(self):
+            ids = sorted({o.notification_id for o in self._outcomes})
+            logger.error(
+                "stopping with unrecorded outcomes of notifications %s: after their leases "
+                "run out they will be attempted again",
+                ids,
+            )
+
+
+def start_recorder(
+    unrecorded: Unrecorded, session_factory: sessionmaker[Session]
+) -> Callable[[], None]:
+    """Run `unrecorded.run` in a thread; the function that stops it."""
+    stopping = threading.Event()
+    thread = threading.Thread(
+        target=unrecorded.run,
+        args=(session_factory, stopping),
+        name="outcome-recorder",
+        daemon=True,
+    )
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        unrecorded.waiting.set()
+        thread.join()
+
+    return stop
 
 
 def make_retrying(settings: Settings) -> Retrying:
@@ -80,6 +194,8 @@ class Deliverer:
         lease: timedelta,
         queue_backoff: wait_base,
         max_attempts: int,
+        key: bytes,
+        sync_sends: int = 16,
     ) -> None:
         self.mailer = mailer
         self.retrying = retrying
@@ -88,6 +204,12 @@ class Deliverer:
         self.lease = lease
         self.queue_backoff = queue_backoff
         self.max_attempts = max_attempts
+        # The HMAC key of erased sensitive texts.
+        self.key = key
+        # Synchronous sends at once: the rest go to the queue, so a silent SMTP server
+        # can hold at most this many request threads.
+        self.sync_sends = threading.BoundedSemaphore(sync_sends)
+        self.unrecorded = Unrecorded()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, mailer: SMTPMailer) -> "Deliverer":
@@ -98,6 +220,8 @@ class Deliverer:
             lease=timedelta(seconds=settings.worker_lease),
             queue_backoff=make_queue_backoff(settings),
             max_attempts=settings.queue_max_attempts,
+            key=settings.hmac_key(),
+            sync_sends=settings.sync_send_limit,
         )
 
     def create_email(
@@ -135,9 +259,14 @@ class Deliverer:
             idempotency=idempotency,
         )
 
-    def claim_for_resend(self, *, session: Session, notification: Notification) -> bool:
-        """Take a failed notification for a resend in this request; False if not failed."""
-        return crud.claim_for_resend(session=session, notification=notification, lease=self.lease)
+    def claim_for_resend(
+        self, *, session: Session, notification: Notification, queued: bool = False
+    ) -> bool:
+        """Take a failed notification for a resend in this request (or, `queued`, for the
+        queue); False if not failed."""
+        return crud.claim_for_resend(
+            session=session, notification=notification, lease=self.lease, queued=queued
+        )
 
     def message_for(self, notification: Notification) -> EmailMessage:
         return build_message(
@@ -152,7 +281,11 @@ class Deliverer:
     def deliver(
         self, *, session: Session, notification: Notification, quick_retries: bool = True
     ) -> Notification:
-        """Attempt `notification` (with the quick retries, or once): sent, failed or queued."""
+        """Attempt `notification` (with the quick retries, or once): sent, failed or queued.
+
+        Raises `OutcomeNotRecorded` when the database failed after the SMTP server
+        answered; the outcome is then kept and stored later.
+        """
         try:
             try:
                 if quick_retries:
@@ -161,12 +294,12 @@ class Deliverer:
                         with attempt:
                             self.attempt(session=session, notification=notification)
                 else:
-                    self.attempt(session=session, notification=notification)
+                    self.attempt(session=session, notification=notification, final=True)
             except DeliveryError as exc:
-                self.settle_failure(session=session, notification=notification, error=exc)
-        except StaleDataError:
-            # Our lease ran out and a worker claimed the notification: it is theirs now.
-            session.rollback()
+                if notification.status == NotificationStatus.SENDING:
+                    self.store(session, notification, self.settlement(notification, exc))
+        except LeaseLost:
+            # Our lease ran out and another sender claimed the notification: it is theirs.
             session.refresh(notification)
             session.commit()
             logger.warning("notification %d: lease lost, left to its new owner", notification.id)
@@ -179,19 +312,29 @@ class Deliverer:
         )
         return notification
 
-    def settle_failure(
-        self, *, session: Session, notification: Notification, error: DeliveryError
-    ) -> None:
-        """After a failed attempt: back to the queue for later, or failed for good."""
-        if isinstance(error, TransientDeliveryError) and notification.attempts < self.max_attempts:
-            delay = self.backoff_after(notification.attempts)
-            crud.requeue(
-                session=session,
-                notification=notification,
-                at=utcnow() + timedelta(seconds=delay),
-            )
-        else:
-            crud.mark_failed(session=session, notification=notification)
+    def settlement(
+        self, notification: Notification, error: DeliveryError | None, *, attempted: int = 0
+    ) -> Outcome:
+        """The state a notification is left in after its last attempt ended in `error`
+        (None: sent); `attempted` counts that attempt if it is not stored yet."""
+        now = utcnow()
+        attempts = notification.attempts + attempted
+        status = NotificationStatus.SENT if error is None else NotificationStatus.FAILED
+        next_attempt_at: datetime | None = None
+        if isinstance(error, TransientDeliveryError) and attempts < self.max_attempts:
+            status = NotificationStatus.QUEUED
+            next_attempt_at = now + timedelta(seconds=self.backoff_after(attempts))
+        erase = {}
+        if notification.sensitive and status != NotificationStatus.QUEUED:
+            erase = crud.erased(notification.text, self.key)
+        return Outcome(
+            notification_id=notification.id,
+            holder=notification.leased_by or "",
+            finished_at=now,
+            status=status,
+            next_attempt_at=next_attempt_at,
+            erase=erase,
+        )
 
     def backoff_after(self, attempts: int) -> float:
         """Seconds to wait before the background retry that follows `attempts` attempts."""
@@ -200,8 +343,12 @@ class Deliverer:
         state.attempt_number = attempts
         return float(self.queue_backoff(state))
 
-    def attempt(self, *, session: Session, notification: Notification) -> None:
-        """One SMTP attempt, recorded; raises its `DeliveryError` after recording it."""
+    def attempt(self, *, session: Session, notification: Notification, final: bool = False) -> None:
+        """One SMTP attempt, stored; raises its `DeliveryError` after storing it.
+
+        A `final` attempt also settles the notification (sent, queued or failed) in the
+        same commit; otherwise only a success does.
+        """
         started_at = utcnow()
         error: DeliveryError | None = None
         try:
@@ -212,9 +359,24 @@ class Deliverer:
             # A bug rather than a delivery failure; still leave a final, explained state.
             logger.exception("notification %d: unexpected error while sending", notification.id)
             error = PermanentDeliveryError(f"internal error: {type(exc).__name__}")
-        crud.record_attempt(
-            session=session, notification=notification, started_at=started_at, error=error
-        )
+        settled = replace(self.settlement(notification, error, attempted=1), started_at=started_at)
+        if error is None:
+            final_outcome = replace(settled, outcome=AttemptOutcome.SENT, smtp_code=ACCEPTED)
+        else:
+            final_outcome = replace(
+                settled,
+                outcome=AttemptOutcome.TRANSIENT_ERROR
+                if isinstance(error, TransientDeliveryError)
+                else AttemptOutcome.PERMANENT_ERROR,
+                smtp_code=error.smtp_code,
+                error=str(error),
+            )
+        if error is None or final:
+            outcome = final_outcome
+        else:
+            # A quick retry may follow: the notification stays sending.
+            outcome = replace(final_outcome, status=None, next_attempt_at=None, erase={})
+        self.store(session, notification, outcome, keep=final_outcome)
         if error is not None:
             logger.warning(
                 "notification %d: attempt %d failed: %s",
@@ -223,3 +385,32 @@ class Deliverer:
                 error,
             )
             raise error
+
+    def store(
+        self,
+        session: Session,
+        notification: Notification,
+        outcome: Outcome,
+        keep: Outcome | None = None,
+    ) -> None:
+        """Store `outcome` and show it on `notification`.
+
+        Raises `LeaseLost` if another sender holds the notification now, and
+        `OutcomeNotRecorded` if the database failed: then `keep` (settled: no quick retry
+        follows a database failure) is kept for `Unrecorded` to store later.
+        """
+        try:
+            number = crud.record_outcome(session=session, outcome=outcome)
+        except DATABASE_UNAVAILABLE:
+            with suppress(Exception):
+                session.rollback()
+            kept = keep or outcome
+            self.unrecorded.keep(kept)
+            logger.error(
+                "notification %d: database unavailable, outcome kept to record later",
+                kept.notification_id,
+            )
+            raise OutcomeNotRecorded(kept) from None
+        if number is None:
+            raise LeaseLost
+        crud.apply_outcome(notification, outcome, number)

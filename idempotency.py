@@ -8,6 +8,7 @@ after IDEMPOTENCY_KEY_TTL seconds and are then free for a new request.
 """
 
 import hashlib
+import hmac
 import json
 import time
 from datetime import timedelta
@@ -25,14 +26,28 @@ KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 
 
 def claim_for(
-    key: str | None, *, scope: str, endpoint: str, body: BaseModel, ttl: float, **extra: Any
+    key: str | None,
+    *,
+    scope: str,
+    endpoint: str,
+    body: BaseModel,
+    ttl: float,
+    secret: bytes,
+    **extra: Any,
 ) -> IdempotencyClaim | None:
-    """The claim a request makes with its `Idempotency-Key`, or None without one."""
+    """The claim a request makes with its `Idempotency-Key`, or None without one.
+
+    The fingerprint of a sensitive request is an HMAC under `secret`: a plain hash would
+    give its code back to whoever reads the table and tries every code.
+    """
     if key is None:
         return None
     request = {"endpoint": endpoint, "body": body.model_dump(mode="json"), **extra}
     canonical = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    if getattr(body, "sensitive", False):
+        fingerprint = hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
+    else:
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
     return IdempotencyClaim(
         scope=scope, key=key, fingerprint=fingerprint, ttl=timedelta(seconds=ttl)
     )

@@ -10,16 +10,25 @@ from anyio import to_thread
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from limits.errors import StorageError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
-from db import DATABASE_UNAVAILABLE, make_engine, make_session_factory, run_migrations
-from delivery import Deliverer
+from db import (
+    DATABASE_UNAVAILABLE,
+    ReadinessProbe,
+    make_engine,
+    make_session_factory,
+    run_migrations,
+)
+from delivery import Deliverer, OutcomeNotRecorded, start_recorder
 from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import health, router
 from schemas import printable
-from security import BodySizeLimit, RequireApiKey, ensure_development_key
+from security import BodySizeLimit, RateLimiter, RequireApiKey, ensure_development_key
 from worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -34,12 +43,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        logging.getLogger("uvicorn.access").addFilter(hide_query_strings)
         engine = make_engine(settings)
         if settings.auto_migrate:
             await to_thread.run_sync(run_migrations, engine)
         deliverer, catcher = build_deliverer(settings)
         app.state.settings = settings
         app.state.session_factory = make_session_factory(engine)
+        app.state.readiness = ReadinessProbe(make_engine(settings, pool_size=1))
+        app.state.limiter = RateLimiter(
+            settings.rate_limit_storage, prefix=settings.rate_limit_prefix
+        )
         if settings.uses_dev_mail_catcher and settings.bootstrap_api_key is None:
             await to_thread.run_sync(development_key, settings, app.state.session_factory)
         app.state.deliverer = deliverer
@@ -49,18 +63,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker_thread = threading.Thread(target=worker.run, name="delivery-worker", daemon=True)
         if settings.worker_in_api:
             worker_thread.start()
+        stop_recorder = start_recorder(deliverer.unrecorded, app.state.session_factory)
         try:
             yield
         finally:
             if worker_thread.is_alive():
                 worker.stop()
                 await to_thread.run_sync(worker_thread.join)
+            await to_thread.run_sync(stop_recorder)
+            app.state.readiness.close()
             deliverer.mailer.close()
             if catcher is not None:
                 catcher.stop()
             engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from files shipped in a package: the docs work offline.
+    app = FastAPIOffline(
         title="Notification service",
         summary="E-mail notifications for the coworking booking system, with their history.",
         version="1.0.0",
@@ -70,18 +88,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so it runs first: no key, no body read, whatever its size.
-    documentation = {
-        app.docs_url,
-        app.redoc_url,
-        app.openapi_url,
-        app.swagger_ui_oauth2_redirect_url,
-    }
-    open_paths = {"/healthz", "/readyz"} | {path for path in documentation if path}
-    app.add_middleware(RequireApiKey, open_paths=open_paths)
+    app.add_middleware(RequireApiKey, protected=router.routes)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
+    app.add_exception_handler(StorageError, database_unavailable)
+    app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     return app
+
+
+def hide_query_strings(record: logging.LogRecord) -> bool:
+    """Access log lines without query strings: they carry recipient addresses."""
+    if isinstance(record.args, tuple) and len(record.args) >= 3:
+        path = record.args[2]
+        if isinstance(path, str) and "?" in path:
+            record.args = (*record.args[:2], path.partition("?")[0], *record.args[3:])
+    return True
 
 
 def development_key(settings: Settings, session_factory: sessionmaker[Session]) -> None:
@@ -124,12 +147,36 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
+    logger.error("storage unavailable during %s %s: %s", request.method, request.url.path, exc)
     return JSONResponse(
         {"detail": "database unavailable, try again later"},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )
+
+
+async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:
+    """The SMTP server answered, the database did not: say so, and which notification."""
+    assert isinstance(exc, OutcomeNotRecorded)
+    return JSONResponse(
+        {
+            "detail": "database unavailable after the SMTP server answered; the outcome is "
+            "recorded on this notification when the database is back: do not send again",
+            "id": exc.outcome.notification_id,
+            "status": "sending",
+        },
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's error body; an unknown path also points to the documentation."""
+    assert isinstance(exc, StarletteHTTPException)
+    body: dict[str, object] = {"detail": exc.detail}
+    if exc.status_code == status.HTTP_404_NOT_FOUND and exc.detail == "Not Found":
+        body["docs"] = "/docs"
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 app = create_app()

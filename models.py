@@ -80,9 +80,16 @@ class NotificationStatus(StrEnum):
 
 
 class AttemptOutcome(StrEnum):
+    """What one attempt came to.
+
+    abandoned  its sender stopped (died, or lost its lease) before recording an outcome:
+               the message may or may not have been delivered
+    """
+
     SENT = "sent"
     TRANSIENT_ERROR = "transient_error"
     PERMANENT_ERROR = "permanent_error"
+    ABANDONED = "abandoned"
 
 
 def _str_enum(enum: type[StrEnum]) -> Enum:
@@ -125,10 +132,11 @@ class Notification(Base):
     subject: Mapped[str | None] = mapped_column(String(998))
     text: Mapped[str] = mapped_column(Text)
     # A sensitive text (a code, a reset link) is erased once the notification is settled;
-    # its length and SHA-256 stay as evidence of what was sent.
+    # its length and an HMAC under SECRET_KEY stay as evidence of what was sent (a plain
+    # hash of a six-digit code is reversed by trying a million codes).
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     text_length: Mapped[int | None] = mapped_column(Integer)
-    text_sha256: Mapped[str | None] = mapped_column(String(64))
+    text_hmac: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[NotificationStatus] = mapped_column(_str_enum(NotificationStatus))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     message_id: Mapped[str | None] = mapped_column(String(255))
@@ -238,13 +246,3 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-
-
-class RateCounter(Base):
-    """Hits in one fixed window, shared by every replica: `key:<id>` or `rcpt:<address>`."""
-
-    __tablename__ = "rate_counters"
-
-    subject: Mapped[str] = mapped_column(String(400), primary_key=True)
-    window_start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
-    hits: Mapped[int] = mapped_column(Integer)

@@ -1,5 +1,6 @@
 """HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
 
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import (
@@ -7,13 +8,15 @@ from fastapi import (
     Depends,
     Header,
     HTTPException,
+    Path,
     Query,
     Request,
     Response,
     Security,
     status,
 )
-from sqlalchemy import text
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,10 +24,11 @@ import crud
 import idempotency
 import security
 from config import Settings
-from db import get_session
+from db import ReadinessProbe, get_session
 from delivery import Deliverer
-from models import ApiKey, Batch, IdempotencyKey, Notification, NotificationStatus
+from models import ApiKey, Batch, IdempotencyKey, Notification, NotificationStatus, utcnow
 from schemas import (
+    MAX_ID,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
@@ -50,7 +54,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_limiter(request: Request) -> security.RateLimiter:
+    limiter: security.RateLimiter = request.app.state.limiter
+    return limiter
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+LimiterDep = Annotated[security.RateLimiter, Depends(get_limiter)]
 DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SendCaller = Annotated[ApiKey, Security(security.authenticate, scopes=[security.Scope.SEND])]
@@ -66,7 +76,13 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-def valid_notification_id(notification_id: int, session: SessionDep) -> Notification:
+# BIGINT ids: anything else is a 422 on every database (SQLite cannot even bind it).
+NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
+BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
+KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+def valid_notification_id(notification_id: NotificationId, session: SessionDep) -> Notification:
     notification = crud.get_notification(session=session, notification_id=notification_id)
     if notification is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "notification not found")
@@ -103,7 +119,10 @@ IDEMPOTENCY: dict[int | str, dict[str, Any]] = {
 }
 DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     status.HTTP_503_SERVICE_UNAVAILABLE: {
-        "description": "The database is unavailable; nothing was sent."
+        "description": "The database (or the rate-limit storage) is unavailable; see "
+        "Retry-After. Nothing was sent, unless the body has an `id` and `status: sending`: "
+        "then the SMTP server answered before the database failed, and the outcome is "
+        "recorded on that notification as soon as the database is back; do not send again."
     }
 }
 
@@ -130,6 +149,7 @@ def notify_email(
     caller: SendCaller,
     session: SessionDep,
     deliverer: DelivererDep,
+    limiter: LimiterDep,
     settings: SettingsDep,
     response: Response,
     prefer: Annotated[
@@ -137,7 +157,11 @@ def notify_email(
     ] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Notification:
-    """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set."""
+    """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set.
+
+    When SYNC_SEND_LIMIT synchronous sends are already in progress, it is queued (202).
+    """
+    check_send_at(data.send_at, settings)
     queued = data.send_at is not None or wants_async(prefer)
     claim = idempotency.claim_for(
         idempotency_key,
@@ -145,40 +169,63 @@ def notify_email(
         endpoint="/notify/email",
         body=data,
         ttl=settings.idempotency_key_ttl,
+        secret=deliverer.key,
         queued=queued,
     )
+    # Slow SMTP must not take every request thread: past the limit, the queue sends it.
+    sync = not queued and deliverer.sync_sends.acquire(blocking=False)
     try:
-        # A repeat is answered before the rate limits are counted: it sends nothing.
-        crud.raise_if_key_used(session=session, claim=claim)
-        allowed, limit, retry_after = security.take_recipients(
-            session=session, settings=settings, caller=caller, recipients=[data.email]
-        )
-        if not allowed:
-            raise security.too_many(
-                f"more than {limit} messages per hour to this address", retry_after
+        try:
+            # A repeat is answered before the rate limits are counted: it sends nothing.
+            crud.raise_if_key_used(session=session, claim=claim)
+            allowed, limit, retry_after = security.take_recipients(
+                limiter=limiter, settings=settings, caller=caller, recipients=[data.email]
             )
-        notification = deliverer.create_email(
-            session=session, data=data, queued=queued, idempotency=claim
-        )
-    except crud.IdempotencyKeyUsed as used:
-        assert claim is not None
-        record = replayed(session, settings, deliverer, claim, used, response)
-        # The key's fingerprint names this endpoint, so it points at a notification.
-        assert record.notification_id is not None
-        replay = crud.get_notification(session=session, notification_id=record.notification_id)
-        assert replay is not None  # the key goes when its notification goes
-        response.status_code = record.status_code or outcome_status(replay)
-        return replay
-    if queued:
-        response.status_code = status.HTTP_202_ACCEPTED
-        if wants_async(prefer):
-            response.headers["Preference-Applied"] = "respond-async"
-        return notification
-    deliverer.deliver(session=session, notification=notification)
+            if not allowed:
+                raise security.too_many(
+                    f"more than {limit} messages per hour to this address", retry_after
+                )
+            notification = deliverer.create_email(
+                session=session, data=data, queued=not sync, idempotency=claim
+            )
+        except crud.IdempotencyKeyUsed as used:
+            assert claim is not None
+            record = replayed(session, settings, deliverer, claim, used, response)
+            # The key's fingerprint names this endpoint, so it points at a notification.
+            assert record.notification_id is not None
+            replay = crud.get_notification(session=session, notification_id=record.notification_id)
+            assert replay is not None  # the key goes when its notification goes
+            response.status_code = record.status_code or outcome_status(replay)
+            return replay
+        if not sync:
+            response.status_code = status.HTTP_202_ACCEPTED
+            if wants_async(prefer):
+                response.headers["Preference-Applied"] = "respond-async"
+            return notification
+        deliverer.deliver(session=session, notification=notification)
+    finally:
+        if sync:
+            deliverer.sync_sends.release()
     response.status_code = outcome_status(notification)
     if claim is not None:
         crud.finish_idempotency_key(session=session, claim=claim, status_code=response.status_code)
     return notification
+
+
+def check_send_at(send_at: datetime | None, settings: Settings) -> None:
+    """A 422 unless `send_at` is within SEND_AT_HORIZON of now (either way)."""
+    horizon = timedelta(seconds=settings.send_at_horizon)
+    if send_at is None or abs(send_at - utcnow()) <= horizon:
+        return
+    raise RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("body", "send_at"),
+                "msg": f"must be within {horizon.days} days of now",
+            }
+        ]
+    )
 
 
 def replayed(
@@ -225,11 +272,13 @@ def notify_bulk(
     caller: SendCaller,
     session: SessionDep,
     deliverer: DelivererDep,
+    limiter: LimiterDep,
     settings: SettingsDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchCreated:
     """Queue one e-mail to each address as a batch; invalid addresses are listed, not fatal."""
+    check_send_at(data.send_at, settings)
     # Checked here, in a worker thread, rather than while the event loop parses the body.
     recipients, rejected = data.recipients()
     if not recipients:
@@ -246,10 +295,11 @@ def notify_bulk(
         endpoint="/notify/bulk",
         body=data,
         ttl=settings.idempotency_key_ttl,
+        secret=deliverer.key,
     )
     try:
         crud.raise_if_key_used(session=session, claim=claim)
-        sendable, limited = within_recipient_limits(session, settings, caller, data, recipients)
+        sendable, limited = within_recipient_limits(limiter, settings, caller, data, recipients)
         rejected = sorted([*rejected, *limited], key=lambda r: r.index)
         batch = deliverer.create_batch(
             session=session, data=data, recipients=sendable, idempotency=claim
@@ -267,7 +317,7 @@ def notify_bulk(
 
 
 def within_recipient_limits(
-    session: Session,
+    limiter: security.RateLimiter,
     settings: Settings,
     caller: ApiKey,
     data: BulkEmailCreate,
@@ -275,7 +325,7 @@ def within_recipient_limits(
 ) -> tuple[list[str], list[RejectedRecipient]]:
     """The recipients still under their hourly limit, and the others as rejected items."""
     allowed, _, _ = security.take_recipients(
-        session=session, settings=settings, caller=caller, recipients=list(recipients)
+        limiter=limiter, settings=settings, caller=caller, recipients=list(recipients)
     )
     limited = [
         RejectedRecipient(index=i, email=data.emails[i], error=security.RECIPIENT_LIMITED)
@@ -292,7 +342,7 @@ def within_recipient_limits(
     responses={status.HTTP_404_NOT_FOUND: {"description": "No such batch."}},
     tags=["history"],
 )
-def read_batch(batch_id: int, session: SessionDep) -> BatchPublic:
+def read_batch(batch_id: BatchId, session: SessionDep) -> BatchPublic:
     """A batch and how many of its notifications are in each status."""
     batch = crud.get_batch(session=session, batch_id=batch_id)
     if batch is None:
@@ -354,15 +404,24 @@ def read_notification(notification: NotificationDep) -> Notification:
 def resend_notification(
     notification: NotificationDep, session: SessionDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
-    """Send a failed notification again; new attempts are added to the same notification."""
-    if not deliverer.claim_for_resend(session=session, notification=notification):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            "the text of this sensitive notification is erased"
-            if notification.text_sha256
-            else f"notification is {notification.status}, only failed ones are resent",
-        )
-    deliverer.deliver(session=session, notification=notification)
+    """Send a failed notification again (or queue it, past SYNC_SEND_LIMIT); new attempts
+    are added to the same notification."""
+    sync = deliverer.sync_sends.acquire(blocking=False)
+    try:
+        if not deliverer.claim_for_resend(
+            session=session, notification=notification, queued=not sync
+        ):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                "the text of this sensitive notification is erased"
+                if notification.text_hmac
+                else f"notification is {notification.status}, only failed ones are resent",
+            )
+        if sync:
+            deliverer.deliver(session=session, notification=notification)
+    finally:
+        if sync:
+            deliverer.sync_sends.release()
     response.status_code = outcome_status(notification, sent=status.HTTP_200_OK)
     return notification
 
@@ -377,9 +436,11 @@ def resend_notification(
     },
     tags=["history"],
 )
-def cancel_notification(notification: NotificationDep, session: SessionDep) -> Notification:
+def cancel_notification(
+    notification: NotificationDep, session: SessionDep, deliverer: DelivererDep
+) -> Notification:
     """Withdraw a queued or scheduled notification before a worker sends it."""
-    if not crud.cancel(session=session, notification=notification):
+    if not crud.cancel(session=session, notification=notification, key=deliverer.key):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"notification is {notification.status}, only queued ones are cancelled",
@@ -395,16 +456,24 @@ def wants_async(prefer: str | None) -> bool:
 
 
 @health.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
+@health.head("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    """The process is alive (answered on the event loop, never behind request threads)."""
     return {"status": "ok"}
 
 
 @health.get("/readyz", responses=DATABASE_DOWN)
-def readyz(session: SessionDep) -> dict[str, str]:
-    """The database answers."""
-    session.execute(text("SELECT 1"))
-    return {"status": "ok"}
+@health.head("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> Any:
+    """The database answers, on a connection and thread of the probe's own (1 s at most)."""
+    probe: ReadinessProbe = request.app.state.readiness
+    if await probe.ready():
+        return {"status": "ok"}
+    return JSONResponse(
+        {"detail": "database unavailable"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
 
 
 @router.post(
@@ -444,7 +513,7 @@ def list_keys(session: SessionDep) -> list[ApiKey]:
     responses={status.HTTP_404_NOT_FOUND: {"description": "No such key."}},
     tags=["keys"],
 )
-def revoke_key(key_id: int, session: SessionDep) -> ApiKey:
+def revoke_key(key_id: KeyId, session: SessionDep) -> ApiKey:
     """Revoke a key: its next request is a 401."""
     api_key = crud.get_api_key(session=session, key_id=key_id)
     if api_key is None:

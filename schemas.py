@@ -11,11 +11,12 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
-    EmailStr,
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -27,6 +28,10 @@ HISTORY_PAGE_MAX = 200
 MAX_BULK_RECIPIENTS = 20_000
 # The scopes an API key can hold (security.Scope).
 API_SCOPES = ("send", "read", "admin")
+# Ids are BIGINT: a larger one names nothing, on SQLite as on PostgreSQL.
+MAX_ID = 2**63 - 1
+# An ISO 8601 date and time; the offset is checked by AwareDatetime.
+ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 # C0 and C1 controls and DEL. Any of them in a header could start a new header line.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -49,14 +54,47 @@ def in_utc(value: datetime | None) -> datetime | None:
         raise ValueError("is out of range") from None
 
 
+def email_address(value: str) -> str:
+    """A valid address: an ASCII one as given (its domain in lower case), so any relay can
+    take it; a non-ASCII one normalised (it needs a relay with SMTPUTF8)."""
+    if HEADER_UNSAFE.search(value):
+        raise ValueError("value is not a valid email address: control characters")
+    try:
+        address = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"value is not a valid email address: {exc}") from None
+    if value.isascii() and address.ascii_email:
+        return address.ascii_email
+    return address.normalized
+
+
+EmailAddress = Annotated[
+    str, AfterValidator(email_address), WithJsonSchema({"type": "string", "format": "email"})
+]
+
+
+def iso_8601(value: object) -> object:
+    if value is not None and not (isinstance(value, str) and ISO_DATETIME.match(value)):
+        raise ValueError("must be an ISO 8601 string with a UTC offset: 2026-11-25T18:00:00+03:00")
+    return value
+
+
+SendAt = Annotated[
+    AwareDatetime | None,
+    BeforeValidator(iso_8601),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
 class EmailContent(BaseModel):
     """A subject and a plain-text body, and when to send them."""
 
     subject: str = Field(min_length=1, max_length=998)
     text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
-    send_at: AwareDatetime | None = Field(
+    send_at: SendAt = Field(
         default=None,
-        description="Send at this time (with a UTC offset) through the queue; answered 202.",
+        description="Send at this time through the queue (answered 202): an ISO 8601 string "
+        "with a UTC offset, at most SEND_AT_HORIZON ahead; a time in the past is due at once.",
     )
     sensitive: bool = Field(
         default=False,
@@ -92,10 +130,10 @@ class EmailContent(BaseModel):
 class EmailNotificationCreate(EmailContent):
     """What the booking and user services send; the body they already use."""
 
-    email: EmailStr
+    email: EmailAddress
 
 
-_email_address = TypeAdapter(EmailStr)
+_email_address = TypeAdapter(EmailAddress)
 
 
 class RejectedRecipient(BaseModel):
@@ -122,7 +160,7 @@ class BulkEmailCreate(EmailContent):
                 error = printable(exc.errors()[0]["msg"])
                 rejected.append(RejectedRecipient(index=index, email=printable(item), error=error))
                 continue
-            # Mailboxes are case-insensitive in practice: one counter and one message each.
+            # Mailboxes are case-insensitive in practice: one message each.
             folded = address.lower()
             if folded in seen:
                 error = f"duplicate of item {seen[folded]}"
@@ -245,7 +283,7 @@ class HistoryCursor(BaseModel):
     """A position in the history: the last row of the page before."""
 
     created_at: AwareDatetime
-    id: int
+    id: int = Field(ge=1, le=MAX_ID)
 
     @field_validator("created_at")
     @classmethod
@@ -271,7 +309,7 @@ class HistoryQuery(BaseModel):
 
     recipient: str | None = Field(default=None, max_length=320)
     status: NotificationStatus | None = None
-    batch_id: int | None = None
+    batch_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     created_from: datetime | None = Field(default=None, description="Inclusive; UTC if no offset.")
     created_to: datetime | None = Field(default=None, description="Exclusive; UTC if no offset.")
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
@@ -286,8 +324,8 @@ class HistoryQuery(BaseModel):
         if HEADER_UNSAFE.search(recipient):
             raise ValueError("must not contain control characters")
         try:
-            return validate_email(recipient, check_deliverability=False).normalized
-        except EmailNotValidError:
+            return email_address(recipient)
+        except ValueError:
             return recipient
 
     @field_validator("created_from", "created_to")

@@ -9,9 +9,15 @@ A key is `ntf_` and 43 URL-safe characters (256 random bits). Only its SHA-256 i
 the key carries enough entropy that a slow password hash would add nothing, and lookup by
 hash lets the check be one indexed query; the found hash is compared in constant time.
 
-Rate limits are fixed windows counted in PostgreSQL (`rate_counters`), so every API replica
-sees the same counts without another service: requests per key per minute, and messages
-per recipient address per hour (the caller's own limit, or the service-wide one).
+Rate limits are moving windows (the `limits` library's moving-window log): a request is
+let through only if fewer than the limit were let through in the window that ends now,
+so no window boundary lets a second burst through and the first refusal comes at the
+limit exactly, however many requests race (the check and the hit are one atomic step
+in the storage). Requests per key per minute; messages per recipient per hour, where a
+recipient is the address folded to lower case without its sub-address (`+tag`), so
+`Ivan+1@example.org` and `ivan@example.org` share one count. RATE_LIMIT_STORAGE says
+where the windows live: `memory://` (one process) or `redis://…` (every process and
+replica shares them).
 
 Command line (the service's settings and database):
     python security.py create NAME --scopes send,read [--recipient-hourly-limit N]
@@ -25,8 +31,9 @@ import hmac
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,22 +42,24 @@ from anyio import to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as Scope_
 
 import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE, get_session
-from models import ApiKey, utcnow
+from models import ApiKey
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "ntf_"
 RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
-# The most rows one key's request counter is split over (see authenticate).
-COUNTER_SHARDS = 8
 # last_used_at is written at most this often per key.
 TOUCH_EVERY = timedelta(seconds=60)
 
@@ -183,11 +192,43 @@ def too_many(detail: str, retry_after: float) -> HTTPException:
     )
 
 
-def window(now: datetime, length: timedelta) -> tuple[datetime, float]:
-    """The start of the fixed window `now` is in, and the seconds until it ends."""
-    seconds = length.total_seconds()
-    start = now.timestamp() // seconds * seconds
-    return datetime.fromtimestamp(start, now.tzinfo), start + seconds - now.timestamp()
+def recipient_subject(address: str) -> str:
+    """The one rate-limit count an address belongs to: letter case and `+tag` folded."""
+    local, _, domain = address.lower().rpartition("@")
+    return f"{local.partition('+')[0]}@{domain}"
+
+
+class RateLimiter:
+    """Moving-window limits on requests per key and messages per recipient."""
+
+    def __init__(self, storage_uri: str, *, prefix: str = "notify") -> None:
+        # wrap_exceptions: a storage outage raises limits.errors.StorageError (a 503).
+        self.storage = storage_from_string(storage_uri, key_prefix=prefix, wrap_exceptions=True)
+        self.strategy = MovingWindowRateLimiter(self.storage)
+
+    def hit(self, item: RateLimitItem, subject: str) -> float | None:
+        """Count one hit on `subject`; None if let through, else seconds until one would be."""
+        if self.strategy.hit(item, subject):
+            return None
+        stats = self.strategy.get_window_stats(item, subject)
+        return max(0.0, stats.reset_time - time.time())
+
+    def take_request(self, api_key: ApiKey, limit: int) -> float | None:
+        return self.hit(RateLimitItemPerMinute(limit), f"key:{api_key.id}")
+
+    def take_recipients(self, addresses: Sequence[str], limit: int) -> tuple[set[str], float]:
+        """Count a message for each address; those let through, and the longest wait of
+        the others."""
+        item = RateLimitItemPerHour(limit)
+        allowed: set[str] = set()
+        wait = 0.0
+        for address in addresses:
+            refused = self.hit(item, f"rcpt:{recipient_subject(address)}")
+            if refused is None:
+                allowed.add(address)
+            else:
+                wait = max(wait, refused)
+        return allowed, wait
 
 
 def identify(*, session: Session, settings: Settings, credentials: str) -> ApiKey | None:
@@ -209,12 +250,15 @@ class RequireApiKey:
     is handed to `authenticate` in the request state; scopes and rate limits stay there.
     """
 
-    def __init__(self, app: ASGIApp, *, open_paths: set[str]) -> None:
+    def __init__(self, app: ASGIApp, *, protected: Sequence[BaseRoute]) -> None:
         self.app = app
-        self.open_paths = open_paths
+        # Any other path is open: health, documentation, and unknown paths (a 404).
+        self.protected = protected
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or not any(
+            route.matches(scope)[0] != Match.NONE for route in self.protected
+        ):
             await self.app(scope, receive, send)
             return
         scheme, _, credentials = (Headers(scope=scope).get("authorization") or "").partition(" ")
@@ -275,13 +319,9 @@ def authenticate(
             status.HTTP_403_FORBIDDEN, f"this API key lacks the scope: {', '.join(missing)}"
         )
     limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
-    start, retry_after = window(utcnow(), timedelta(minutes=1))
-    # Every request of a key would update one counter row and queue on its row lock;
-    # a high limit is split over several rows, each holding its share, picked at random.
-    shards = max(1, min(COUNTER_SHARDS, limit // 100))
-    subject = f"key:{api_key.id}:{secrets.randbelow(shards)}"
-    share = -(-limit // shards)
-    if not crud.take_rate(session=session, subjects=[subject], window_start=start, limit=share):
+    limiter: RateLimiter = request.app.state.limiter
+    retry_after = limiter.take_request(api_key, limit)
+    if retry_after is not None:
         raise too_many(f"more than {limit} requests per minute for this API key", retry_after)
     if api_key.id:
         crud.touch_api_key(session=session, api_key=api_key, every=TOUCH_EVERY)
@@ -300,19 +340,12 @@ def bootstrap_key(settings: Settings, presented: str) -> ApiKey | None:
 
 
 def take_recipients(
-    *, session: Session, settings: Settings, caller: ApiKey, recipients: Sequence[str]
+    *, limiter: RateLimiter, settings: Settings, caller: ApiKey, recipients: Sequence[str]
 ) -> tuple[set[str], int, float]:
-    """Count a message for each address this hour; the addresses within the limit, the
-    limit, and the seconds until the window ends."""
+    """Count a message for each address in the hour that ends now; the addresses within
+    the limit, the limit, and the seconds until a refused one would be let through."""
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
-    start, retry_after = window(utcnow(), timedelta(hours=1))
-    taken = crud.take_rate(
-        session=session,
-        subjects=[f"rcpt:{address.lower()}" for address in recipients],
-        window_start=start,
-        limit=limit,
-    )
-    allowed = {address for address in recipients if f"rcpt:{address.lower()}" in taken}
+    allowed, retry_after = limiter.take_recipients(recipients, limit)
     return allowed, limit, retry_after
 
 

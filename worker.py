@@ -3,9 +3,11 @@
 Eligibility, checked by one UPDATE over rows selected FOR UPDATE SKIP LOCKED:
 - `queued` and `next_attempt_at` has passed (new, scheduled, or backing off), or
 - `sending` under an expired lease: the worker holding it died.
-A claim sets `sending` with a lease of WORKER_LEASE seconds. After one attempt a
+A claim sets `sending` with a lease of WORKER_LEASE seconds; taking over a dead
+sender's notification records its lost attempt as `abandoned`. After one attempt a
 notification is `sent`; or back to `queued` with a later `next_attempt_at` (transient
-failure and attempts left, exponential backoff with jitter); or `failed`.
+failure and attempts left, exponential backoff with jitter); or `failed`. Outcomes the
+database could not take (an outage) are stored before anything new is claimed.
 
 On SIGTERM/SIGINT the worker stops claiming, finishes the message in hand, gives the
 rest of its batch back to the queue and exits. Several workers and API replicas may
@@ -26,8 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import crud
 from config import Settings
 from db import make_engine, make_session_factory
-from delivery import Deliverer
-from models import utcnow
+from delivery import Deliverer, OutcomeNotRecorded, start_recorder
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ class Worker:
         logger.info("worker %s stopped", self.worker_id)
 
     def _housekeeping(self) -> None:
-        """When idle, at most once a minute: forget expired Idempotency-Keys and the
-        rate-limit windows that are over."""
+        """When idle, at most once a minute: forget expired Idempotency-Keys."""
         now = time.monotonic()
         if now < self.next_housekeeping:
             return
@@ -77,7 +77,6 @@ class Worker:
         try:
             with self.session_factory() as session:
                 purged = crud.purge_expired_idempotency_keys(session=session)
-                crud.purge_rate_counters(session=session, before=utcnow() - timedelta(hours=2))
         except Exception:
             logger.exception("worker %s: housekeeping failed", self.worker_id)
             return
@@ -89,6 +88,8 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim one batch and work through it; the number of notifications attempted."""
+        # Our own late outcomes first: their notifications are still leased to us.
+        self.deliverer.unrecorded.flush(self.session_factory)
         lease = timedelta(seconds=self.settings.worker_lease)
         with self.session_factory() as session:
             batch = crud.claim_due(
@@ -97,18 +98,21 @@ class Worker:
                 lease=lease,
                 limit=self.settings.worker_batch_size,
             )
+            # Read now: after a failed commit the objects cannot be read without a query.
+            ids = [n.id for n in batch]
             done = 0
             try:
                 for notification in batch:
                     if self.stopping.is_set():
                         break
-                    done += 1
-                    if not crud.renew_lease(
+                    renewed = crud.renew_lease(
                         session=session,
                         notification=notification,
                         worker_id=self.worker_id,
                         lease=lease,
-                    ):
+                    )
+                    done += 1
+                    if not renewed:
                         logger.warning(
                             "worker %s: notification %d was taken over before its turn",
                             self.worker_id,
@@ -118,10 +122,12 @@ class Worker:
                     self.deliverer.deliver(
                         session=session, notification=notification, quick_retries=False
                     )
+            except OutcomeNotRecorded:
+                logger.warning("worker %s: database unavailable mid-batch", self.worker_id)
             finally:
                 # Stopping, or the database failed: what was not attempted goes back now
                 # rather than when the lease runs out.
-                rest = [n.id for n in batch[done:]]
+                rest = ids[done:]
                 if rest:
                     session.rollback()
                     crud.release(session=session, worker_id=self.worker_id, notification_ids=rest)
@@ -148,9 +154,11 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    stop_recorder = start_recorder(deliverer.unrecorded, worker.session_factory)
     try:
         worker.run()
     finally:
+        stop_recorder()
         deliverer.mailer.close()
         if catcher is not None:
             catcher.stop()

@@ -135,9 +135,10 @@ def start_server(
     starttls: ssl.SSLContext | None = None,
     implicit_tls: ssl.SSLContext | None = None,
     port: int | None = None,
+    smtputf8: bool = False,
 ) -> Controller:
     """Start an SMTP server on a free local port (or `port`); the caller stops it."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
     if credentials is not None:
         kwargs["authenticator"] = credentials
         # smtplib's AUTH LOGIN with an initial response confuses aiosmtpd; PLAIN is unambiguous.
@@ -165,5 +166,6 @@ def start_server(
         starttls=starttls,
         implicit_tls=implicit_tls,
         port=controller.port,
+        smtputf8=smtputf8,
     )
     return controller

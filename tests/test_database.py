@@ -1,16 +1,19 @@
 """The database: outages are a 503 with nothing sent; the schema comes from migrations."""
 
+import hashlib
 from collections.abc import Callable, Iterator
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, make_url
+from sqlalchemy import inspect, make_url, text
 
 from config import Settings
-from db import make_engine
+from db import alembic_config, make_engine, migration_connection, run_migrations
 from models import Base
+from tests import conftest
 from tests.conftest import BOOKING, _admin_connection
 from tests.smtpd import ScriptedHandler
 
@@ -143,3 +146,51 @@ def test_checking_a_stored_key_while_the_database_is_down_is_a_503(
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert client.get("/notifications", headers=reader).status_code == 200
+
+
+def test_an_unreachable_test_database_fails_the_suite_instead_of_skipping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(conftest, "ADMIN_URL", "postgresql://postgres@127.0.0.1:1/test")
+
+    with pytest.raises(pytest.fail.Exception, match="not reachable"):
+        conftest._admin_connection()
+
+
+def test_upgrading_drops_the_plain_hashes_of_erased_texts(
+    create_database: Callable[[], str],
+) -> None:
+    engine = make_engine(Settings(_env_file=None, database_url=create_database()))
+    config = alembic_config()
+    with migration_connection(engine) as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO notifications (id, channel, recipient, subject, text, sensitive,"
+                " text_length, text_sha256, status, attempts, created_at, updated_at)"
+                " VALUES (1, 'email', 'ivan@example.com', 'Код', '', true, 15, :sha, 'sent', 1,"
+                " now(), now())"
+            ),
+            {"sha": hashlib.sha256("Ваш код: 482913".encode()).hexdigest()},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO idempotency_keys (scope, key, fingerprint, notification_id,"
+                " status_code, created_at, expires_at)"
+                " VALUES ('key:0', 'otp-1', :sha, 1, 201, now(), now() + interval '1 day')"
+            ),
+            {"sha": "0" * 64},
+        )
+
+    run_migrations(engine)
+
+    columns = {c["name"] for c in inspect(engine).get_columns("notifications")}
+    with engine.connect() as connection:
+        fingerprint = connection.scalar(text("SELECT fingerprint FROM idempotency_keys"))
+        length = connection.scalar(text("SELECT text_length FROM notifications"))
+    engine.dispose()
+    assert "text_sha256" not in columns
+    assert fingerprint == "erased"
+    assert length == 15

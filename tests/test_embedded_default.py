@@ -1,5 +1,6 @@
 """With no configuration the service runs on SQLite and the development mail catcher."""
 
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from config import Settings
 from db import alembic_config, make_engine, migration_connection, run_migrations
 from mailer import SMTPMailer
 from main import create_app
-from tests.conftest import BOOKING
+from schemas import HistoryCursor
+from tests.conftest import ADMIN_KEY, AUTH, BOOKING
 
 CONFIG_VARIABLES = ("DATABASE_URL", "SMTP_HOST", "SMTP_PORT", "SMTP_USER", "SMTP_PASSWORD")
 
@@ -35,6 +37,7 @@ def test_main_path_on_sqlite_with_the_mail_catcher(tmp_path: Path) -> None:
         smtp_host="",
         dev_mail_dir=tmp_path / "mail",
         dev_api_key_file=tmp_path / "var" / "dev-api-key",
+        dev_secret_key_file=tmp_path / "var" / "secret-key",
     )
 
     with TestClient(create_app(settings)) as client:
@@ -71,10 +74,12 @@ def test_secrets_stay_out_of_reprs() -> None:
         smtp_host="smtp.example.com",
         smtp_user="u",
         smtp_password="hunter2-pass",
+        secret_key="hmac-secret-99",
     )
 
     assert "db-pass-77" not in repr(settings)
     assert "hunter2-pass" not in repr(settings)
+    assert "hmac-secret-99" not in repr(settings)
     assert "hunter2-pass" not in str(settings.model_dump())
     assert "hunter2-pass" not in repr(SMTPMailer.from_settings(settings))
 
@@ -109,3 +114,48 @@ def test_upgrading_sqlite_keeps_every_row(tmp_path: Path) -> None:
         assert connection.execute(text("SELECT version FROM notifications")).scalar() == 1
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
     engine.dispose()
+
+
+TOO_BIG = 2**63
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params"),
+    [
+        ("GET", f"/notifications/{TOO_BIG}", {}),
+        ("POST", f"/notifications/{TOO_BIG}/retry", {}),
+        ("POST", f"/notifications/{TOO_BIG}/cancel", {}),
+        ("GET", f"/batches/{TOO_BIG}", {}),
+        ("POST", f"/keys/{TOO_BIG}/revoke", {}),
+        ("GET", "/notifications", {"batch_id": str(TOO_BIG)}),
+        (
+            "GET",
+            "/notifications",
+            {
+                "cursor": HistoryCursor.model_construct(
+                    created_at=datetime(2026, 11, 25, tzinfo=UTC), id=TOO_BIG
+                ).encode()
+            },
+        ),
+        ("GET", "/notifications/0", {}),
+        ("GET", f"/notifications/-{TOO_BIG + 1}", {}),
+    ],
+)
+def test_ids_out_of_range_are_a_422_on_sqlite(
+    tmp_path: Path, method: str, path: str, params: dict[str, str]
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'notifications.db'}",
+        smtp_host="",
+        dev_mail_dir=tmp_path / "mail",
+        dev_api_key_file=tmp_path / "dev-api-key",
+        dev_secret_key_file=tmp_path / "secret-key",
+        bootstrap_api_key=ADMIN_KEY,
+        worker_in_api=False,
+    )
+
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        response = client.request(method, path, params=params)
+
+    assert response.status_code == 422, response.text

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
@@ -129,9 +129,12 @@ def test_worker_backs_off_on_transient_errors_then_sends(
     assert slow.run_once() == 0, "claimed again before its backoff ran out"
 
     with db() as session:
-        notification = session.get(Notification, queued["id"])
-        assert notification is not None
-        crud.requeue(session=session, notification=notification, at=datetime.now(UTC))
+        session.execute(
+            update(Notification)
+            .where(Notification.id == queued["id"])
+            .values(next_attempt_at=datetime.now(UTC))
+        )
+        session.commit()
     assert slow.run_once() == 1
     done = status_of(queue_client, queued["id"])
     assert (done["status"], done["attempts"]) == ("sent", 2)
@@ -239,25 +242,6 @@ def test_the_api_runs_its_own_worker_by_default(
     assert len(smtp.received) == 1
 
 
-def test_a_synchronous_send_whose_process_died_is_taken_over(
-    smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
-) -> None:
-    data = EmailNotificationCreate.model_validate(BOOKING)
-    with db() as session:
-        # The request stored it, leased it to itself, and died before any attempt.
-        orphan = crud.create_email_notification(
-            session=session, data=data, message_id="<orphan@test>", queued=False, lease=timedelta(0)
-        )
-
-    assert make_worker().run_once() == 1
-
-    with db() as session:
-        notification = session.get(Notification, orphan.id)
-        assert notification is not None
-        assert (notification.status, notification.attempts) == (NotificationStatus.SENT, 1)
-    assert len(smtp.received) == 1
-
-
 def test_a_worker_whose_lease_ran_out_does_not_overwrite_the_new_owner(
     queue_client: TestClient,
     smtp: ScriptedHandler,
@@ -282,9 +266,12 @@ def test_a_worker_whose_lease_ran_out_does_not_overwrite_the_new_owner(
     owner_run.join(10)
 
     stored = status_of(queue_client, queued["id"])
-    assert (stored["status"], stored["attempts"]) == ("sent", 1)
-    assert len(stored["delivery_attempts"]) == 1  # type: ignore[arg-type]
-    # At-least-once: both sends reached the server, only the owner's is recorded.
+    assert (stored["status"], stored["attempts"]) == ("sent", 2)
+    # At-least-once: both sends reached the server, and the history says so: the slow
+    # worker's late outcome fills the attempt the takeover had recorded as abandoned.
+    attempts = stored["delivery_attempts"]
+    assert isinstance(attempts, list)
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "sent"), (2, "sent")]
     assert len(smtp.received) == 2
 
 
@@ -327,3 +314,93 @@ def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert set(delivered) == set(message_ids)
     assert max(delivered.values()) == 1
+
+
+def test_cancel_racing_a_worker_names_the_true_state_every_time(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    worker = make_worker(worker_batch_size=1)
+    outcomes: Counter[str] = Counter()
+    for _ in range(300):
+        queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+        racer = threading.Thread(target=worker.run_once)
+        racer.start()
+        answer = queue_client.post(f"/notifications/{queued['id']}/cancel")
+        racer.join(10)
+        final = status_of(queue_client, queued["id"])["status"]
+        if answer.status_code == 200:
+            assert answer.json()["status"] == "cancelled" == final
+            outcomes["cancelled"] += 1
+            continue
+        assert answer.status_code == 409
+        # The worker had it: sending, or already sent, never "cancelled" or "queued".
+        named = answer.json()["detail"].split()[2].rstrip(",")
+        assert named in {"sending", "sent"}, answer.json()
+        assert final == "sent"
+        outcomes[named] += 1
+
+    sent = sum(1 for r in smtp.received)
+    assert sent == outcomes["sending"] + outcomes["sent"]
+    assert outcomes["cancelled"] + sent == 300
+
+
+def test_a_synchronous_send_whose_process_died_is_taken_over_with_its_lost_attempt(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    # A synchronous send whose process died before it recorded anything.
+    with db() as session:
+        notification = crud.create_email_notification(
+            session=session,
+            data=EmailNotificationCreate(**BOOKING),
+            message_id="<lost@coworking.test>",
+            queued=False,
+            lease=timedelta(seconds=-1),
+        )
+
+    assert make_worker().run_once() == 1
+
+    detail = status_of(queue_client, notification.id)
+    assert detail["status"] == "sent"
+    assert detail["attempts"] == 2
+    attempts = detail["delivery_attempts"]
+    assert isinstance(attempts, list)
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "abandoned"), (2, "sent")]
+    assert "may have been delivered" in attempts[0]["error"]
+
+
+def test_send_at_in_the_past_is_due_at_once(
+    queue_client: TestClient, smtp: ScriptedHandler, make_worker: Callable[..., Worker]
+) -> None:
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    queued = queue_client.post("/notify/email", json={**BOOKING, "send_at": an_hour_ago})
+
+    assert queued.status_code == 202
+    assert make_worker().run_once() == 1
+    assert len(smtp.received) == 1
+
+
+@pytest.mark.parametrize(
+    "send_at",
+    [
+        1764046800000,
+        "1764046800",
+        "2026-11-25T06:00:00",
+        "9999-12-31T23:59:59+00:00",
+        "0001-01-01T00:00:00+00:00",
+        (datetime.now(UTC) + timedelta(days=400)).isoformat(),
+    ],
+)
+def test_send_at_must_be_an_iso_string_with_an_offset_within_the_horizon(
+    queue_client: TestClient, smtp: ScriptedHandler, send_at: object
+) -> None:
+    response = queue_client.post("/notify/email", json={**BOOKING, "send_at": send_at})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][-1] == "send_at"
+    assert queue_client.get("/notifications").json()["data"] == []

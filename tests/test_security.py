@@ -1,21 +1,25 @@
 """API keys and scopes, rate limits, sensitive notifications, and hostile input."""
 
 import hashlib
+import json
 import logging
+import threading
+import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from fastapi.testclient import TestClient
+from limits import RateLimitItemPerSecond
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 import security
 from config import Settings
-from models import ApiKey, Notification, RateCounter, utcnow
-from tests.conftest import ADMIN_KEY, BOOKING
+from models import ApiKey, IdempotencyKey, Notification
+from tests.conftest import ADMIN_KEY, BOOKING, SECRET_KEY
 from tests.smtpd import ScriptedHandler
 
 OPEN = {"/healthz", "/readyz"}
@@ -181,7 +185,7 @@ def test_a_sensitive_text_is_never_shown_and_erased_after_delivery(
         assert stored is not None
         assert stored.text == ""
         assert stored.text_length == len(code["text"])
-        assert stored.text_sha256 == hashlib.sha256(code["text"].encode()).hexdigest()
+        assert stored.text_hmac == crud.text_hmac(SECRET_KEY.encode(), code["text"])
     assert "482913" not in caplog.text
 
 
@@ -312,18 +316,6 @@ def test_secrets_stay_out_of_reprs_and_logs(
     assert ADMIN_KEY not in caplog.text
 
 
-def test_old_rate_windows_are_purged(db: sessionmaker[Session]) -> None:
-    now = utcnow()
-    with db() as session:
-        for start in (now - timedelta(hours=3), now):
-            crud.take_rate(
-                session=session, subjects=["rcpt:a@example.com"], window_start=start, limit=5
-            )
-
-        assert crud.purge_rate_counters(session=session, before=now - timedelta(hours=2)) == 1
-        assert [c.window_start for c in session.scalars(select(RateCounter))] == [now]
-
-
 def test_case_variants_of_one_address_are_one_recipient(client: TestClient) -> None:
     key = new_key(client, ["send"], recipient_hourly_limit=1)
     variants = ["ivan@example.com", "Ivan@example.com", "IVAN@EXAMPLE.COM", "iVaN@example.com"]
@@ -413,3 +405,95 @@ def test_without_a_key_the_body_is_never_read(
 
     assert response.status_code == 401
     assert call(client, "GET", "/openapi.json", headers={"Authorization": ""}) == 200
+
+
+def test_a_moving_window_lets_no_second_burst_through_at_a_window_boundary(
+    settings: Settings,
+) -> None:
+    limiter = security.RateLimiter(settings.rate_limit_storage, prefix=f"boundary-{uuid4()}")
+    ten_per_two_seconds = RateLimitItemPerSecond(10, 2)
+    # Just before a two-second boundary, then just after it: a fixed window would count
+    # the two bursts in different windows and let all twenty through.
+    time.sleep((1.7 - time.time() % 2) % 2)
+    before = [limiter.hit(ten_per_two_seconds, "key:1") is None for _ in range(10)]
+    time.sleep(2 - time.time() % 2 + 0.05)
+    after = [limiter.hit(ten_per_two_seconds, "key:1") is None for _ in range(10)]
+
+    assert before == [True] * 10
+    assert after == [False] * 10
+    time.sleep(2)
+    assert limiter.hit(ten_per_two_seconds, "key:1") is None
+
+
+def test_racing_requests_meet_the_limit_exactly(client: TestClient) -> None:
+    key = new_key(client, ["read"], requests_per_minute=50)
+    statuses: list[int] = []
+
+    def caller() -> None:
+        for _ in range(5):
+            statuses.append(call(client, "GET", "/notifications", headers=bearer(key)))
+
+    callers = [threading.Thread(target=caller) for _ in range(16)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(60)
+
+    assert len(statuses) == 80
+    assert (statuses.count(200), statuses.count(429)) == (50, 30)
+
+
+def test_sub_addresses_and_letter_case_share_one_recipient_limit(
+    client: TestClient, smtp: ScriptedHandler
+) -> None:
+    key = new_key(client, ["send"], recipient_hourly_limit=3)
+    variants = ["victim@example.org"] + [f"Victim+{i}@example.org" for i in range(1, 6)]
+
+    statuses = [
+        call(client, "POST", "/notify/email", json={**BOOKING, "email": e}, headers=bearer(key))
+        for e in variants
+    ]
+
+    assert statuses == [201, 201, 201, 429, 429, 429]
+    assert len(smtp.received) == 3
+
+
+def test_an_erased_code_cannot_be_found_by_trying_every_code(
+    client: TestClient, db: sessionmaker[Session]
+) -> None:
+    code = {**BOOKING, "subject": "Код", "text": "Ваш код: 482913", "sensitive": True}
+    sent = client.post("/notify/email", json=code, headers={"Idempotency-Key": "otp-1"})
+    assert sent.status_code == 201
+    with db() as session:
+        stored = session.get(Notification, sent.json()["id"])
+        assert stored is not None
+        evidence = stored.text_hmac
+        fingerprint = session.scalars(select(IdempotencyKey.fingerprint)).one()
+    assert evidence is not None
+
+    # What an attacker with the database (and not SECRET_KEY) would try: every code, as
+    # the text alone and as the request whose fingerprint the key stores.
+    request = json.dumps(
+        {
+            "body": {**code, "send_at": None, "email": BOOKING["email"]},
+            "endpoint": "/notify/email",
+            "queued": False,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    head, tail = request.split("482913")
+    found = [
+        n
+        for n in range(1_000_000)
+        if hashlib.sha256(f"Ваш код: {n:06d}".encode()).hexdigest() == evidence
+        or hashlib.sha256(f"{head}{n:06d}{tail}".encode()).hexdigest() == fingerprint
+    ]
+
+    assert found == []
+    # The same request is still recognised as a repeat.
+    again = client.post("/notify/email", json=code, headers={"Idempotency-Key": "otp-1"})
+    assert again.headers["idempotent-replayed"] == "true"
+    # And the evidence still proves what was sent, to whoever holds the key.
+    assert evidence == crud.text_hmac(SECRET_KEY.encode(), "Ваш код: 482913")

@@ -1,11 +1,12 @@
 """POST /notify/email: what arrives at the SMTP server and what is stored."""
 
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
 from fastapi.testclient import TestClient
 
 from tests.conftest import BOOKING
-from tests.smtpd import ScriptedHandler
+from tests.smtpd import ScriptedHandler, start_server
 
 
 def test_cyrillic_subject_and_body_arrive_intact(client: TestClient, smtp: ScriptedHandler) -> None:
@@ -82,3 +83,52 @@ def test_notification_is_stored_as_sending_before_the_smtp_conversation(
         sender.join(10)
     assert result["status"] == 201
     assert client.get(f"/notifications/{in_flight['id']}").json()["status"] == "sent"
+
+
+def test_a_sent_attempt_records_the_servers_250(client: TestClient, smtp: ScriptedHandler) -> None:
+    created = client.post("/notify/email", json=BOOKING).json()
+
+    [attempt] = created["delivery_attempts"]
+    assert (attempt["outcome"], attempt["smtp_code"]) == ("sent", 250)
+    stored = client.get(f"/notifications/{created['id']}").json()
+    assert stored["delivery_attempts"][0]["smtp_code"] == 250
+
+
+def test_an_ascii_idn_address_goes_out_as_given(client: TestClient, smtp: ScriptedHandler) -> None:
+    # The test server does not offer SMTPUTF8, like many relays.
+    address = "ivan@xn--e1afmkfd.xn--p1ai"
+
+    response = client.post("/notify/email", json={**BOOKING, "email": address})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["recipient"] == address
+    assert smtp.received[0].rcpt_tos == [address]
+    history = client.get("/notifications", params={"recipient": address}).json()["data"]
+    assert [n["id"] for n in history] == [response.json()["id"]]
+
+
+def test_a_non_ascii_address_needs_a_relay_with_smtputf8(
+    make_client: Callable[..., TestClient],
+) -> None:
+    address = "иван@пример.рф"
+    plain = ScriptedHandler()
+    start_server(plain)
+    international = ScriptedHandler()
+    start_server(international, smtputf8=True)
+    try:
+        refused = make_client(smtp_port=plain.port).post(
+            "/notify/email", json={**BOOKING, "email": address}
+        )
+        accepted = make_client(smtp_port=international.port).post(
+            "/notify/email", json={**BOOKING, "email": address}
+        )
+    finally:
+        plain.stop()
+        international.stop()
+
+    assert refused.status_code == 502
+    assert refused.json()["attempts"] == 1, "a permanent failure: not retried"
+    assert "SMTPUTF8" in refused.json()["error_message"]
+    assert plain.received == []
+    assert accepted.status_code == 201, accepted.text
+    assert international.received[0].rcpt_tos == [address]

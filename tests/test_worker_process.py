@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import PROJECT_DIR, Settings
 from models import Notification, NotificationStatus
-from tests.conftest import queue_messages
+from tests.conftest import SECRET_KEY, queue_messages
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -36,6 +36,7 @@ def start_worker(
             "SMTP_HOST": settings.smtp_host,
             "SMTP_PORT": str(settings.smtp_port),
             "EMAIL_FROM": settings.email_from,
+            "SECRET_KEY": SECRET_KEY,
             "WORKER_BATCH_SIZE": str(BATCH),
             "WORKER_LEASE": "1",
             "WORKER_POLL_INTERVAL": "0.05",

@@ -1,0 +1,141 @@
+"""Real faults for tests: a TCP link to PostgreSQL that can be cut, an SMTP server that
+never answers, and the app served by a real uvicorn on a local port."""
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+from tests.smtpd import free_port
+
+
+class CuttableLink:
+    """A TCP relay to `upstream`. `cut()` drops every open connection and refuses new ones
+    until `restore()`: what a client sees of a database restart (cut, then restore at
+    once) or of a stopped database (restored later)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.refusing = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def cut(self) -> None:
+        self.refusing.set()
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for sock in sockets:
+            _drop(sock)
+
+    def restore(self) -> None:
+        self.refusing.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing.is_set():
+                _drop(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                _drop(client)
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, target), name="link-pump", daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open -= {source, target}
+            _drop(source)
+            _drop(target)
+
+
+def _drop(sock: socket.socket) -> None:
+    # shutdown() wakes a thread blocked in recv() on it; close() alone may not.
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class SilentSMTPServer:
+    """Accepts TCP connections and never says a word (not even its greeting)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.port: int = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="silent-smtp", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            _drop(connection)
+
+
+class LiveServer:
+    """`app` served by uvicorn in a thread, lifespan included."""
+
+    def __init__(self, app: FastAPI) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{config.port}"
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "uvicorn to start")
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

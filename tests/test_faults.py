@@ -1,0 +1,268 @@
+"""Fault runs as tests: PostgreSQL cut away under load, and an SMTP server that never
+answers, against the service served by a real uvicorn."""
+
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event, make_url, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings
+from main import create_app
+from models import DeliveryAttempt, Notification, NotificationStatus
+from tests.conftest import AUTH, BOOKING, drain
+from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
+from tests.smtpd import ScriptedHandler
+from worker import Worker
+
+
+@pytest.fixture
+def link(database_url: str) -> Iterator[CuttableLink]:
+    url = make_url(database_url)
+    link = CuttableLink((url.host or "127.0.0.1", url.port or 5432))
+    yield link
+    link.close()
+
+
+def through(link: CuttableLink, settings: Settings, **changes: Any) -> Settings:
+    """`settings` with the database reached through `link`."""
+    url = make_url(settings.database_url).set(port=link.port)
+    return Settings(
+        _env_file=None,
+        **(
+            settings.model_dump()
+            | {"database_url": url.render_as_string(hide_password=False)}
+            | changes
+        ),
+    )
+
+
+def test_postgresql_restarted_and_stopped_under_synchronous_load(
+    settings: Settings,
+    link: CuttableLink,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    app = create_app(through(link, settings, worker_in_api=False, worker_lease=30))
+    results: list[tuple[Any, Any, str]] = []
+    done = threading.Event()
+
+    def caller(n: int) -> None:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
+            i = 0
+            while not done.is_set():
+                email = f"load-{n}-{i}@example.com"
+                i += 1
+                try:
+                    response = http.post("/notify/email", json={**BOOKING, "email": email})
+                except httpx.TransportError as exc:
+                    results.append(("dropped", repr(exc), email))
+                    continue
+                results.append((response.status_code, response.json(), email))
+
+    with LiveServer(app) as server:
+        callers = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
+        for thread in callers:
+            thread.start()
+        time.sleep(1.5)
+        link.cut()  # a restart: every connection dropped, back at once
+        time.sleep(0.2)
+        link.restore()
+        time.sleep(1.5)
+        link.cut()  # a stop: refused for three seconds
+        time.sleep(3)
+        link.restore()
+        time.sleep(1.5)
+        done.set()
+        for thread in callers:
+            thread.join(60)
+        deliverer = app.state.deliverer
+        wait_for(lambda: len(deliverer.unrecorded) == 0, 10, "late outcomes to be recorded")
+
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses["dropped"] == 0, [r for r in results if r[0] == "dropped"][:3]
+    assert set(statuses) <= {201, 503}, statuses
+    assert statuses[503] > 0, "the outage was not met"
+    with db() as session:
+        rows = {n.recipient: n for n in session.scalars(select(Notification))}
+    for status, body, email in results:
+        if status == 201:
+            assert rows[email].status == NotificationStatus.SENT
+            assert rows[email].id == body["id"]
+        elif "id" in body:
+            # SMTP had taken it: the outcome was kept and recorded once the database was back.
+            assert body["status"] == "sending"
+            assert rows[email].status == NotificationStatus.SENT
+    # Nothing is left for a takeover to send again, and a worker finds nothing to do.
+    assert [n.id for n in rows.values() if n.status == NotificationStatus.SENDING] == []
+    drain(make_worker())
+    delivered = Counter(r.message["Message-ID"] for r in smtp.received)
+    assert max(delivered.values()) == 1, "a message was delivered twice"
+    sent = {n.message_id for n in rows.values() if n.status == NotificationStatus.SENT}
+    assert set(delivered) == sent
+
+
+def test_a_send_the_database_cannot_record_is_a_503_and_is_recorded_later_not_resent(
+    settings: Settings,
+    link: CuttableLink,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_client: Callable[..., TestClient],
+    make_worker: Callable[..., Worker],
+) -> None:
+    changed = through(link, settings, worker_in_api=False, worker_lease=2)
+    client = make_client(**changed.model_dump())
+    smtp.gate = threading.Event()
+    answers: list[Any] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(client.post("/notify/email", json=BOOKING))
+    )
+    sender.start()
+    assert smtp.data_started.wait(10)
+
+    link.cut()  # the database goes while the SMTP server is taking the message
+    smtp.gate.set()
+    sender.join(30)
+    [answer] = answers
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"]
+    assert answer.json()["status"] == "sending"
+    notification_id = answer.json()["id"]
+    link.restore()
+
+    def recorded() -> bool:
+        with db() as session:
+            found = session.get(Notification, notification_id)
+            return found is not None and found.status == NotificationStatus.SENT
+
+    wait_for(recorded, 5, "the kept outcome to be recorded")
+    time.sleep(2.1)  # the lease has run out: a takeover would send it again
+    drain(make_worker())
+    assert len(smtp.received) == 1
+    detail = client.get(f"/notifications/{notification_id}").json()
+    assert [(a["outcome"], a["smtp_code"]) for a in detail["delivery_attempts"]] == [("sent", 250)]
+
+
+def test_the_response_needs_no_query_after_the_send(
+    settings: Settings,
+    link: CuttableLink,
+    smtp: ScriptedHandler,
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(**through(link, settings, worker_in_api=False).model_dump())
+    smtp.gate = threading.Event()
+    answers: list[Any] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(client.post("/notify/email", json=BOOKING))
+    )
+    sender.start()
+    assert smtp.data_started.wait(10)
+
+    # The outcome is stored; then the database goes before anything else could be read,
+    # and the request's session is closed on a dead connection.
+    def cut_after_commit(*_: Any) -> None:
+        link.cut()
+
+    session_factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    event.listen(session_factory, "after_commit", cut_after_commit)
+    smtp.gate.set()
+    sender.join(30)
+    event.remove(session_factory, "after_commit", cut_after_commit)
+
+    [answer] = answers
+    assert answer.status_code == 201, answer.text
+    assert [a["outcome"] for a in answer.json()["delivery_attempts"]] == ["sent"]
+
+
+def test_health_answers_at_once_while_every_request_thread_waits_on_a_silent_smtp_server(
+    settings: Settings,
+) -> None:
+    silent = SilentSMTPServer()
+    # More sends allowed than there are request threads (40): every one of them is stuck.
+    app = create_app(
+        settings.model_copy(
+            update={
+                "smtp_port": silent.port,
+                "smtp_timeout": 4,
+                "retry_attempts": 1,
+                "sync_send_limit": 100,
+                "worker_in_api": False,
+            }
+        )
+    )
+    timings: list[float] = []
+    with LiveServer(app) as server:
+        senders = [
+            threading.Thread(
+                target=httpx.post,
+                args=(f"{server.url}/notify/email",),
+                kwargs={"json": BOOKING, "headers": AUTH, "timeout": 60},
+            )
+            for _ in range(50)
+        ]
+        for thread in senders:
+            thread.start()
+        wait_for(lambda: len(silent.connections) >= 8, 10, "the sends to reach SMTP")
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for path in ["/healthz", "/readyz"] * 5:
+                started = time.monotonic()
+                response = http.request("HEAD" if len(timings) % 3 == 2 else "GET", path)
+                timings.append(time.monotonic() - started)
+                assert response.status_code == 200
+        for thread in senders:
+            thread.join(60)
+    silent.close()
+
+    assert statistics.median(timings) < 0.1, timings
+    assert max(timings) < 0.5, timings
+
+
+def test_synchronous_sends_past_the_limit_go_to_the_queue(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    silent = SilentSMTPServer()
+    app = create_app(
+        settings.model_copy(
+            update={
+                "smtp_port": silent.port,
+                "smtp_timeout": 3,
+                "retry_attempts": 1,
+                "sync_send_limit": 4,
+                "worker_in_api": False,
+            }
+        )
+    )
+    answers: list[tuple[int, float]] = []
+
+    def send() -> None:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/notify/email", json=BOOKING, headers=AUTH, timeout=60)
+        answers.append((response.status_code, time.monotonic() - started))
+
+    with LiveServer(app) as server:
+        senders = [threading.Thread(target=send) for _ in range(12)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(60)
+    silent.close()
+
+    # Four waited for the silent server (then went to the background retries); the
+    # other eight were queued at once.
+    quick = [status for status, took in answers if took < 2]
+    assert quick == [202] * 8, answers
+    assert [status for status, _ in answers].count(202) == 12
+    with db() as session:
+        attempts = session.scalars(select(DeliveryAttempt)).all()
+        assert len(attempts) == 4
+        assert {n.status for n in session.scalars(select(Notification))} == {
+            NotificationStatus.QUEUED
+        }
