@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from db import DATABASE_UNAVAILABLE
 from models import (
     ApiKey,
     AttemptOutcome,
@@ -92,6 +93,79 @@ class IdempotencyClaim:
     key: str
     fingerprint: str
     ttl: timedelta
+
+
+class CommitUnconfirmed(Exception):
+    """The database failed during the COMMIT of new rows: they may or may not be stored.
+
+    `error` is the database's error; the rows are named by their notification id (one
+    send, with the lease `holder` of a synchronous one) or their batch id.
+    """
+
+    def __init__(
+        self,
+        error: Exception,
+        *,
+        notification_id: int | None = None,
+        holder: str | None = None,
+        batch_id: int | None = None,
+    ) -> None:
+        self.what = f"notification {notification_id}" if batch_id is None else f"batch {batch_id}"
+        super().__init__(f"{self.what}: commit unconfirmed")
+        self.error = error
+        self.notification_id = notification_id
+        self.holder = holder
+        self.batch_id = batch_id
+
+
+UNCONFIRMED_ERROR = (
+    "not sent: the database failed while the request was being stored, and the request "
+    "was answered 503"
+)
+
+
+def _commit_new(session: Session, **names: Any) -> None:
+    """Commit new rows, or raise `CommitUnconfirmed` naming them."""
+    try:
+        session.commit()
+    except DATABASE_UNAVAILABLE as exc:
+        raise CommitUnconfirmed(exc, **names) from exc
+
+
+def withdraw_unconfirmed(
+    session: Session, *, unconfirmed: CommitUnconfirmed, erase: dict[str, Any]
+) -> int:
+    """Fail, unattempted, what a request answered 503 may have stored (its commit's
+    answer was lost), so that nothing is sent that its caller was told was not; rows a
+    worker has claimed meanwhile are left to it. How many rows were failed."""
+    if unconfirmed.batch_id is not None:
+        target = Notification.batch_id == unconfirmed.batch_id
+    else:
+        target = Notification.id == unconfirmed.notification_id
+    unsent = or_(
+        Notification.status == NotificationStatus.QUEUED,
+        and_(
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == unconfirmed.holder,
+        ),
+    )
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Notification)
+        .where(target, unsent, Notification.attempts == 0)
+        .values(
+            status=NotificationStatus.FAILED,
+            error_message=UNCONFIRMED_ERROR,
+            next_attempt_at=None,
+            leased_by=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+            version=Notification.version + 1,
+            **erase,
+        ),
+        execution_options=NO_SYNC,
+    )
+    session.commit()
+    return result.rowcount
 
 
 class IdempotencyKeyUsed(Exception):
@@ -181,7 +255,7 @@ def create_email_notification(
         # A queued request's answer is known now; a synchronous one's after the send.
         status_code = 202 if queued else None
         _link_key(session, key_id, notification_id=notification.id, status_code=status_code)
-    session.commit()
+    _commit_new(session, notification_id=notification.id, holder=notification.leased_by)
     # It has no attempts yet: a response can show them without a query.
     set_committed_value(notification, "delivery_attempts", [])
     return notification
@@ -238,7 +312,7 @@ def create_email_batch(
         session.execute(insert(Notification), rows)
     if key_id is not None:
         _link_key(session, key_id, batch_id=batch.id, status_code=202)
-    session.commit()
+    _commit_new(session, batch_id=batch.id)
     return batch
 
 
@@ -336,20 +410,9 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
     stored either way, since it happened. The attempt's number, or None when the lease
     was lost (another sender took the notification over).
     """
-    values: dict[str, Any] = {"updated_at": outcome.finished_at}
+    values = _state_after(outcome)
     if outcome.outcome is not None:
         values["attempts"] = Notification.attempts + 1
-        values["error_message"] = outcome.error
-    if outcome.status is not None:
-        values |= {
-            "status": outcome.status,
-            "next_attempt_at": outcome.next_attempt_at,
-            "leased_by": None,
-            "lease_expires_at": None,
-            **outcome.erase,
-        }
-        if outcome.status == NotificationStatus.SENT:
-            values["sent_at"] = outcome.finished_at
     held = session.execute(
         update(Notification)
         .where(
@@ -417,11 +480,29 @@ def _record_late_attempt(session: Session, notification_id: int, attempt: dict[s
         )
 
 
+def _state_after(outcome: Outcome) -> dict[str, Any]:
+    """The notification's columns as `outcome` leaves them (but its attempt count)."""
+    values: dict[str, Any] = {"updated_at": outcome.finished_at}
+    if outcome.outcome is not None:
+        values["error_message"] = outcome.error
+    if outcome.status is not None:
+        values |= {
+            "status": outcome.status,
+            "next_attempt_at": outcome.next_attempt_at,
+            "leased_by": None,
+            "lease_expires_at": None,
+            **outcome.erase,
+        }
+        if outcome.status == NotificationStatus.SENT:
+            values["sent_at"] = outcome.finished_at
+    return values
+
+
 def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> None:
     """Show a stored outcome on the in-memory notification, as committed (no query)."""
-    changes: dict[str, Any] = {"updated_at": outcome.finished_at}
+    changes: dict[str, Any] = {}
     if outcome.outcome is not None:
-        changes |= {"attempts": number, "error_message": outcome.error}
+        changes["attempts"] = number
         if "delivery_attempts" not in inspect(notification).unloaded:
             attempt = DeliveryAttempt(
                 notification_id=outcome.notification_id,
@@ -433,16 +514,7 @@ def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> 
                 error=outcome.error,
             )
             changes["delivery_attempts"] = [*notification.delivery_attempts, attempt]
-    if outcome.status is not None:
-        changes |= {
-            "status": outcome.status,
-            "next_attempt_at": outcome.next_attempt_at,
-            "leased_by": None,
-            "lease_expires_at": None,
-            **outcome.erase,
-        }
-        if outcome.status == NotificationStatus.SENT:
-            changes["sent_at"] = outcome.finished_at
+    changes |= _state_after(outcome)
     changes["version"] = notification.version + 1
     for name, value in changes.items():
         set_committed_value(notification, name, value)

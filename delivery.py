@@ -13,9 +13,10 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.message import EmailMessage
+from functools import partial
 
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
@@ -62,43 +63,48 @@ class LeaseLost(Exception):
     """Another sender took the notification over; what happens next is theirs."""
 
 
+@dataclass(frozen=True)
+class LateWrite:
+    """A write the database could not take: `what` it is about, and how to make it."""
+
+    what: str
+    write: Callable[[Session], object]
+
+
 class Unrecorded:
-    """Outcomes the database could not take, kept until it can."""
+    """Writes the database could not take (an outcome after SMTP answered, a withdrawal
+    after a commit whose answer was lost), kept until it can."""
 
     def __init__(self) -> None:
-        self._outcomes: list[Outcome] = []
+        self._writes: list[LateWrite] = []
         self._lock = threading.Lock()
         self.waiting = threading.Event()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._outcomes)
+            return len(self._writes)
 
-    def keep(self, outcome: Outcome) -> None:
+    def keep(self, what: str, write: Callable[[Session], object]) -> None:
         with self._lock:
-            self._outcomes.append(outcome)
+            self._writes.append(LateWrite(what, write))
         self.waiting.set()
 
     def flush(self, session_factory: sessionmaker[Session]) -> int:
-        """Store what is kept, oldest first; how many were stored. Raises while the
+        """Make the kept writes, oldest first; how many were made. Raises while the
         database is still down, keeping the rest."""
-        stored = 0
+        made = 0
         while True:
             with self._lock:
-                if not self._outcomes:
+                if not self._writes:
                     self.waiting.clear()
-                    return stored
-                outcome = self._outcomes[0]
+                    return made
+                late = self._writes[0]
             with session_factory() as session:
-                if crud.record_outcome(session=session, outcome=outcome) is None:
-                    logger.warning(
-                        "notification %d: outcome recorded after its lease was lost",
-                        outcome.notification_id,
-                    )
+                late.write(session)
             with self._lock:
-                self._outcomes.remove(outcome)
-            stored += 1
-            logger.info("notification %d: late outcome recorded", outcome.notification_id)
+                self._writes.remove(late)
+            made += 1
+            logger.info("%s: stored late", late.what)
 
     def run(
         self,
@@ -106,24 +112,31 @@ class Unrecorded:
         stopping: threading.Event,
         retry_every: float = 0.5,
     ) -> None:
-        """Store kept outcomes as soon as the database takes them, until `stopping`."""
+        """Make kept writes as soon as the database takes them, until `stopping`."""
         while not stopping.is_set():
             if not self.waiting.wait(timeout=retry_every):
                 continue
             try:
                 self.flush(session_factory)
             except Exception as exc:
-                logger.warning("%d outcomes still unrecorded: %s", len(self), exc)
+                logger.warning("%d writes still waiting for the database: %s", len(self), exc)
                 stopping.wait(retry_every)
         with suppress(Exception):
             self.flush(session_factory)
         if len(self):
-            ids = sorted({o.notification_id for o in self._outcomes})
             logger.error(
-                "stopping with unrecorded outcomes of notifications %s: after their leases "
-                "run out they will be attempted again",
-                ids,
+                "stopping with writes the database never took (%s): after their leases run "
+                "out, their notifications will be attempted again",
+                "; ".join(late.what for late in self._writes),
             )
+
+
+def record_late(session: Session, outcome: Outcome) -> None:
+    """Store an outcome kept through an outage."""
+    if crud.record_outcome(session=session, outcome=outcome) is None:
+        logger.warning(
+            "notification %d: outcome recorded after its lease was lost", outcome.notification_id
+        )
 
 
 def start_recorder(
@@ -233,14 +246,18 @@ class Deliverer:
         idempotency: IdempotencyClaim | None = None,
     ) -> Notification:
         """Store a new e-mail notification: to send now, or queued for a worker."""
-        return crud.create_email_notification(
-            session=session,
-            data=data,
-            message_id=new_message_id(self.sender),
-            queued=queued,
-            lease=self.lease,
-            idempotency=idempotency,
-        )
+        try:
+            return crud.create_email_notification(
+                session=session,
+                data=data,
+                message_id=new_message_id(self.sender),
+                queued=queued,
+                lease=self.lease,
+                idempotency=idempotency,
+            )
+        except crud.CommitUnconfirmed as unconfirmed:
+            self.withdraw_later(unconfirmed, data.text if data.sensitive else None)
+            raise unconfirmed.error from None
 
     def create_batch(
         self,
@@ -251,12 +268,27 @@ class Deliverer:
         idempotency: IdempotencyClaim | None = None,
     ) -> Batch:
         """Queue one e-mail per recipient, as one batch."""
-        return crud.create_email_batch(
-            session=session,
-            data=data,
-            recipients=recipients,
-            message_ids=[new_message_id(self.sender) for _ in recipients],
-            idempotency=idempotency,
+        try:
+            return crud.create_email_batch(
+                session=session,
+                data=data,
+                recipients=recipients,
+                message_ids=[new_message_id(self.sender) for _ in recipients],
+                idempotency=idempotency,
+            )
+        except crud.CommitUnconfirmed as unconfirmed:
+            self.withdraw_later(unconfirmed, data.text if data.sensitive else None)
+            raise unconfirmed.error from None
+
+    def withdraw_later(
+        self, unconfirmed: crud.CommitUnconfirmed, sensitive_text: str | None
+    ) -> None:
+        """The request is answered 503 (nothing sent), yet its commit may have been made:
+        once the database is back, fail what it stored before anyone sends it."""
+        erase = crud.erased(sensitive_text, self.key) if sensitive_text is not None else {}
+        self.unrecorded.keep(
+            unconfirmed.what,
+            partial(crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase),
         )
 
     def claim_for_resend(
@@ -405,7 +437,9 @@ class Deliverer:
             with suppress(Exception):
                 session.rollback()
             kept = keep or outcome
-            self.unrecorded.keep(kept)
+            self.unrecorded.keep(
+                f"notification {kept.notification_id}", partial(record_late, outcome=kept)
+            )
             logger.error(
                 "notification %d: database unavailable, outcome kept to record later",
                 kept.notification_id,

@@ -82,7 +82,7 @@ def iso_8601(value: object) -> object:
 SendAt = Annotated[
     AwareDatetime | None,
     BeforeValidator(iso_8601),
-    WithJsonSchema({"type": "string", "format": "date-time"}),
+    WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}),
 ]
 
 

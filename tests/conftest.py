@@ -12,12 +12,19 @@ from typing import Any
 import psycopg2
 import pytest
 import trustme
+from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from db import make_engine, make_session_factory, run_migrations
+from db import (
+    alembic_config,
+    make_engine,
+    make_session_factory,
+    migration_connection,
+    run_migrations,
+)
 from main import build_deliverer, create_app
 from models import Channel, Notification, NotificationStatus, utcnow
 from tests.smtpd import Credentials, ScriptedHandler, start_server
@@ -229,6 +236,14 @@ def queue_messages(db: sessionmaker[Session], count: int, prefix: str = "queued"
         session.execute(insert(Notification), rows)
         session.commit()
     return message_ids
+
+
+def migrate_to(engine: Engine, revision: str) -> None:
+    """Bring `engine`'s database to an older `revision`, to test the upgrade from there."""
+    config = alembic_config()
+    with migration_connection(engine) as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
 
 
 def drain(worker: Worker) -> None:

@@ -23,6 +23,7 @@ class CuttableLink:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.refusing = threading.Event()
+        self.deaf = threading.Event()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
@@ -36,6 +37,13 @@ class CuttableLink:
 
     def restore(self) -> None:
         self.refusing.clear()
+        self.deaf.clear()
+
+    def lose_replies(self, then_cut_after: float) -> None:
+        """From now on the server's replies are lost; the link is cut a moment later. A
+        COMMIT sent meanwhile is made, and the client never learns it was."""
+        self.deaf.set()
+        threading.Timer(then_cut_after, self.cut).start()
 
     def close(self) -> None:
         self.cut()
@@ -58,15 +66,19 @@ class CuttableLink:
                 continue
             with self._lock:
                 self._open |= {client, server}
-            for source, target in ((client, server), (server, client)):
+            for source, target, replies in ((client, server, False), (server, client, True)):
                 threading.Thread(
-                    target=self._pump, args=(source, target), name="link-pump", daemon=True
+                    target=self._pump,
+                    args=(source, target, replies),
+                    name="link-pump",
+                    daemon=True,
                 ).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65536):
-                target.sendall(data)
+                if not (replies and self.deaf.is_set()):
+                    target.sendall(data)
         except OSError:
             pass
         finally:

@@ -4,17 +4,16 @@ import hashlib
 from collections.abc import Callable, Iterator
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, make_url, text
 
 from config import Settings
-from db import alembic_config, make_engine, migration_connection, run_migrations
+from db import make_engine, run_migrations
 from models import Base
 from tests import conftest
-from tests.conftest import BOOKING, _admin_connection
+from tests.conftest import BOOKING, _admin_connection, migrate_to
 from tests.smtpd import ScriptedHandler
 
 
@@ -161,10 +160,7 @@ def test_upgrading_drops_the_plain_hashes_of_erased_texts(
     create_database: Callable[[], str],
 ) -> None:
     engine = make_engine(Settings(_env_file=None, database_url=create_database()))
-    config = alembic_config()
-    with migration_connection(engine) as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0004")
+    migrate_to(engine, "0004")
     with engine.begin() as connection:
         connection.execute(
             text(

@@ -5,16 +5,15 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
-from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from config import Settings
-from db import alembic_config, make_engine, migration_connection, run_migrations
+from db import make_engine, run_migrations
 from mailer import SMTPMailer
 from main import create_app
 from schemas import HistoryCursor
-from tests.conftest import ADMIN_KEY, AUTH, BOOKING
+from tests.conftest import ADMIN_KEY, AUTH, BOOKING, migrate_to
 
 CONFIG_VARIABLES = ("DATABASE_URL", "SMTP_HOST", "SMTP_PORT", "SMTP_USER", "SMTP_PASSWORD")
 
@@ -87,10 +86,7 @@ def test_secrets_stay_out_of_reprs() -> None:
 def test_upgrading_sqlite_keeps_every_row(tmp_path: Path) -> None:
     # Batch migrations rebuild tables on SQLite; the rebuild must not cascade into attempts.
     engine = make_engine(Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'old.db'}"))
-    config = alembic_config()
-    with migration_connection(engine) as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0002")
+    migrate_to(engine, "0002")
     with engine.begin() as connection:
         connection.execute(
             text(

@@ -1,5 +1,6 @@
 """Queued and scheduled delivery through the PostgreSQL-backed worker."""
 
+import random
 import threading
 import time
 from collections import Counter
@@ -324,9 +325,16 @@ def test_cancel_racing_a_worker_names_the_true_state_every_time(
 ) -> None:
     worker = make_worker(worker_batch_size=1)
     outcomes: Counter[str] = Counter()
+    chance = random.Random(300)
+
+    def claim_after(delay: float) -> None:
+        time.sleep(delay)
+        worker.run_once()
+
     for _ in range(300):
         queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
-        racer = threading.Thread(target=worker.run_once)
+        # Spread over the cancel request, so the claim lands before, inside and after it.
+        racer = threading.Thread(target=claim_after, args=(chance.uniform(0, 0.012),))
         racer.start()
         answer = queue_client.post(f"/notifications/{queued['id']}/cancel")
         racer.join(10)
@@ -343,6 +351,7 @@ def test_cancel_racing_a_worker_names_the_true_state_every_time(
         outcomes[named] += 1
 
     sent = sum(1 for r in smtp.received)
+    print("FIGURES cancel racing a worker:", dict(outcomes))
     assert sent == outcomes["sending"] + outcomes["sent"]
     assert outcomes["cancelled"] + sent == 300
 
