@@ -5,6 +5,8 @@ commit, and only while the sender still holds the notification's lease. When the
 database fails after the SMTP server has answered, the outcome is not dropped: it is
 kept in memory (`Unrecorded`) and stored as soon as the database answers again, well
 within the lease, so no other sender takes the notification over and sends it again.
+Likewise a request answered 503 because its COMMIT failed may still have stored its
+notification: it is failed, unsent, once the database is back, so it is never sent later.
 Only a process that dies while it still holds unrecorded outcomes leaves them to the
 takeover (see README: "Database outages").
 """
