@@ -176,6 +176,7 @@ class Bench:
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.tls_port if tls else self.sink_port),
             "BOOTSTRAP_API_KEY": KEY,
+            "SECRET_KEY": "bench-secret-key",
             "WORKER_IN_API": "false",
             "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000000",
             "RATE_LIMIT_PER_RECIPIENT_PER_HOUR": "1000000000",
@@ -285,8 +286,8 @@ class Bench:
 
     def truncate(self) -> None:
         self.sql(
-            "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys,"
-            " rate_counters RESTART IDENTITY"
+            "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys"
+            " RESTART IDENTITY"
         )
 
     def w1_sync(self) -> None:
