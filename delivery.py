@@ -80,6 +80,8 @@ class Unrecorded:
     def __init__(self) -> None:
         self._writes: list[LateWrite] = []
         self._lock = threading.Lock()
+        # The recorder thread and the in-API worker both flush: one write, made once.
+        self._flushing = threading.Lock()
         self.waiting = threading.Event()
 
     def __len__(self) -> int:
@@ -94,6 +96,10 @@ class Unrecorded:
     def flush(self, session_factory: sessionmaker[Session]) -> int:
         """Make the kept writes, oldest first; how many were made. Raises while the
         database is still down, keeping the rest."""
+        with self._flushing:
+            return self._flush(session_factory)
+
+    def _flush(self, session_factory: sessionmaker[Session]) -> int:
         made = 0
         while True:
             with self._lock:

@@ -286,8 +286,7 @@ class Bench:
 
     def truncate(self) -> None:
         self.sql(
-            "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys"
-            " RESTART IDENTITY"
+            "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys RESTART IDENTITY"
         )
 
     def w1_sync(self) -> None:

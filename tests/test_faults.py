@@ -6,6 +6,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -14,9 +16,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
+import crud
 from config import Settings
+from delivery import record_late
 from main import create_app
-from models import DeliveryAttempt, Notification, NotificationStatus
+from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
+from schemas import EmailNotificationCreate
 from tests.conftest import AUTH, BOOKING, drain
 from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
 from tests.smtpd import ScriptedHandler
@@ -311,3 +316,41 @@ def test_synchronous_sends_past_the_limit_go_to_the_queue(
         assert {n.status for n in session.scalars(select(Notification))} == {
             NotificationStatus.QUEUED
         }
+
+
+def test_a_kept_outcome_is_stored_once_however_many_threads_flush(
+    db: sessionmaker[Session], make_worker: Callable[..., Worker]
+) -> None:
+    unrecorded = make_worker().deliverer.unrecorded
+    with db() as session:
+        notification = crud.create_email_notification(
+            session=session,
+            data=EmailNotificationCreate(**BOOKING),
+            message_id="<kept@coworking.test>",
+            queued=False,
+            lease=timedelta(minutes=1),
+        )
+    outcome = crud.Outcome(
+        notification_id=notification.id,
+        holder=notification.leased_by or "",
+        finished_at=utcnow(),
+        outcome=AttemptOutcome.SENT,
+        smtp_code=250,
+        status=NotificationStatus.SENT,
+    )
+    unrecorded.keep("kept", partial(record_late, outcome=outcome))
+    start = threading.Barrier(4)
+
+    def flush() -> None:
+        start.wait()
+        unrecorded.flush(db)
+
+    flushers = [threading.Thread(target=flush) for _ in range(4)]
+    for thread in flushers:
+        thread.start()
+    for thread in flushers:
+        thread.join(10)
+
+    with db() as session:
+        attempts = session.scalars(select(DeliveryAttempt)).all()
+        assert [(a.number, a.outcome) for a in attempts] == [(1, AttemptOutcome.SENT)]
