@@ -341,6 +341,8 @@ class Deliverer:
         except LeaseLost:
             # Our lease ran out and another sender claimed the notification: it is theirs.
             session.refresh(notification)
+            # The attempts too, now: the response must not query while it is written.
+            session.refresh(notification, ["delivery_attempts"])
             session.commit()
             logger.warning("notification %d: lease lost, left to its new owner", notification.id)
             return notification
