@@ -164,6 +164,17 @@ def withdraw_unconfirmed(
         ),
         execution_options=NO_SYNC,
     )
+    # A retry with the same Idempotency-Key is a new request: its first was answered 503.
+    if unconfirmed.batch_id is not None:
+        session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.batch_id == unconfirmed.batch_id)
+        )
+    else:
+        session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.notification_id == unconfirmed.notification_id
+            )
+        )
     session.commit()
     return result.rowcount
 
@@ -534,17 +545,13 @@ def claim_due(
     taken_over = and_(
         Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < now
     )
+    is_due = or_(
+        and_(Notification.status == NotificationStatus.QUEUED, Notification.next_attempt_at <= now),
+        taken_over,
+    )
     due = session.execute(
         select(Notification.id, Notification.status, Notification.updated_at)
-        .where(
-            or_(
-                and_(
-                    Notification.status == NotificationStatus.QUEUED,
-                    Notification.next_attempt_at <= now,
-                ),
-                taken_over,
-            )
-        )
+        .where(is_due)
         # A taken-over send has no next_attempt_at: it is due since its lease ran out.
         .order_by(func.coalesce(Notification.next_attempt_at, Notification.lease_expires_at))
         .limit(limit)
@@ -555,7 +562,8 @@ def claim_due(
         return []
     claimed = session.scalars(
         update(Notification)
-        .where(Notification.id.in_([row.id for row in due]))
+        # Due still: SQLite has no row locks, so a cancel or an outcome may have come first.
+        .where(Notification.id.in_([row.id for row in due]), is_due)
         .values(
             status=NotificationStatus.SENDING,
             leased_by=worker_id,
@@ -569,6 +577,8 @@ def claim_due(
         execution_options=NO_SYNC,
     ).all()
     lost = {row.id: row.updated_at for row in due if row.status == NotificationStatus.SENDING}
+    claimed_ids = {n.id for n in claimed}
+    lost = {i: at for i, at in lost.items() if i in claimed_ids}
     if lost:
         session.execute(
             insert(DeliveryAttempt),

@@ -189,4 +189,7 @@ def test_upgrading_drops_the_plain_hashes_of_erased_texts(
     engine.dispose()
     assert "text_sha256" not in columns
     assert fingerprint == "erased"
+    with engine.connect() as connection:
+        evidence = connection.scalar(text("SELECT text_hmac FROM notifications"))
+    assert evidence == "erased", "an erased text stays erased: it is never resent empty"
     assert length == 15

@@ -29,6 +29,13 @@ UNMATCHABLE = "erased"
 def upgrade() -> None:
     with op.batch_alter_table("notifications") as batch:
         batch.add_column(sa.Column("text_hmac", sa.String(length=64), nullable=True))
+    # Texts erased before: still marked erased (never resent as an empty mail), no hash kept.
+    op.execute(
+        sa.text(
+            "UPDATE notifications SET text_hmac = :erased WHERE text_sha256 IS NOT NULL"
+        ).bindparams(erased=UNMATCHABLE)
+    )
+    with op.batch_alter_table("notifications") as batch:
         batch.drop_column("text_sha256")
     op.execute(
         sa.text(
