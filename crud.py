@@ -21,6 +21,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import text as sql  # `text` is also a column name
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -83,6 +84,8 @@ class Outcome:
     next_attempt_at: datetime | None = None
     # The columns that erase a sensitive text once the notification is settled.
     erase: dict[str, Any] = field(default_factory=dict)
+    # The pending attempt this outcome fills (a worker's batch), if any.
+    attempt_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -531,15 +534,24 @@ def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> 
         set_committed_value(notification, name, value)
 
 
-def claim_due(
-    *, session: Session, worker_id: str, lease: timedelta, limit: int
-) -> list[Notification]:
-    """Lease up to `limit` due notifications to `worker_id`, oldest due first.
+@dataclass(frozen=True)
+class Leased:
+    """A notification claimed by a worker, and the pending attempt written for it."""
+
+    notification: Notification
+    attempt_id: int
+
+
+def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int) -> list[Leased]:
+    """Lease up to `limit` due notifications to `worker_id`, oldest due first, and write
+    a pending attempt for each, in one transaction.
 
     Due: queued with `next_attempt_at` passed, or sending under an expired lease (its
-    sender died). A taken-over send gets an `abandoned` attempt for the attempt its
-    sender never recorded. Rows locked by another claimer are skipped, so no two workers
-    get the same notification. On SQLite there is no row locking: run one worker there.
+    sender died). A taken-over send's lost attempt becomes `abandoned`: its sender's
+    pending attempt, or (a synchronous send keeps none) a new one. Rows locked by another
+    claimer are skipped, and the UPDATE checks again that each row is due, so no two
+    workers get the same notification (on SQLite, which has no row locks, the UPDATE's
+    check is what decides).
     """
     now = utcnow()
     taken_over = and_(
@@ -560,81 +572,122 @@ def claim_due(
     if not due:
         session.commit()
         return []
+    has_pending = (
+        select(DeliveryAttempt.id)
+        .where(
+            DeliveryAttempt.notification_id == Notification.id,
+            DeliveryAttempt.outcome == AttemptOutcome.PENDING,
+        )
+        .exists()
+    )
     claimed = session.scalars(
         update(Notification)
-        # Due still: SQLite has no row locks, so a cancel or an outcome may have come first.
         .where(Notification.id.in_([row.id for row in due]), is_due)
         .values(
             status=NotificationStatus.SENDING,
             leased_by=worker_id,
             lease_expires_at=now + lease,
+            # This claim's attempt, plus the lost one of a synchronous send taken over.
             attempts=Notification.attempts
-            + case((Notification.status == NotificationStatus.SENDING, 1), else_=0),
+            + 1
+            + case(
+                (and_(Notification.status == NotificationStatus.SENDING, ~has_pending), 1),
+                else_=0,
+            ),
             updated_at=now,
             version=Notification.version + 1,
         )
         .returning(Notification),
         execution_options=NO_SYNC,
     ).all()
-    lost = {row.id: row.updated_at for row in due if row.status == NotificationStatus.SENDING}
     claimed_ids = {n.id for n in claimed}
-    lost = {i: at for i, at in lost.items() if i in claimed_ids}
+    lost = {
+        row.id: row.updated_at
+        for row in due
+        if row.status == NotificationStatus.SENDING and row.id in claimed_ids
+    }
     if lost:
+        _abandon(session, claimed, lost, now)
+    attempt_ids = session.scalars(
+        insert(DeliveryAttempt).returning(DeliveryAttempt.id, sort_by_parameter_order=True),
+        [
+            {
+                "notification_id": n.id,
+                "number": n.attempts,
+                "started_at": now,
+                "outcome": AttemptOutcome.PENDING,
+            }
+            for n in claimed
+        ],
+    ).all()
+    session.commit()
+    leased = [Leased(n, a) for n, a in zip(claimed, attempt_ids, strict=True)]
+    return sorted(
+        leased, key=lambda item: (item.notification.next_attempt_at or now, item.notification.id)
+    )
+
+
+def _abandon(
+    session: Session, claimed: Sequence[Notification], lost: dict[int, datetime], now: datetime
+) -> None:
+    """Record the attempts of taken-over sends as abandoned."""
+    abandoned = {"finished_at": now, "outcome": AttemptOutcome.ABANDONED, "error": ABANDONED_ERROR}
+    pending = set(
+        session.scalars(
+            update(DeliveryAttempt)
+            .where(
+                DeliveryAttempt.notification_id.in_(list(lost)),
+                DeliveryAttempt.outcome == AttemptOutcome.PENDING,
+            )
+            .values(**abandoned)
+            .returning(DeliveryAttempt.notification_id),
+            execution_options=NO_SYNC,
+        )
+    )
+    synchronous = [n for n in claimed if n.id in lost and n.id not in pending]
+    if synchronous:
         session.execute(
             insert(DeliveryAttempt),
             [
                 {
                     "notification_id": n.id,
-                    "number": n.attempts,
+                    # The number before this claim's.
+                    "number": n.attempts - 1,
                     "started_at": lost[n.id],
-                    "finished_at": now,
-                    "outcome": AttemptOutcome.ABANDONED,
-                    "error": ABANDONED_ERROR,
+                    **abandoned,
                 }
-                for n in claimed
-                if n.id in lost
+                for n in synchronous
             ],
         )
-    session.commit()
-    return sorted(claimed, key=lambda n: (n.next_attempt_at or now, n.id))
 
 
-def renew_lease(
-    *, session: Session, notification: Notification, worker_id: str, lease: timedelta
-) -> bool:
-    """Extend our lease just before an attempt; False if another claimer took it meanwhile.
-
-    A batch is claimed at once but sent one by one: without this, the last of a slow batch
-    could outlive its lease and be sent by a second worker too. The condition is on the
-    holder, not only the row version: a rollback reloads rows with their new versions.
-    """
-    expires = utcnow() + lease
-    version = session.scalar(
-        update(Notification)
-        .where(
-            Notification.id == notification.id,
-            Notification.status == NotificationStatus.SENDING,
-            Notification.leased_by == worker_id,
-        )
-        .values(lease_expires_at=expires, version=Notification.version + 1)
-        .returning(Notification.version),
-        # Not "evaluate": that would visit every object of the batch in the session.
-        execution_options=NO_SYNC,
-    )
-    session.commit()
-    if version is None:
-        return False
-    set_committed_value(notification, "version", version)
-    set_committed_value(notification, "lease_expires_at", expires)
-    return True
-
-
-def release(*, session: Session, worker_id: str, notification_ids: list[int]) -> int:
-    """Give leased, unattempted notifications back to the queue (a worker shutting down)."""
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+def renew_leases(
+    *, session: Session, worker_id: str, notification_ids: Sequence[int], lease: timedelta
+) -> set[int]:
+    """Extend our lease on a batch's notifications; the ids still ours (the others were
+    taken over: our lease on them had run out)."""
+    kept = session.scalars(
         update(Notification)
         .where(
             Notification.id.in_(notification_ids),
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == worker_id,
+        )
+        .values(lease_expires_at=utcnow() + lease, version=Notification.version + 1)
+        .returning(Notification.id),
+        execution_options=NO_SYNC,
+    ).all()
+    session.commit()
+    return set(kept)
+
+
+def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> int:
+    """Give leased, unattempted notifications back to the queue (a worker stopping), with
+    their pending attempts withdrawn; how many went back."""
+    released = session.scalars(
+        update(Notification)
+        .where(
+            Notification.id.in_([item.notification.id for item in leased]),
             Notification.status == NotificationStatus.SENDING,
             Notification.leased_by == worker_id,
         )
@@ -642,12 +695,136 @@ def release(*, session: Session, worker_id: str, notification_ids: list[int]) ->
             status=NotificationStatus.QUEUED,
             leased_by=None,
             lease_expires_at=None,
+            attempts=Notification.attempts - 1,
             version=Notification.version + 1,
+        )
+        .returning(Notification.id),
+        execution_options=NO_SYNC,
+    ).all()
+    if released:
+        back = set(released)
+        session.execute(
+            delete(DeliveryAttempt).where(
+                DeliveryAttempt.id.in_(
+                    [item.attempt_id for item in leased if item.notification.id in back]
+                ),
+                DeliveryAttempt.outcome == AttemptOutcome.PENDING,
+            )
+        )
+    session.commit()
+    return len(released)
+
+
+# One statement for a whole batch: each row's outcome fills its pending attempt, and its
+# notification's state changes only while this worker still holds it.
+_SETTLE_BATCH = sql(
+    """
+WITH v AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:holders AS varchar[]), CAST(:statuses AS varchar[]),
+        CAST(:next_attempts AS timestamptz[]), CAST(:errors AS text[]),
+        CAST(:finished AS timestamptz[]), CAST(:sent_at AS timestamptz[]),
+        CAST(:text_lengths AS integer[]), CAST(:text_hmacs AS varchar[]),
+        CAST(:attempt_ids AS bigint[]), CAST(:outcomes AS varchar[]),
+        CAST(:started AS timestamptz[]), CAST(:codes AS integer[])
+    ) AS v(id, holder, status, next_attempt_at, error, finished_at, sent_at, text_length,
+           text_hmac, attempt_id, outcome, started_at, smtp_code)
+), settled AS (
+    UPDATE notifications AS n SET
+        status = v.status,
+        next_attempt_at = v.next_attempt_at,
+        error_message = v.error,
+        sent_at = COALESCE(v.sent_at, n.sent_at),
+        updated_at = v.finished_at,
+        leased_by = NULL,
+        lease_expires_at = NULL,
+        text = CASE WHEN v.text_hmac IS NULL THEN n.text ELSE '' END,
+        text_length = COALESCE(v.text_length, n.text_length),
+        text_hmac = COALESCE(v.text_hmac, n.text_hmac),
+        version = n.version + 1
+    FROM v
+    WHERE n.id = v.id AND n.status = 'sending' AND n.leased_by = v.holder
+    RETURNING n.id
+), recorded AS (
+    UPDATE delivery_attempts AS a SET
+        outcome = v.outcome,
+        started_at = v.started_at,
+        finished_at = v.finished_at,
+        smtp_code = v.smtp_code,
+        error = v.error
+    FROM v
+    WHERE a.id = v.attempt_id
+)
+SELECT id FROM settled
+"""
+)
+
+
+def settle_batch(*, session: Session, outcomes: Sequence[Outcome]) -> set[int]:
+    """Store a batch's outcomes in one commit: each fills its pending attempt, and leaves
+    its notification settled (sent, queued for a retry, or failed) while its holder still
+    holds it. The ids whose state was stored; the others were taken over, and only their
+    attempt is stored (it happened all the same)."""
+    if not outcomes:
+        return set()
+    if session.get_bind().dialect.name == "postgresql":
+        settled = set(session.scalars(_SETTLE_BATCH, _settle_columns(outcomes)))
+    else:
+        settled = {o.notification_id for o in outcomes if _settle_one(session, o)}
+    session.commit()
+    return settled
+
+
+def _settle_columns(outcomes: Sequence[Outcome]) -> dict[str, list[Any]]:
+    """The batch's outcomes as one array per column, for `_SETTLE_BATCH`."""
+    for o in outcomes:
+        assert o.status is not None and o.attempt_id is not None, "a batch outcome is final"
+    return {
+        "ids": [o.notification_id for o in outcomes],
+        "holders": [o.holder for o in outcomes],
+        "statuses": [str(o.status) for o in outcomes],
+        "next_attempts": [o.next_attempt_at for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "finished": [o.finished_at for o in outcomes],
+        "sent_at": [
+            o.finished_at if o.status == NotificationStatus.SENT else None for o in outcomes
+        ],
+        "text_lengths": [o.erase.get("text_length") for o in outcomes],
+        "text_hmacs": [o.erase.get("text_hmac") for o in outcomes],
+        "attempt_ids": [o.attempt_id for o in outcomes],
+        "outcomes": [str(o.outcome) for o in outcomes],
+        "started": [o.started_at or o.finished_at for o in outcomes],
+        "codes": [o.smtp_code for o in outcomes],
+    }
+
+
+def _settle_one(session: Session, outcome: Outcome) -> bool:
+    """`settle_batch` for one outcome, in the open transaction (SQLite: local, no round
+    trips to save). Whether the notification's state was stored."""
+    held = session.execute(
+        update(Notification)
+        .where(
+            Notification.id == outcome.notification_id,
+            Notification.status == NotificationStatus.SENDING,
+            Notification.leased_by == outcome.holder,
+        )
+        .values(**_state_after(outcome), version=Notification.version + 1)
+        .returning(Notification.id),
+        execution_options=NO_SYNC,
+    ).first()
+    session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == outcome.attempt_id)
+        .values(
+            outcome=outcome.outcome,
+            started_at=outcome.started_at or outcome.finished_at,
+            finished_at=outcome.finished_at,
+            smtp_code=outcome.smtp_code,
+            error=outcome.error,
         ),
         execution_options=NO_SYNC,
     )
-    session.commit()
-    return result.rowcount
+    return held is not None
 
 
 def cancel(*, session: Session, notification: Notification, key: bytes) -> bool:

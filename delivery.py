@@ -147,6 +147,15 @@ def record_late(session: Session, outcome: Outcome) -> None:
         )
 
 
+def settle_late(session: Session, outcomes: list[Outcome]) -> None:
+    """Store a worker batch's outcomes kept through an outage."""
+    settled = crud.settle_batch(session=session, outcomes=outcomes)
+    if len(settled) < len(outcomes):
+        logger.warning(
+            "%d outcomes recorded after their lease was lost", len(outcomes) - len(settled)
+        )
+
+
 def start_recorder(
     unrecorded: Unrecorded, session_factory: sessionmaker[Session]
 ) -> Callable[[], None]:
@@ -385,6 +394,45 @@ class Deliverer:
         state.attempt_number = attempts
         return float(self.queue_backoff(state))
 
+    def transmit(self, notification: Notification) -> DeliveryError | None:
+        """Hand the message to the SMTP server; the error, or None if it was accepted."""
+        try:
+            self.mailer.send(self.message_for(notification))
+        except DeliveryError as exc:
+            return exc
+        except Exception as exc:
+            # A bug rather than a delivery failure; still leave a final, explained state.
+            logger.exception("notification %d: unexpected error while sending", notification.id)
+            return PermanentDeliveryError(f"internal error: {type(exc).__name__}")
+        return None
+
+    def concluded(
+        self,
+        notification: Notification,
+        error: DeliveryError | None,
+        *,
+        started_at: datetime,
+        attempted: int = 0,
+        attempt_id: int | None = None,
+    ) -> Outcome:
+        """An attempt's outcome, settling the notification (sent, queued or failed);
+        `attempted` counts the attempt if the notification does not yet."""
+        settled = replace(
+            self.settlement(notification, error, attempted=attempted),
+            started_at=started_at,
+            attempt_id=attempt_id,
+        )
+        if error is None:
+            return replace(settled, outcome=AttemptOutcome.SENT, smtp_code=ACCEPTED)
+        return replace(
+            settled,
+            outcome=AttemptOutcome.TRANSIENT_ERROR
+            if isinstance(error, TransientDeliveryError)
+            else AttemptOutcome.PERMANENT_ERROR,
+            smtp_code=error.smtp_code,
+            error=str(error),
+        )
+
     def attempt(self, *, session: Session, notification: Notification, final: bool = False) -> None:
         """One SMTP attempt, stored; raises its `DeliveryError` after storing it.
 
@@ -392,27 +440,8 @@ class Deliverer:
         same commit; otherwise only a success does.
         """
         started_at = utcnow()
-        error: DeliveryError | None = None
-        try:
-            self.mailer.send(self.message_for(notification))
-        except DeliveryError as exc:
-            error = exc
-        except Exception as exc:
-            # A bug rather than a delivery failure; still leave a final, explained state.
-            logger.exception("notification %d: unexpected error while sending", notification.id)
-            error = PermanentDeliveryError(f"internal error: {type(exc).__name__}")
-        settled = replace(self.settlement(notification, error, attempted=1), started_at=started_at)
-        if error is None:
-            final_outcome = replace(settled, outcome=AttemptOutcome.SENT, smtp_code=ACCEPTED)
-        else:
-            final_outcome = replace(
-                settled,
-                outcome=AttemptOutcome.TRANSIENT_ERROR
-                if isinstance(error, TransientDeliveryError)
-                else AttemptOutcome.PERMANENT_ERROR,
-                smtp_code=error.smtp_code,
-                error=str(error),
-            )
+        error = self.transmit(notification)
+        final_outcome = self.concluded(notification, error, started_at=started_at, attempted=1)
         if error is None or final:
             outcome = final_outcome
         else:
@@ -427,6 +456,20 @@ class Deliverer:
                 error,
             )
             raise error
+
+    def settle_batch(self, session: Session, outcomes: list[Outcome]) -> set[int] | None:
+        """Store a worker batch's outcomes; the ids settled (see `crud.settle_batch`), or
+        None if the database failed: then they are kept and stored later."""
+        try:
+            return crud.settle_batch(session=session, outcomes=outcomes)
+        except DATABASE_UNAVAILABLE:
+            with suppress(Exception):
+                session.rollback()
+            self.unrecorded.keep(
+                f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
+            )
+            logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
+            return None
 
     def store(
         self,

@@ -82,10 +82,12 @@ class NotificationStatus(StrEnum):
 class AttemptOutcome(StrEnum):
     """What one attempt came to.
 
+    pending    claimed by a worker, whose batch is being sent (no outcome yet)
     abandoned  its sender stopped (died, or lost its lease) before recording an outcome:
                the message may or may not have been delivered
     """
 
+    PENDING = "pending"
     SENT = "sent"
     TRANSIENT_ERROR = "transient_error"
     PERMANENT_ERROR = "permanent_error"
@@ -190,7 +192,8 @@ class DeliveryAttempt(Base):
     notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # None while pending.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     outcome: Mapped[AttemptOutcome] = mapped_column(_str_enum(AttemptOutcome))
     smtp_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)

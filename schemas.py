@@ -176,7 +176,7 @@ class DeliveryAttemptPublic(BaseModel):
 
     number: int
     started_at: datetime
-    finished_at: datetime
+    finished_at: datetime | None = Field(description="Null while the attempt is pending.")
     outcome: AttemptOutcome
     smtp_code: int | None
     error: str | None

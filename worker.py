@@ -3,15 +3,24 @@
 Eligibility, checked by one UPDATE over rows selected FOR UPDATE SKIP LOCKED:
 - `queued` and `next_attempt_at` has passed (new, scheduled, or backing off), or
 - `sending` under an expired lease: the worker holding it died.
-A claim sets `sending` with a lease of WORKER_LEASE seconds; taking over a dead
-sender's notification records its lost attempt as `abandoned`. After one attempt a
-notification is `sent`; or back to `queued` with a later `next_attempt_at` (transient
-failure and attempts left, exponential backoff with jitter); or `failed`. Outcomes the
-database could not take (an outage) are stored before anything new is claimed.
+A claim sets `sending` with a lease of WORKER_LEASE seconds and writes each
+notification's attempt as `pending`, in one transaction; taking over a dead sender's
+notification records its lost attempt as `abandoned`. The batch is sent over up to
+SMTP_POOL_SIZE connections at once; once half the lease has passed, the lease on what is
+left is renewed (one statement, only where this worker still holds it). Then the whole
+batch is settled in one statement: each notification `sent`; or back to `queued` with a
+later `next_attempt_at` (transient failure and attempts left, exponential backoff with
+jitter); or `failed`. Outcomes the database could not take (an outage) are stored
+before anything new is claimed.
 
-On SIGTERM/SIGINT the worker stops claiming, finishes the message in hand, gives the
+Delivery is at least once: a worker killed mid-batch has sent part of its batch without
+recording it, and those are sent again after the lease runs out, so a crash resends at
+most one batch (WORKER_BATCH_SIZE). Two live workers never send the same notification.
+
+On SIGTERM/SIGINT the worker stops claiming, finishes the messages in hand, gives the
 rest of its batch back to the queue and exits. Several workers and API replicas may
-run at once on PostgreSQL; on SQLite run one.
+run at once, on PostgreSQL (rows locked with SKIP LOCKED) and on SQLite (one writer at
+a time; the claim's UPDATE checks again that each row is still due).
 """
 
 import logging
@@ -20,6 +29,8 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import timedelta
 from types import FrameType
 
@@ -27,8 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from config import Settings
+from crud import Outcome
 from db import make_engine, make_session_factory
-from delivery import Deliverer, OutcomeNotRecorded, start_recorder
+from delivery import Deliverer, start_recorder
+from models import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +65,9 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.stopping = threading.Event()
         self.next_housekeeping = 0.0
+        # Messages sent at once: one per pooled SMTP connection.
+        self.threads = deliverer.mailer.pool_size
+        self.executor: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
         """Work until `stop()`; sleep between empty polls."""
@@ -66,7 +82,14 @@ class Worker:
             if handled == 0:
                 self._housekeeping()
                 self.stopping.wait(self.settings.worker_poll_interval)
+        self.close()
         logger.info("worker %s stopped", self.worker_id)
+
+    def close(self) -> None:
+        """Let the sending threads go."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     def _housekeeping(self) -> None:
         """When idle, at most once a minute: forget expired Idempotency-Keys."""
@@ -98,40 +121,123 @@ class Worker:
                 lease=lease,
                 limit=self.settings.worker_batch_size,
             )
-            # Read now: after a failed commit the objects cannot be read without a query.
-            ids = [n.id for n in batch]
-            done = 0
-            try:
-                for notification in batch:
-                    if self.stopping.is_set():
-                        break
-                    renewed = crud.renew_lease(
-                        session=session,
-                        notification=notification,
-                        worker_id=self.worker_id,
-                        lease=lease,
-                    )
-                    done += 1
-                    if not renewed:
-                        logger.warning(
-                            "worker %s: notification %d was taken over before its turn",
-                            self.worker_id,
-                            notification.id,
-                        )
-                        continue
-                    self.deliverer.deliver(
-                        session=session, notification=notification, quick_retries=False
-                    )
-            except OutcomeNotRecorded:
-                logger.warning("worker %s: database unavailable mid-batch", self.worker_id)
-            finally:
-                # Stopping, or the database failed: what was not attempted goes back now
-                # rather than when the lease runs out.
-                rest = ids[done:]
-                if rest:
-                    session.rollback()
-                    crud.release(session=session, worker_id=self.worker_id, notification_ids=rest)
-            return done
+        if not batch:
+            return 0
+        waiting = deque(batch)
+        # Attempted and not settled yet.
+        outcomes: list[Outcome] = []
+        try:
+            attempted = self._send(waiting, outcomes, lease)
+        finally:
+            # Stopping, or the database failed: what was not attempted goes back now
+            # rather than when the lease runs out.
+            with self.session_factory() as session:
+                if outcomes:
+                    self._settle(session, outcomes)
+                if waiting:
+                    crud.release(session=session, worker_id=self.worker_id, leased=waiting)
+        return attempted
+
+    def _send(self, waiting: deque[crud.Leased], outcomes: list[Outcome], lease: timedelta) -> int:
+        """Send what is `waiting` over up to `smtp_pool_size` connections at once, adding
+        to `outcomes`; once half the lease has passed, settle what was sent and renew the
+        lease on the rest. What is left in `waiting` was not attempted (stopping, or taken
+        over). How many were attempted."""
+        attempted = 0
+        # Futures of the messages being sent, and their notification ids.
+        in_flight: dict[Future[Outcome], int] = {}
+        renew_at = time.monotonic() + lease.total_seconds() / 2
+        pool = self._pool(len(waiting))
+        try:
+            while waiting and not self.stopping.is_set():
+                if len(in_flight) >= self.threads:
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        del in_flight[future]
+                        outcomes.append(future.result())
+                    continue
+                if time.monotonic() >= renew_at:
+                    self._renew(waiting, [*in_flight.values()], outcomes, lease)
+                    renew_at = time.monotonic() + lease.total_seconds() / 2
+                    continue
+                item = waiting.popleft()
+                attempted += 1
+                if pool is None:
+                    outcomes.append(self._attempt(item))
+                else:
+                    in_flight[pool.submit(self._attempt, item)] = item.notification.id
+        finally:
+            outcomes.extend(future.result() for future in wait(in_flight).done)
+        return attempted
+
+    def _pool(self, size: int) -> ThreadPoolExecutor | None:
+        """The sending threads, or None to send in this thread (one connection)."""
+        if self.threads == 1 or size == 1:
+            return None
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="smtp-send")
+        return self.executor
+
+    def _renew(
+        self,
+        waiting: deque[crud.Leased],
+        sending: list[int],
+        outcomes: list[Outcome],
+        lease: timedelta,
+    ) -> None:
+        """A slow batch: settle what was sent, renew the lease on the rest (waiting, and
+        `sending` now) in one statement, and drop from `waiting` what is not ours any more."""
+        with self.session_factory() as session:
+            if outcomes:
+                self._settle(session, outcomes)
+                outcomes.clear()
+            kept = crud.renew_leases(
+                session=session,
+                worker_id=self.worker_id,
+                notification_ids=[item.notification.id for item in waiting] + sending,
+                lease=lease,
+            )
+        lost = [item for item in waiting if item.notification.id not in kept]
+        if lost:
+            logger.warning(
+                "worker %s: %d notifications were taken over before their turn",
+                self.worker_id,
+                len(lost),
+            )
+        for item in lost:
+            waiting.remove(item)
+
+    def _attempt(self, item: crud.Leased) -> Outcome:
+        started_at = utcnow()
+        error = self.deliverer.transmit(item.notification)
+        return self.deliverer.concluded(
+            item.notification, error, started_at=started_at, attempt_id=item.attempt_id
+        )
+
+    def _settle(self, session: Session, outcomes: list[Outcome]) -> None:
+        settled = self.deliverer.settle_batch(session, outcomes)
+        if settled is None:
+            return
+        tally = Counter(str(o.status) for o in outcomes if o.notification_id in settled)
+        logger.info(
+            "worker %s: batch of %d settled (%s)",
+            self.worker_id,
+            len(outcomes),
+            ", ".join(f"{n} {status}" for status, n in sorted(tally.items())) or "none held",
+        )
+        for outcome in outcomes:
+            if outcome.error is not None:
+                logger.warning(
+                    "notification %d: %s (%s)",
+                    outcome.notification_id,
+                    outcome.error,
+                    outcome.status,
+                )
+            if outcome.notification_id not in settled:
+                logger.warning(
+                    "notification %d: outcome recorded after its lease was lost",
+                    outcome.notification_id,
+                )
 
 
 def main() -> None:

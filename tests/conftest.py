@@ -191,6 +191,7 @@ def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Calla
 
     yield make
     for worker in workers:
+        worker.close()
         worker.deliverer.mailer.close()
 
 

@@ -173,14 +173,53 @@ def test_expired_lease_is_taken_over(
             session=session, worker_id="dead", lease=timedelta(seconds=0.2), limit=10
         )
     survivor = make_worker()
-    assert claimed.id == queued["id"]
+    assert claimed.notification.id == queued["id"]
     assert survivor.run_once() == 0, "a live lease must be respected"
 
     time.sleep(0.3)
 
     assert survivor.run_once() == 1
-    assert status_of(queue_client, queued["id"])["status"] == "sent"
+    stored = status_of(queue_client, queued["id"])
+    assert (stored["status"], stored["attempts"]) == ("sent", 2)
+    # The dead worker's pending attempt is the abandoned one; no third row.
+    attempts = stored["delivery_attempts"]
+    assert isinstance(attempts, list)
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "abandoned"), (2, "sent")]
     assert len(smtp.received) == 1
+
+
+def test_a_batch_is_written_pending_before_it_is_sent_and_settled_together(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    ids = [
+        queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()["id"]
+        for _ in range(6)
+    ]
+    smtp.gate = threading.Event()
+    worker = make_worker(smtp_pool_size=3)
+    runner = threading.Thread(target=worker.run_once)
+    runner.start()
+    assert smtp.data_started.wait(5)
+
+    # Mid-batch: every attempt of the batch is stored, pending, before its send.
+    mid = [status_of(queue_client, i) for i in ids]
+    smtp.gate.set()
+    runner.join(10)
+
+    assert [(n["status"], n["attempts"]) for n in mid] == [("sending", 1)] * 6
+    for notification in mid:
+        [attempt] = notification["delivery_attempts"]  # type: ignore[misc]
+        assert (attempt["outcome"], attempt["finished_at"]) == ("pending", None)
+    after = [status_of(queue_client, i) for i in ids]
+    assert [(n["status"], n["attempts"]) for n in after] == [("sent", 1)] * 6
+    for notification in after:
+        [attempt] = notification["delivery_attempts"]  # type: ignore[misc]
+        assert (attempt["number"], attempt["outcome"], attempt["smtp_code"]) == (1, "sent", 250)
+        assert attempt["finished_at"] is not None
+    assert len(smtp.received) == 6
 
 
 def test_stopping_worker_releases_the_rest_of_its_batch(
@@ -194,7 +233,8 @@ def test_stopping_worker_releases_the_rest_of_its_batch(
         for _ in range(5)
     ]
     smtp.gate = threading.Event()
-    worker = make_worker()
+    # One connection: one message in hand when the worker is stopped.
+    worker = make_worker(smtp_pool_size=1)
     runner = threading.Thread(target=worker.run_once)
     runner.start()
     assert smtp.data_started.wait(5)
@@ -300,12 +340,14 @@ def test_smtp_down_for_a_while_then_back_delivers_everything(
 def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
     smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
 ) -> None:
-    # Ten messages at 0.15 s each take 1.5 s; the lease is 0.5 s. Each message's lease is
-    # renewed just before it is sent, so a second worker only gets what the first has
-    # not reached yet, and the first skips what was taken from it.
+    # Ten messages at 0.15 s each, one at a time, take 1.5 s; the lease is 0.5 s. The
+    # lease on the rest of the batch is renewed once half of it has passed, so a second
+    # worker only gets what was not renewed in time, and the first skips what was taken.
     message_ids = queue_messages(db, 10)
     smtp.data_delay = 0.15
-    first, second = (make_worker(worker_lease=0.5, worker_batch_size=10) for _ in range(2))
+    first, second = (
+        make_worker(worker_lease=0.5, worker_batch_size=10, smtp_pool_size=1) for _ in range(2)
+    )
     early = threading.Thread(target=drain, args=(first,))
     early.start()
     time.sleep(0.6)

@@ -100,8 +100,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert set(delivered) == set(message_ids)
-    # Only the message in flight at the kill (sent, not yet recorded) may arrive twice.
-    assert sum(n - 1 for n in delivered.values()) <= 1
+    # At least once: what the killed worker sent of its batch but had not recorded yet
+    # is sent again, and nothing else; at most one batch.
+    assert sum(n - 1 for n in delivered.values()) <= BATCH
     assert count(db, NotificationStatus.SENT) == MESSAGES
 
 
