@@ -22,5 +22,7 @@ EXPOSE 8003
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8003/healthz', timeout=2)"]
 
-# Migrations run at start-up (AUTO_MIGRATE=true); replicas serialise on an advisory lock.
-CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "8003", "--proxy-headers"]
+# One uvicorn process per core unless WEB_CONCURRENCY says otherwise; each process runs
+# its own worker thread when WORKER_IN_API=true. Migrations run at start-up
+# (AUTO_MIGRATE=true); processes and replicas serialise on an advisory lock.
+CMD ["sh", "-c", "exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --workers \"${WEB_CONCURRENCY:-$(nproc)}\""]

@@ -2,6 +2,9 @@
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 8003
+# uvicorn processes. One for the embedded default: its rate limits (memory://) count per
+# process. With RATE_LIMIT_STORAGE=redis://… run one per core: `make run WORKERS=$$(nproc)`.
+WORKERS ?= 1
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -20,7 +23,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
-	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

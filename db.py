@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from anyio import to_thread
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,16 +24,23 @@ logger = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
-def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
-    """An engine for `settings.database_url`, tuned per backend."""
+def make_engine(
+    settings: Settings, *, pool_size: int | None = None, autocommit: bool = False
+) -> Engine:
+    """An engine for `settings.database_url`, tuned per backend; `autocommit`: each
+    statement commits on its own (an engine of its own, so its connections never switch
+    modes, which costs a SET per checkin)."""
     url = make_url(settings.database_url)
+    isolation = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if url.get_backend_name() != "sqlite":
         return create_engine(
             url,
+            **isolation,
             pool_size=pool_size or settings.db_pool_size,
             pool_timeout=settings.db_pool_timeout,
-            # A connection dropped by a database restart is replaced, not handed out.
-            pool_pre_ping=True,
+            # No pre-ping (a round trip per checkout): a connection dropped by a database
+            # restart fails its request (a 503), and that error invalidates every older
+            # connection of the pool, so the next requests connect afresh.
             connect_args={"connect_timeout": 5},
             # Errors are logged; their parameters would carry message texts and codes.
             hide_parameters=True,
@@ -40,7 +48,10 @@ def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": 15}, hide_parameters=True
+        url,
+        connect_args={"check_same_thread": False, "timeout": 15},
+        hide_parameters=True,
+        **isolation,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -60,18 +71,42 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads that write nothing, on an `autocommit` engine: a read is one
+    round trip, without BEGIN and ROLLBACK."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session (a FastAPI dependency, shared by all of a request's dependants)."""
     session: Session = request.app.state.session_factory()
     try:
         yield session
     finally:
-        # Runs after the response has started: a rollback on a connection the database
-        # dropped must not break it (every unit of work has committed by then).
-        try:
-            session.close()
-        except Exception as exc:
-            logger.warning("closing a database session failed: %s", exc)
+        await close_session(session)
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """A session for a request that only reads (see `make_read_session_factory`)."""
+    session: Session = request.app.state.read_session_factory()
+    try:
+        yield session
+    finally:
+        await close_session(session)
+
+
+async def close_session(session: Session) -> None:
+    """Close a request's session without a thread hop when it holds no connection (every
+    unit of work has committed); otherwise in a thread, since closing rolls back."""
+    if not session.in_transaction():
+        session.close()
+        return
+    # Runs after the response has started: a rollback on a connection the database
+    # dropped must not break it.
+    try:
+        await to_thread.run_sync(session.close)
+    except Exception as exc:
+        logger.warning("closing a database session failed: %s", exc)
 
 
 class ReadinessProbe:

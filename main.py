@@ -20,6 +20,7 @@ from db import (
     DATABASE_UNAVAILABLE,
     ReadinessProbe,
     make_engine,
+    make_read_session_factory,
     make_session_factory,
     run_migrations,
 )
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer, catcher = build_deliverer(settings)
         app.state.settings = settings
         app.state.session_factory = make_session_factory(engine)
+        read_engine = make_engine(settings, autocommit=True)
+        app.state.read_session_factory = make_read_session_factory(read_engine)
         app.state.readiness = ReadinessProbe(make_engine(settings, pool_size=1))
         app.state.limiter = RateLimiter(
             settings.rate_limit_storage, prefix=settings.rate_limit_prefix
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if catcher is not None:
                 catcher.stop()
             engine.dispose()
+            read_engine.dispose()
 
     # Swagger UI and ReDoc from files shipped in a package: the docs work offline.
     app = FastAPIOffline(

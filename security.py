@@ -43,6 +43,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
@@ -53,7 +54,7 @@ from starlette.types import Scope as Scope_
 
 import crud
 from config import Settings
-from db import DATABASE_UNAVAILABLE, get_session
+from db import DATABASE_UNAVAILABLE
 from models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -243,11 +244,13 @@ def identify(*, session: Session, settings: Settings, credentials: str) -> ApiKe
 
 
 class RequireApiKey:
-    """ASGI middleware: a request without a valid key is a 401 before its body is read.
+    """ASGI middleware: a request without a valid key is a 401 before its body is read,
+    and one over its key's request rate a 429.
 
     FastAPI parses and validates a body before any dependency runs, so without this an
-    anonymous caller would get 422s (and make the server parse megabytes). The key found
-    is handed to `authenticate` in the request state; scopes and rate limits stay there.
+    anonymous caller would get 422s (and make the server parse megabytes). The key is
+    found, counted and touched in one thread call; the key is handed to `authenticate`
+    (scopes) in the request state.
     """
 
     def __init__(self, app: ASGIApp, *, protected: Sequence[BaseRoute]) -> None:
@@ -267,9 +270,9 @@ class RequireApiKey:
             return
         state = scope["app"].state
         try:
-            api_key = await to_thread.run_sync(self._identify, state, credentials.strip())
-        except DATABASE_UNAVAILABLE:
-            logger.exception("database unavailable while checking an API key")
+            api_key, refused = await to_thread.run_sync(self._admit, state, credentials.strip())
+        except (*DATABASE_UNAVAILABLE, StorageError):
+            logger.exception("storage unavailable while checking an API key")
             response = JSONResponse(
                 {"detail": "database unavailable, try again later"},
                 status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -280,13 +283,31 @@ class RequireApiKey:
         if api_key is None:
             await self._refuse(scope, receive, send, "invalid or revoked API key")
             return
+        if refused is not None:
+            await JSONResponse(
+                {"detail": refused.detail}, status_code=refused.status_code, headers=refused.headers
+            )(scope, receive, send)
+            return
         scope.setdefault("state", {})["api_key"] = api_key
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _identify(state: Any, credentials: str) -> ApiKey | None:
-        with state.session_factory() as session:
-            return identify(session=session, settings=state.settings, credentials=credentials)
+    def _admit(state: Any, credentials: str) -> tuple[ApiKey | None, HTTPException | None]:
+        """The key, and the 429 if it is over its request rate."""
+        settings: Settings = state.settings
+        with state.read_session_factory() as session:
+            api_key = identify(session=session, settings=settings, credentials=credentials)
+            if api_key is None:
+                return None, None
+            limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
+            limiter: RateLimiter = state.limiter
+            retry_after = limiter.take_request(api_key, limit)
+            if retry_after is not None:
+                detail = f"more than {limit} requests per minute for this API key"
+                return api_key, too_many(detail, retry_after)
+            if api_key.id:
+                crud.touch_api_key(session=session, api_key=api_key, every=TOUCH_EVERY)
+        return api_key, None
 
     @staticmethod
     async def _refuse(scope: Scope_, receive: Receive, send: Send, detail: str) -> None:
@@ -296,35 +317,22 @@ class RequireApiKey:
         await response(scope, receive, send)
 
 
-def authenticate(
+async def authenticate(
     security_scopes: SecurityScopes,
     request: Request,
+    # For the OpenAPI security scheme; RequireApiKey has checked the key already.
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    session: Annotated[Session, Depends(get_session)],
 ) -> ApiKey:
-    """The caller's key, if valid, unrevoked, holding the scopes and within its request rate."""
-    settings: Settings = request.app.state.settings
-    # Normally RequireApiKey has found the key already.
+    """The caller's key (found by RequireApiKey), if it holds the scopes."""
     api_key: ApiKey | None = getattr(request.state, "api_key", None)
     if api_key is None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise unauthorized("an API key is required: Authorization: Bearer <key>")
-        api_key = identify(session=session, settings=settings, credentials=credentials.credentials)
-        if api_key is None:
-            raise unauthorized("invalid or revoked API key")
+        raise unauthorized("an API key is required: Authorization: Bearer <key>")
     granted = set(api_key.scopes.split())
     missing = [scope for scope in security_scopes.scopes if scope not in granted]
     if missing:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, f"this API key lacks the scope: {', '.join(missing)}"
         )
-    limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
-    limiter: RateLimiter = request.app.state.limiter
-    retry_after = limiter.take_request(api_key, limit)
-    if retry_after is not None:
-        raise too_many(f"more than {limit} requests per minute for this API key", retry_after)
-    if api_key.id:
-        crud.touch_api_key(session=session, api_key=api_key, every=TOUCH_EVERY)
     return api_key
 
 

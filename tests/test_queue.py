@@ -211,12 +211,16 @@ def test_a_batch_is_written_pending_before_it_is_sent_and_settled_together(
 
     assert [(n["status"], n["attempts"]) for n in mid] == [("sending", 1)] * 6
     for notification in mid:
-        [attempt] = notification["delivery_attempts"]  # type: ignore[misc]
+        attempts = notification["delivery_attempts"]
+        assert isinstance(attempts, list)
+        [attempt] = attempts
         assert (attempt["outcome"], attempt["finished_at"]) == ("pending", None)
     after = [status_of(queue_client, i) for i in ids]
     assert [(n["status"], n["attempts"]) for n in after] == [("sent", 1)] * 6
     for notification in after:
-        [attempt] = notification["delivery_attempts"]  # type: ignore[misc]
+        attempts = notification["delivery_attempts"]
+        assert isinstance(attempts, list)
+        [attempt] = attempts
         assert (attempt["number"], attempt["outcome"], attempt["smtp_code"]) == (1, "sent", 250)
         assert attempt["finished_at"] is not None
     assert len(smtp.received) == 6
