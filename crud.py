@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     CursorResult,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -36,6 +37,7 @@ from models import (
     IdempotencyKey,
     Notification,
     NotificationStatus,
+    UTCDateTime,
     utcnow,
 )
 from schemas import BulkEmailCreate, EmailNotificationCreate, HistoryCursor, HistoryQuery
@@ -290,7 +292,7 @@ def create_email_batch(
     message_ids: Sequence[str],
     idempotency: IdempotencyClaim | None = None,
 ) -> Batch:
-    """Store a batch and its queued notifications in one transaction (multi-row INSERTs)."""
+    """Store a batch and its queued notifications in one transaction."""
     now = utcnow()
     key_id = _claim_key(session, idempotency, now) if idempotency else None
     batch = Batch(
@@ -302,32 +304,75 @@ def create_email_batch(
     )
     session.add(batch)
     session.flush()
-    rows = [
-        {
-            "batch_id": batch.id,
-            "channel": Channel.EMAIL,
-            "recipient": recipient,
-            "subject": data.subject,
-            "text": data.text,
-            "sensitive": data.sensitive,
-            "status": NotificationStatus.QUEUED,
-            "attempts": 0,
-            "message_id": message_id,
-            "send_at": data.send_at,
-            "next_attempt_at": data.send_at or now,
-            "created_at": now,
-            "updated_at": now,
-            "version": 1,
-        }
-        for recipient, message_id in zip(recipients, message_ids, strict=True)
-    ]
-    if rows:
-        # A bulk INSERT: SQLAlchemy sends it as multi-row INSERT … VALUES statements.
-        session.execute(insert(Notification), rows)
+    if recipients:
+        _insert_batch_rows(
+            session,
+            recipients,
+            message_ids,
+            {
+                "batch_id": batch.id,
+                "channel": Channel.EMAIL.value,
+                "subject": data.subject,
+                "text": data.text,
+                "sensitive": data.sensitive,
+                "status": NotificationStatus.QUEUED.value,
+                "send_at": data.send_at,
+                "next_attempt_at": data.send_at or now,
+                "now": now,
+            },
+        )
     if key_id is not None:
         _link_key(session, key_id, batch_id=batch.id, status_code=202)
     _commit_new(session, batch_id=batch.id)
     return batch
+
+
+# A batch's rows in one statement: what they share is sent once, what differs as two arrays.
+_INSERT_BATCH = sql(
+    """
+INSERT INTO notifications (
+    batch_id, channel, recipient, subject, text, sensitive, status, attempts, message_id,
+    send_at, next_attempt_at, created_at, updated_at, version
+)
+SELECT :batch_id, :channel, r.recipient, :subject, :text, :sensitive, :status, 0, r.message_id,
+       :send_at, :next_attempt_at, :now, :now, 1
+FROM unnest(CAST(:recipients AS varchar[]), CAST(:message_ids AS varchar[]))
+    AS r(recipient, message_id)
+"""
+).bindparams(
+    bindparam("send_at", type_=UTCDateTime()),
+    bindparam("next_attempt_at", type_=UTCDateTime()),
+    bindparam("now", type_=UTCDateTime()),
+)
+
+
+def _insert_batch_rows(
+    session: Session, recipients: Sequence[str], message_ids: Sequence[str], shared: dict[str, Any]
+) -> None:
+    """Insert one queued notification per recipient: one `INSERT … SELECT FROM unnest` on
+    PostgreSQL, a Core executemany elsewhere (SQLite: local, no round trips to save)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _INSERT_BATCH,
+            {**shared, "recipients": list(recipients), "message_ids": list(message_ids)},
+        )
+        return
+    now = shared.pop("now")
+    session.execute(
+        insert(Notification.__table__),  # type: ignore[arg-type]
+        [
+            {
+                **shared,
+                "recipient": recipient,
+                "message_id": message_id,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            for recipient, message_id in zip(recipients, message_ids, strict=True)
+        ],
+    )
 
 
 def raise_if_key_used(*, session: Session, claim: IdempotencyClaim | None) -> None:
