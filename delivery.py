@@ -17,7 +17,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from functools import partial
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,10 +36,11 @@ from crud import IdempotencyClaim, Outcome
 from db import DATABASE_UNAVAILABLE
 from mailer import (
     DeliveryError,
+    MessageRenderer,
+    OutgoingMessage,
     PermanentDeliveryError,
     SMTPMailer,
     TransientDeliveryError,
-    build_message,
     new_message_id,
 )
 from models import AttemptOutcome, Batch, Notification, NotificationStatus, utcnow
@@ -230,6 +230,7 @@ class Deliverer:
         self.mailer = mailer
         self.retrying = retrying
         self.sender = sender
+        self.renderer = MessageRenderer(sender)
         # How long a synchronous send may take before a worker may take it over.
         self.lease = lease
         self.queue_backoff = queue_backoff
@@ -317,14 +318,15 @@ class Deliverer:
             session=session, notification=notification, lease=self.lease, queued=queued
         )
 
-    def message_for(self, notification: Notification) -> EmailMessage:
-        return build_message(
-            sender=self.sender,
+    def message_for(self, notification: Notification) -> OutgoingMessage:
+        """The message's bytes and envelope (see `MessageRenderer`)."""
+        return self.renderer.render(
             recipient=notification.recipient,
             subject=notification.subject or "",
             text=notification.text,
             message_id=notification.message_id or new_message_id(self.sender),
             date=utcnow(),
+            sensitive=notification.sensitive,
         )
 
     def deliver(

@@ -13,19 +13,30 @@ Connections are pooled: at most `pool_size` are open at once, and an idle one is
 for the next message (checked with NOOP when it has been idle a while). A reused
 connection that turns out to be broken is replaced and the message sent once more on a
 fresh one before the failure counts.
+
+`build_message` makes an `EmailMessage`; `MessageRenderer` goes straight to the bytes that
+`smtplib.SMTP.send_message` would send for it (an `OutgoingMessage`), without the email
+package's header registry, and falls back to the email package wherever its shortcut
+could differ. `SMTPMailer.send` takes either.
 """
 
+import io
 import logging
+import re
 import smtplib
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from email import policy, quoprimime
+from email.generator import BytesGenerator
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid, parseaddr
+from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
+from functools import lru_cache
 from pathlib import Path
 
 from config import Settings, SMTPSecurity
@@ -76,6 +87,186 @@ def build_message(
     # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
     message.set_content(text, charset="utf-8", cte="quoted-printable")
     return message
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message as it goes on the wire, with its SMTP envelope."""
+
+    sender: str  # MAIL FROM
+    recipients: tuple[str, ...]  # RCPT TO
+    data: bytes  # DATA, lines ending in CRLF, before dot-stuffing
+    smtputf8: bool  # an address is not ASCII: the server must offer SMTPUTF8
+
+
+class MessageRenderer:
+    """Renders the messages of one sender to the `OutgoingMessage` that
+    `smtplib.SMTP.send_message(build_message(...))` would send, byte for byte.
+
+    What never changes (the From line, the envelope sender, the content headers) is made
+    once; each subject is folded into RFC 2047 encoded words by the email package once and
+    cached, and so is the quoted-printable body of a repeated text (never a sensitive one:
+    it is not kept in memory); the rest is written directly. A message with an address,
+    date or Message-ID outside what the shortcut covers is made by the email package
+    instead, that header or the whole message; `fallbacks` counts those uses (roughly:
+    threads update it unlocked).
+    """
+
+    def __init__(self, sender: str, *, subject_cache_size: int = 1024) -> None:
+        self.sender = sender
+        self.fallbacks: Counter[str] = Counter()
+        _, header = _WIRE_POLICY.header_store_parse("From", sender)
+        self._from_line = _WIRE_POLICY.fold_binary("From", header)
+        # Taken from the parsed header, as send_message does.
+        self._mail_from = getaddresses([header])[0][1]
+        self._subject_line = lru_cache(maxsize=subject_cache_size)(self._fold_subject)
+        # Bulk sends repeat one text; a few entries cover them.
+        self._body = lru_cache(maxsize=_BODY_CACHE_SIZE)(_body_bytes)
+        # A non-ASCII sender makes every message an SMTPUTF8 one, left to the email package.
+        self._fast = self._mail_from.isascii()
+
+    def __repr__(self) -> str:
+        return f"MessageRenderer(sender={self.sender!r})"
+
+    def render(
+        self,
+        *,
+        recipient: str,
+        subject: str,
+        text: str,
+        message_id: str,
+        date: datetime,
+        sensitive: bool = False,
+    ) -> OutgoingMessage:
+        """The message `build_message` makes of these, as `smtplib` would send it."""
+        if self._fast:
+            outgoing = self._render_fast(
+                recipient=recipient,
+                subject=subject,
+                text=text,
+                message_id=message_id,
+                date=date,
+                cache_body=not sensitive,
+            )
+            if outgoing is not None:
+                return outgoing
+        self.fallbacks["message"] += 1
+        message = build_message(
+            sender=self.sender,
+            recipient=recipient,
+            subject=subject,
+            text=text,
+            message_id=message_id,
+            date=date,
+        )
+        return _flattened(message)
+
+    def _render_fast(
+        self,
+        *,
+        recipient: str,
+        subject: str,
+        text: str,
+        message_id: str,
+        date: datetime,
+        cache_body: bool = True,
+    ) -> OutgoingMessage | None:
+        if len(recipient) > _MAX_PLAIN_ADDRESS or not _PLAIN_ADDRESS.fullmatch(recipient):
+            return None
+        if cache_body and len(text) <= _CACHED_TEXT_LENGTH:
+            body = self._body(text)
+        else:
+            body = _body_bytes(text)
+        data = b"".join(
+            (
+                self._from_line,
+                b"To: " + recipient.encode("ascii") + b"\r\n",
+                self._subject_line(subject),
+                self._date_line(date),
+                self._message_id_line(message_id),
+                _CONTENT_HEADERS,
+                body,
+            )
+        )
+        return OutgoingMessage(self._mail_from, (recipient,), data, smtputf8=False)
+
+    @staticmethod
+    def _fold_subject(subject: str) -> bytes:
+        # The email package's own folding and RFC 2047 encoded words, once per subject.
+        return _header_line("Subject", subject)
+
+    def _date_line(self, date: datetime) -> bytes:
+        value = format_datetime(date)
+        offset = date.utcoffset()
+        # The Date header parses the value and formats it again: the same text, unless the
+        # offset has seconds or the year is one the parser reads as another.
+        if date.year >= 1900 and (
+            date.tzinfo is None or (offset is not None and not offset % timedelta(minutes=1))
+        ):
+            return b"Date: " + value.encode("ascii") + b"\r\n"
+        self.fallbacks["date"] += 1
+        return _header_line("Date", value)
+
+    def _message_id_line(self, message_id: str) -> bytes:
+        if len(message_id) <= _MAX_PLAIN_MESSAGE_ID and _PLAIN_MESSAGE_ID.fullmatch(message_id):
+            return b"Message-ID: " + message_id.encode("ascii") + b"\r\n"
+        self.fallbacks["message-id"] += 1
+        return _header_line("Message-ID", message_id)
+
+
+def _flattened(message: EmailMessage) -> OutgoingMessage:
+    """What `smtplib.SMTP.send_message` sends for `message`, one of `build_message`'s (no
+    Sender, Cc, Bcc or Resent- fields)."""
+    sender = getaddresses([message["From"]])[0][1]
+    recipients = tuple(address for _, address in getaddresses([message["To"]]))
+    smtputf8 = not "".join((sender, *recipients)).isascii()
+    with io.BytesIO() as buffer:
+        if smtputf8:
+            # The message's policy (email.policy.default) with utf8=True; CRLF comes below.
+            generator = BytesGenerator(buffer, policy=policy.SMTPUTF8)
+        else:
+            # No policy of its own: the message's, and From_ lines in the body mangled.
+            generator = BytesGenerator(buffer)
+        generator.flatten(message, linesep="\r\n")
+        return OutgoingMessage(sender, recipients, buffer.getvalue(), smtputf8)
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """`name: value` folded by the email package, as the generator writes it."""
+    _, header = _WIRE_POLICY.header_store_parse(name, value)
+    return _WIRE_POLICY.fold_binary(name, header)
+
+
+# EmailMessage's policy with the line ends send_message asks for.
+_WIRE_POLICY = policy.SMTP
+_MAX_LINE = 78  # _WIRE_POLICY.max_line_length
+_CONTENT_HEADERS = (
+    b'Content-Type: text/plain; charset="utf-8"\r\n'
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"\r\n"
+)
+# Dot-atoms without "=" or "?", so the header parser never sees an encoded word in them.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_PLAIN_ADDRESS = re.compile(rf"{_DOT_ATOM}@{_DOT_ATOM}")
+_PLAIN_MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
+# Longer values would be folded.
+_MAX_PLAIN_ADDRESS = _MAX_LINE - len("To: ")
+_MAX_PLAIN_MESSAGE_ID = _MAX_LINE - len("Message-ID: ")
+_BODY_CACHE_SIZE = 32
+_CACHED_TEXT_LENGTH = 16_384
+_FROM_LINE = re.compile(r"^From ", re.MULTILINE)
+
+
+def _body_bytes(text: str) -> bytes:
+    """The body `set_content(text, charset="utf-8", cte="quoted-printable")` makes, as
+    send_message's generator writes it."""
+    lines = text.encode("utf-8").splitlines()
+    payload = quoprimime.body_encode(b"\n".join(lines).decode("latin-1") + "\n", _MAX_LINE)
+    # The generator smtplib makes has no policy of its own, so it mangles From_ lines.
+    payload = _FROM_LINE.sub(">From ", payload)
+    return payload.replace("\n", "\r\n").encode("ascii")
 
 
 def classify_reply(code: int, text: bytes | str) -> DeliveryError:
@@ -156,7 +347,7 @@ class SMTPMailer:
     def __repr__(self) -> str:
         return f"SMTPMailer(host={self.host!r}, port={self.port}, security={self.security.value!r})"
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: EmailMessage | OutgoingMessage) -> None:
         """Hand `message` to the server, or raise a `DeliveryError`."""
         if not self._slots.acquire(timeout=self.pool_timeout):
             raise TransientDeliveryError(
@@ -175,7 +366,7 @@ class SMTPMailer:
         for connection in idle:
             _hang_up(connection.smtp)
 
-    def _send(self, message: EmailMessage) -> None:
+    def _send(self, message: EmailMessage | OutgoingMessage) -> None:
         smtp = self._reuse()
         if smtp is not None:
             try:
@@ -186,10 +377,13 @@ class SMTPMailer:
                 logger.info("reused SMTP connection failed (%s); trying a fresh one", exc)
         self._transfer(self._open(), message)
 
-    def _transfer(self, smtp: smtplib.SMTP, message: EmailMessage) -> None:
+    def _transfer(self, smtp: smtplib.SMTP, message: EmailMessage | OutgoingMessage) -> None:
         try:
             with _converted():
-                smtp.send_message(message)
+                if isinstance(message, OutgoingMessage):
+                    _send_outgoing(smtp, message)
+                else:
+                    smtp.send_message(message)
         except ConnectionLostError:
             smtp.close()
             raise
@@ -244,6 +438,22 @@ class SMTPMailer:
                 self._idle.append(_Idle(smtp, time.monotonic()))
                 return
         _hang_up(smtp)
+
+
+def _send_outgoing(smtp: smtplib.SMTP, message: OutgoingMessage) -> None:
+    """`sendmail` with the options `send_message` would have used for this message."""
+    mail_options: tuple[str, ...] = ()
+    if message.smtputf8:
+        smtp.ehlo_or_helo_if_needed()
+        if not smtp.has_extn("smtputf8"):
+            # send_message's own refusal, before MAIL FROM.
+            raise smtplib.SMTPNotSupportedError(
+                "One or more source or delivery addresses require"
+                " internationalized email support, but the server"
+                " does not advertise the required SMTPUTF8 capability"
+            )
+        mail_options = ("SMTPUTF8", "BODY=8BITMIME")
+    smtp.sendmail(message.sender, list(message.recipients), message.data, mail_options)
 
 
 @contextmanager
