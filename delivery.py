@@ -42,6 +42,7 @@ from mailer import (
     SMTPMailer,
     TransientDeliveryError,
     new_message_id,
+    new_message_ids,
 )
 from models import AttemptOutcome, Batch, Notification, NotificationStatus, utcnow
 from schemas import BulkEmailCreate, EmailNotificationCreate
@@ -291,7 +292,7 @@ class Deliverer:
                 session=session,
                 data=data,
                 recipients=recipients,
-                message_ids=[new_message_id(self.sender) for _ in recipients],
+                message_ids=new_message_ids(self.sender, len(recipients)),
                 idempotency=idempotency,
             )
         except crud.CommitUnconfirmed as unconfirmed:

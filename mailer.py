@@ -74,6 +74,13 @@ def new_message_id(sender: str) -> str:
     return make_msgid(domain=address.rpartition("@")[2] or None)
 
 
+def new_message_ids(sender: str, count: int) -> list[str]:
+    """`count` globally unique Message-IDs in the sender's domain: one unique one, each
+    with its own number (a bulk of 10,000 would spend a fifth of its time on make_msgid)."""
+    local, _, domain = new_message_id(sender).removeprefix("<").removesuffix(">").rpartition("@")
+    return [f"<{local}.{n}@{domain}>" for n in range(1, count + 1)]
+
+
 def build_message(
     *, sender: str, recipient: str, subject: str, text: str, message_id: str, date: datetime
 ) -> EmailMessage:

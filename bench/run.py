@@ -33,8 +33,8 @@ import psycopg2
 BENCH = Path(__file__).resolve().parent
 PROJECT = BENCH.parent
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-KEY = "ntf_bench-key-not-secret-0123456789abcdefghijklmnop"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+# Filled in by Bench.migrate(): a key stored in the database, as a real caller's is.
+AUTH: dict[str, str] = {}
 SMTP_USER, SMTP_PASSWORD = "bench", "bench-password"
 BODY = {
     "email": "member{n}@example.com",  # numbered per request by the wrk script
@@ -52,7 +52,7 @@ class Mode:
     delivery_runs: int  # W3 is minutes per run: fewer repetitions
     tls_delivery: int  # W3 messages through the STARTTLS+AUTH sink
     history_rows: int  # W5 rows
-    workers: int
+    workers: int  # worker processes, and uvicorn processes of the API
 
 
 FULL = Mode(
@@ -100,6 +100,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
 class Process:
     """A child process, stopped with SIGTERM at the end."""
 
@@ -115,8 +120,11 @@ class Process:
         return self.popen.pid
 
     def stop(self) -> float:
-        """Stop it; its peak RSS in MB."""
-        rss = peak_rss_mb(self.pid) if self.popen.poll() is None else float("nan")
+        """Stop it; its peak RSS in MB (of its largest process: uvicorn's workers are
+        children of a supervisor)."""
+        rss = float("nan")
+        if self.popen.poll() is None:
+            rss = max(peak_rss_mb(p) for p in [self.pid, *children(self.pid)])
         self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(30)
@@ -175,7 +183,6 @@ class Bench:
             "DATABASE_URL": self.database_url,
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.tls_port if tls else self.sink_port),
-            "BOOTSTRAP_API_KEY": KEY,
             "SECRET_KEY": "bench-secret-key",
             "WORKER_IN_API": "false",
             "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000000",
@@ -193,7 +200,10 @@ class Bench:
 
     @contextmanager
     def service(self, name: str, env: dict[str, str], app: str = "main:app") -> Iterator[Process]:
+        """The service as the Dockerfile runs it: `--workers` uvicorn processes (the naive
+        reference as it was: one)."""
         port = free_port()
+        processes = self.mode.workers if app == "main:app" else 1
         process = self.start(
             name,
             [
@@ -203,6 +213,8 @@ class Bench:
                 app,
                 "--port",
                 str(port),
+                "--workers",
+                str(processes),
                 "--log-level",
                 "warning",
                 "--no-access-log",
@@ -286,6 +298,7 @@ class Bench:
     # -- workloads ----------------------------------------------------------------------
 
     def migrate(self) -> None:
+        """The schema, and a stored API key with every scope (`python security.py create`)."""
         subprocess.run(
             [self.python, "-m", "alembic", "upgrade", "head"],
             cwd=PROJECT,
@@ -293,6 +306,15 @@ class Bench:
             env=os.environ | {"DATABASE_URL": self.database_url},
             capture_output=True,
         )
+        created = subprocess.run(
+            [self.python, "security.py", "create", "bench", "--scopes", "send,read,admin"],
+            cwd=PROJECT,
+            check=True,
+            env=os.environ | self.service_env(),
+            capture_output=True,
+            text=True,
+        )
+        AUTH["Authorization"] = f"Bearer {created.stdout.strip()}"
 
     def truncate(self) -> None:
         self.sql(
@@ -427,10 +449,13 @@ class Bench:
             ours.append(count / seconds)
         for _ in range(self.mode.runs):
             limit.append(count / self.smtp_source(count, size))
+        peer = self.post_office(count, size)
         tls_count = self.mode.tls_delivery
         self.queue_rows(tls_count)
         tls_seconds = self.drain("worker-w3-tls", self.service_env(tls=True), tls_count)
         self.results["W3_delivery"] = {
+            "post_office": peer,
+            "ratio_to_post_office": round(statistics.median(ours) / peer["msg_per_s"], 2),
             "messages": count,
             "message_bytes": size,
             "workers": self.mode.workers,
@@ -441,6 +466,25 @@ class Bench:
             "starttls_auth_messages": tls_count,
             "ours_starttls_auth_msgs_per_s": round(tls_count / tls_seconds, 1),
         }
+
+    def post_office(self, count: int, size: int) -> dict[str, Any]:
+        """django-post_office (`send_many`, then `send_queued_mail --processes N`) into
+        the same sink, on a database of its own."""
+        from peer import run_post_office
+
+        result = run_post_office(
+            admin_url=ADMIN_URL,
+            smtp_host="127.0.0.1",
+            smtp_port=self.sink_port,
+            count=count,
+            workdir=self.workdir,
+            processes=self.mode.workers,
+            subject=BODY["subject"],
+            text=BODY["text"],
+            message_bytes=size,
+        )
+        self.rss("post_office", result["peak_rss_mb"])
+        return result
 
     def w4_bulk(self) -> None:
         """One /notify/bulk of 10,000: time to 202, and until the last is sent."""
@@ -471,11 +515,23 @@ class Bench:
             sent = time.monotonic() - started
             for worker in workers:
                 self.rss("worker", worker.stop())
+        # Peak RSS of the API while it takes the largest bulk allowed.
+        self.truncate()
+        largest = body | {"emails": [f"member{i}@example.com" for i in range(20_000)]}
+        with self.service("api-w4-20000", env | {"WORKER_IN_API": "false"}) as api:
+            httpx.post(
+                f"http://127.0.0.1:{api.port}/notify/bulk", json=largest, headers=AUTH, timeout=60
+            ).raise_for_status()
+        peer = self.post_office(10_000, message_size())
         self.results["W4_bulk"] = {
             "recipients": 10_000,
             "workers": self.mode.workers,
             "seconds_to_202": round(accepted, 3),
             "seconds_to_last_sent": round(sent, 2),
+            "post_office": {
+                "seconds_to_stored": peer["enqueue_s"],
+                "seconds_to_last_sent": round(peer["enqueue_s"] + peer["deliver_s"], 2),
+            },
         }
 
     def w5_history(self) -> None:
@@ -663,8 +719,9 @@ def machine(mode: Mode) -> dict[str, Any]:
         },
         "mode": mode.__dict__,
         "load_average_at_start": os.getloadavg(),
-        "service_settings": "one uvicorn process, WORKER_IN_API=false, default pools"
-        " (DB_POOL_SIZE=10, SMTP_POOL_SIZE=8), rate limits lifted; workers: WORKER_BATCH_SIZE=100",
+        "service_settings": f"uvicorn --workers {mode.workers} (the Dockerfile's command),"
+        " WORKER_IN_API=false, default pools (DB_POOL_SIZE=10, SMTP_POOL_SIZE=8), rate limits"
+        " lifted, a stored API key; workers: WORKER_BATCH_SIZE=100",
     }
 
 
@@ -686,14 +743,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "| workload | ours | reference | ratio | target |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for label in ("plain", "starttls_auth"):
+    for label, target in (("plain", 2), ("starttls_auth", 5)):
         row = w1[label]
         lines.append(
             f"| W1 sync send, 16 clients, {label} | {row['ours']['rps']} req/s, p50 "
             f"{row['ours']['p50_ms']} ms, p99 {row['ours']['p99_ms']} ms | naive: "
             f"{row['naive']['rps']} req/s, p99 {row['naive']['p99_ms']} ms | "
             f"{row['throughput_ratio']}× throughput, p99 naive/ours "
-            f"{row['p99_ratio_naive_over_ours']} | ≥ 3×, ≥ 3 |"
+            f"{row['p99_ratio_naive_over_ours']} | ≥ {target}×, ≥ 2 |"
         )
     lines += [
         f"| W2 queued accept (202), 16 clients | {w2['ours']['rps']} req/s, p99 "
@@ -702,12 +759,18 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"| W3 delivery of {w3['messages']:,} ({w3['message_bytes']} B, {w3['workers']} workers;"
         f" runs: ours {w3['runs']['ours']}, smtp-source {w3['runs']['smtp_source']}) "
         f"| {w3['ours_msgs_per_s']} msg/s | smtp-source: {w3['smtp_source_msgs_per_s']} msg/s "
-        f"| {w3['ratio']} | ≥ 0.4 |",
+        f"| {w3['ratio']} | ≥ 0.5 |",
+        f"| W3 delivery of {w3['messages']:,}, django-post_office "
+        f"({w3['post_office']['processes']} processes) | {w3['ours_msgs_per_s']} msg/s | "
+        f"post_office: {w3['post_office']['msg_per_s']} msg/s | "
+        f"{w3['ratio_to_post_office']}× | ≥ 3× |",
         f"| W3 delivery of {w3['starttls_auth_messages']:,}, STARTTLS+AUTH sink | "
         f"{w3['ours_starttls_auth_msgs_per_s']} msg/s | "
         "(smtp-source has no TLS) | | |",
         f"| W4 bulk of 10,000 | 202 in {w4['seconds_to_202']} s; all sent in "
-        f"{w4['seconds_to_last_sent']} s | | | < 1 s; < 10 s |",
+        f"{w4['seconds_to_last_sent']} s | post_office: stored in "
+        f"{w4['post_office']['seconds_to_stored']} s, all sent in "
+        f"{w4['post_office']['seconds_to_last_sent']} s | | < 0.5 s; < 5 s |",
     ]
     for name in (
         "first_page",
@@ -723,12 +786,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         row = w5[name]
         lines.append(
             f"| W5 history ({w5['rows']:,} rows), {name} | p50 {row['p50_ms']} ms, p99 "
-            f"{row['p99_ms']} ms, {row['rps']} req/s (1 client) | | | p99 < 10 ms |"
+            f"{row['p99_ms']} ms, {row['rps']} req/s (1 client) | | | p99 < 5 ms |"
         )
     peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
     lines += [
         "",
-        f"Peak RSS (VmHWM): {peaks}. Target: API < 120 MB.",
+        f"Peak RSS (VmHWM, the largest process of each): {peaks}. Target: each API process"
+        " < 120 MB during a bulk of 20,000 (`api-w4-20000`).",
         "",
         "wrk's own CPU seconds per measurement are in results.json (`wrk_cpu_s`). EXPLAIN "
         "ANALYZE of each history query is in `bench/explain/`.",
