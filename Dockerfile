@@ -22,7 +22,9 @@ EXPOSE 8003
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8003/healthz', timeout=2)"]
 
-# One uvicorn process per core unless WEB_CONCURRENCY says otherwise; each process runs
-# its own worker thread when WORKER_IN_API=true. Migrations run at start-up
-# (AUTO_MIGRATE=true); processes and replicas serialise on an advisory lock.
-CMD ["sh", "-c", "exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --workers \"${WEB_CONCURRENCY:-$(nproc)}\""]
+# One uvicorn process per core when the rate limits are shared (RATE_LIMIT_STORAGE=redis://…,
+# as compose sets it), one otherwise (memory:// counts per process); WEB_CONCURRENCY
+# overrides. Each process runs its own worker thread when WORKER_IN_API=true. Migrations run
+# at start-up (AUTO_MIGRATE=true); on PostgreSQL processes and replicas serialise on an
+# advisory lock.
+CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --workers \"${WEB_CONCURRENCY:-$n}\""]

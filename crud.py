@@ -643,7 +643,8 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
             version=Notification.version + 1,
         )
         .returning(Notification),
-        execution_options=NO_SYNC,
+        # Objects of these rows already in the session show the claimed row, not their own.
+        execution_options=NO_SYNC | {"populate_existing": True},
     ).all()
     claimed_ids = {n.id for n in claimed}
     lost = {
@@ -738,6 +739,8 @@ def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> in
         )
         .values(
             status=NotificationStatus.QUEUED,
+            # A taken-over synchronous send has none: due at once.
+            next_attempt_at=func.coalesce(Notification.next_attempt_at, utcnow()),
             leased_by=None,
             lease_expires_at=None,
             attempts=Notification.attempts - 1,
@@ -1001,17 +1004,21 @@ def find_api_key(*, session: Session, key_hash: str) -> ApiKey | None:
     ).one_or_none()
 
 
-def touch_api_key(*, session: Session, api_key: ApiKey, every: timedelta) -> None:
-    """Record that the key was used, at most once per `every` (not a write per request)."""
+def api_key_touch_due(api_key: ApiKey, *, every: timedelta) -> bool:
+    """Whether the key's last use is older than `every` (not a write per request)."""
+    return api_key.last_used_at is None or utcnow() - api_key.last_used_at >= every
+
+
+def touch_api_key(*, session: Session, api_key: ApiKey) -> None:
+    """Record that the key was used now."""
     now = utcnow()
-    if api_key.last_used_at is None or now - api_key.last_used_at >= every:
-        # By id: the record may have been read in another session.
-        session.execute(
-            update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now),
-            execution_options=NO_SYNC,
-        )
-        session.commit()
-        api_key.last_used_at = now
+    # By id: the record may have been read in another session.
+    session.execute(
+        update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now),
+        execution_options=NO_SYNC,
+    )
+    session.commit()
+    api_key.last_used_at = now
 
 
 def list_api_keys(*, session: Session) -> list[ApiKey]:

@@ -72,8 +72,8 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for reads that write nothing, on an `autocommit` engine: a read is one
-    round trip, without BEGIN and ROLLBACK."""
+    """Sessions for reads, on an `autocommit` engine: a read is one round trip, without
+    BEGIN and ROLLBACK. Nothing is written through them."""
     return sessionmaker(engine, expire_on_commit=False)
 
 

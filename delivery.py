@@ -148,13 +148,42 @@ def record_late(session: Session, outcome: Outcome) -> None:
         )
 
 
+def settle(session: Session, outcomes: list[Outcome]) -> set[int]:
+    """Store a worker batch's outcomes (see `crud.settle_batch`); the ids settled. If the
+    batch's statement fails for another reason than an outage, each outcome is stored on
+    its own, so one bad row cannot hold back the rest (it is left to its lease running
+    out). An outage raises."""
+    try:
+        return crud.settle_batch(session=session, outcomes=outcomes)
+    except DATABASE_UNAVAILABLE:
+        raise
+    except Exception:
+        logger.exception("a batch's outcomes could not be stored together; one by one")
+        session.rollback()
+    settled: set[int] = set()
+    for outcome in outcomes:
+        try:
+            settled |= crud.settle_batch(session=session, outcomes=[outcome])
+        except DATABASE_UNAVAILABLE:
+            raise
+        except Exception:
+            logger.exception("notification %d: outcome not stored", outcome.notification_id)
+            session.rollback()
+    return settled
+
+
 def settle_late(session: Session, outcomes: list[Outcome]) -> None:
     """Store a worker batch's outcomes kept through an outage."""
-    settled = crud.settle_batch(session=session, outcomes=outcomes)
+    settled = settle(session, outcomes)
     if len(settled) < len(outcomes):
         logger.warning(
             "%d outcomes recorded after their lease was lost", len(outcomes) - len(settled)
         )
+
+
+def release_late(session: Session, worker_id: str, leased: list[crud.Leased]) -> None:
+    """Give back a worker's unattempted notifications after an outage."""
+    crud.release(session=session, worker_id=worker_id, leased=leased)
 
 
 def start_recorder(
@@ -433,7 +462,8 @@ class Deliverer:
             if isinstance(error, TransientDeliveryError)
             else AttemptOutcome.PERMANENT_ERROR,
             smtp_code=error.smtp_code,
-            error=str(error),
+            # A server's reply may hold a NUL, which PostgreSQL text cannot store.
+            error=str(error).replace("\x00", "\ufffd"),
         )
 
     def attempt(self, *, session: Session, notification: Notification, final: bool = False) -> None:
@@ -461,18 +491,37 @@ class Deliverer:
             raise error
 
     def settle_batch(self, session: Session, outcomes: list[Outcome]) -> set[int] | None:
-        """Store a worker batch's outcomes; the ids settled (see `crud.settle_batch`), or
-        None if the database failed: then they are kept and stored later."""
+        """Store a worker batch's outcomes (`settle`); the ids settled, or None if the
+        database failed: then they are kept and stored later."""
         try:
-            return crud.settle_batch(session=session, outcomes=outcomes)
+            return settle(session, outcomes)
         except DATABASE_UNAVAILABLE:
-            with suppress(Exception):
-                session.rollback()
-            self.unrecorded.keep(
-                f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
-            )
-            logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
+            self._rollback(session)
+            self._keep_outcomes(outcomes)
             return None
+
+    def _keep_outcomes(self, outcomes: list[Outcome]) -> None:
+        self.unrecorded.keep(
+            f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
+        )
+        logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
+
+    def release(self, session: Session, *, worker_id: str, leased: list[crud.Leased]) -> None:
+        """Give a worker's unattempted notifications back to the queue; if the database
+        is down, as soon as it is back (still before their leases run out, mostly)."""
+        try:
+            crud.release(session=session, worker_id=worker_id, leased=leased)
+        except DATABASE_UNAVAILABLE:
+            self._rollback(session)
+            self.unrecorded.keep(
+                f"release of {len(leased)} notifications",
+                partial(release_late, worker_id=worker_id, leased=leased),
+            )
+
+    @staticmethod
+    def _rollback(session: Session) -> None:
+        with suppress(Exception):
+            session.rollback()
 
     def store(
         self,

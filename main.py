@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer, catcher = build_deliverer(settings)
         app.state.settings = settings
         app.state.session_factory = make_session_factory(engine)
-        read_engine = make_engine(settings, autocommit=True)
+        read_engine = make_engine(
+            settings, pool_size=max(1, settings.db_pool_size // 2), autocommit=True
+        )
         app.state.read_session_factory = make_read_session_factory(read_engine)
         app.state.readiness = ReadinessProbe(make_engine(settings, pool_size=1))
         app.state.limiter = RateLimiter(
@@ -61,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await to_thread.run_sync(development_key, settings, app.state.session_factory)
         app.state.deliverer = deliverer
         worker = Worker(
-            session_factory=app.state.session_factory, deliverer=deliverer, settings=settings
+            session_factory=app.state.session_factory,
+            deliverer=deliverer,
+            settings=settings,
+            # Half the SMTP connections: the other half stays free for synchronous sends.
+            threads=max(1, settings.smtp_pool_size // 2),
         )
         worker_thread = threading.Thread(target=worker.run, name="delivery-worker", daemon=True)
         if settings.worker_in_api:

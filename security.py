@@ -222,7 +222,8 @@ class RateLimiter:
         the others."""
         item = RateLimitItemPerHour(limit)
         subjects = [f"rcpt:{recipient_subject(address)}" for address in addresses]
-        if isinstance(self.storage, RedisStorage) and len(subjects) > 1:
+        # Plain Redis only: a cluster pipeline does not load the script on its nodes.
+        if type(self.storage) is RedisStorage and len(subjects) > 1:
             granted = self._acquire_pipelined(item, subjects)
         else:
             granted = [self.strategy.hit(item, subject) for subject in subjects]
@@ -318,16 +319,17 @@ class RequireApiKey:
         settings: Settings = state.settings
         with state.read_session_factory() as session:
             api_key = identify(session=session, settings=settings, credentials=credentials)
-            if api_key is None:
-                return None, None
-            limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
-            limiter: RateLimiter = state.limiter
-            retry_after = limiter.take_request(api_key, limit)
-            if retry_after is not None:
-                detail = f"more than {limit} requests per minute for this API key"
-                return api_key, too_many(detail, retry_after)
-            if api_key.id:
-                crud.touch_api_key(session=session, api_key=api_key, every=TOUCH_EVERY)
+        if api_key is None:
+            return None, None
+        limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
+        limiter: RateLimiter = state.limiter
+        retry_after = limiter.take_request(api_key, limit)
+        if retry_after is not None:
+            detail = f"more than {limit} requests per minute for this API key"
+            return api_key, too_many(detail, retry_after)
+        if api_key.id and crud.api_key_touch_due(api_key, every=TOUCH_EVERY):
+            with state.session_factory() as session:
+                crud.touch_api_key(session=session, api_key=api_key)
         return api_key, None
 
     @staticmethod

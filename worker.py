@@ -58,6 +58,7 @@ class Worker:
         deliverer: Deliverer,
         settings: Settings,
         worker_id: str | None = None,
+        threads: int | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.deliverer = deliverer
@@ -65,8 +66,9 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.stopping = threading.Event()
         self.next_housekeeping = 0.0
-        # Messages sent at once: one per pooled SMTP connection.
-        self.threads = deliverer.mailer.pool_size
+        # Messages sent at once: one per pooled SMTP connection, unless told fewer (the
+        # in-API worker leaves connections to synchronous sends).
+        self.threads = threads or deliverer.mailer.pool_size
         self.executor: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
@@ -129,51 +131,60 @@ class Worker:
         try:
             attempted = self._send(waiting, outcomes, lease)
         finally:
-            # Stopping, or the database failed: what was not attempted goes back now
-            # rather than when the lease runs out.
-            with self.session_factory() as session:
-                if outcomes:
-                    self._settle(session, outcomes)
-                if waiting:
-                    crud.release(session=session, worker_id=self.worker_id, leased=waiting)
+            self._finish(outcomes, waiting)
         return attempted
+
+    def _finish(self, outcomes: list[Outcome], waiting: deque[crud.Leased]) -> None:
+        """Settle what was sent; give back what was not attempted (stopping, or the
+        database failed) now rather than when the lease runs out."""
+        try:
+            if outcomes:
+                with self.session_factory() as session:
+                    self._settle(session, outcomes)
+        finally:
+            if waiting:
+                with self.session_factory() as session:
+                    self.deliverer.release(session, worker_id=self.worker_id, leased=[*waiting])
 
     def _send(self, waiting: deque[crud.Leased], outcomes: list[Outcome], lease: timedelta) -> int:
         """Send what is `waiting` over up to `smtp_pool_size` connections at once, adding
-        to `outcomes`; once half the lease has passed, settle what was sent and renew the
-        lease on the rest. What is left in `waiting` was not attempted (stopping, or taken
-        over). How many were attempted."""
+        to `outcomes`. Every half lease, while anything is waiting or being sent, settle
+        what was sent and renew the lease on the rest, so a send never outlives the lease
+        of a live worker. Taken-over items are dropped from `waiting`; what is left there
+        was not attempted (stopping). How many were attempted."""
         attempted = 0
         # Futures of the messages being sent, and their notification ids.
         in_flight: dict[Future[Outcome], int] = {}
-        renew_at = time.monotonic() + lease.total_seconds() / 2
-        pool = self._pool(len(waiting))
+        half = lease.total_seconds() / 2
+        renew_at = time.monotonic() + half
+        pool = self._pool()
         try:
-            while waiting and not self.stopping.is_set():
-                if len(in_flight) >= self.threads:
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        del in_flight[future]
-                        outcomes.append(future.result())
-                    continue
+            while True:
                 if time.monotonic() >= renew_at:
                     self._renew(waiting, [*in_flight.values()], outcomes, lease)
-                    renew_at = time.monotonic() + lease.total_seconds() / 2
-                    continue
-                item = waiting.popleft()
-                attempted += 1
-                if pool is None:
-                    outcomes.append(self._attempt(item))
-                else:
+                    renew_at = time.monotonic() + half
+                dispatching = waiting and not self.stopping.is_set()
+                if dispatching and len(in_flight) < self.threads:
+                    item = waiting.popleft()
+                    attempted += 1
                     in_flight[pool.submit(self._attempt, item)] = item.notification.id
+                    continue
+                if not in_flight:
+                    break
+                done, _ = wait(
+                    in_flight,
+                    timeout=max(0.0, renew_at - time.monotonic()),
+                    return_when=FIRST_COMPLETED,
+                )
+                for future in done:
+                    del in_flight[future]
+                    outcomes.append(future.result())
         finally:
             outcomes.extend(future.result() for future in wait(in_flight).done)
         return attempted
 
-    def _pool(self, size: int) -> ThreadPoolExecutor | None:
-        """The sending threads, or None to send in this thread (one connection)."""
-        if self.threads == 1 or size == 1:
-            return None
+    def _pool(self) -> ThreadPoolExecutor:
+        """The sending threads (a send never runs in this thread, which renews leases)."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="smtp-send")
         return self.executor
@@ -208,6 +219,7 @@ class Worker:
             waiting.remove(item)
 
     def _attempt(self, item: crud.Leased) -> Outcome:
+        """Send one message; its outcome, whatever happens (transmit converts every error)."""
         started_at = utcnow()
         error = self.deliverer.transmit(item.notification)
         return self.deliverer.concluded(

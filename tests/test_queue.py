@@ -295,11 +295,17 @@ def test_a_worker_whose_lease_ran_out_does_not_overwrite_the_new_owner(
 ) -> None:
     queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
     smtp.gate = threading.Event()
-    slow = make_worker(worker_lease=0.2)
+    slow = make_worker(worker_lease=60)
     slow_run = threading.Thread(target=slow.run_once)
     slow_run.start()
     assert smtp.data_started.wait(5)
-    time.sleep(0.3)  # the slow worker's lease runs out mid-send
+    # The slow worker's lease runs out mid-send, as if its process had stalled past it
+    # (a live one renews it every half lease).
+    with db() as session:
+        session.execute(
+            update(Notification).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        session.commit()
     smtp.data_started.clear()
     owner = make_worker()
     owner_run = threading.Thread(target=owner.run_once)
@@ -361,6 +367,62 @@ def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
     assert set(delivered) == set(message_ids)
     assert max(delivered.values()) == 1
+
+
+def test_a_send_longer_than_the_lease_keeps_it_while_the_worker_lives(
+    smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
+) -> None:
+    # One message held by the server for three leases: the worker renews its lease while
+    # it waits for the send, so a second worker never takes the message over.
+    [message_id] = queue_messages(db, 1)
+    smtp.gate = threading.Event()
+    slow = make_worker(worker_lease=0.4)
+    runner = threading.Thread(target=slow.run_once)
+    runner.start()
+    assert smtp.data_started.wait(5)
+
+    other = make_worker(worker_lease=0.4)
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        assert other.run_once() == 0, "taken over from a live worker"
+        time.sleep(0.05)
+    smtp.gate.set()
+    runner.join(10)
+
+    assert [r.message["Message-ID"] for r in smtp.received] == [message_id]
+    with db() as session:
+        [notification] = session.scalars(select(Notification)).all()
+        assert (notification.status, notification.attempts) == (NotificationStatus.SENT, 1)
+
+
+def test_a_released_synchronous_send_is_due_again(
+    queue_client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_worker: Callable[..., Worker],
+) -> None:
+    with db() as session:
+        # A synchronous send whose process died: no next_attempt_at, its lease run out.
+        notification = crud.create_email_notification(
+            session=session,
+            data=EmailNotificationCreate.model_validate(BOOKING),
+            message_id="<sync-died@coworking.test>",
+            queued=False,
+            lease=timedelta(seconds=-1),
+        )
+        # A worker takes it over and is stopped before sending it.
+        leased = crud.claim_due(
+            session=session, worker_id="stopping", lease=timedelta(seconds=60), limit=10
+        )
+        assert [item.notification.id for item in leased] == [notification.id]
+        assert crud.release(session=session, worker_id="stopping", leased=leased) == 1
+
+    assert make_worker().run_once() == 1
+    stored = status_of(queue_client, notification.id)
+    assert stored["status"] == "sent"
+    attempts = stored["delivery_attempts"]
+    assert isinstance(attempts, list)
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "abandoned"), (2, "sent")]
 
 
 def test_cancel_racing_a_worker_names_the_true_state_every_time(
