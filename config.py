@@ -54,7 +54,7 @@ class Settings(BaseSettings):
 
     # The background worker: queued, scheduled and background-retried notifications.
     worker_in_api: bool = True
-    worker_batch_size: int = Field(default=100, ge=1)
+    worker_batch_size: int = Field(default=500, ge=1)
     worker_poll_interval: float = Field(default=1.0, gt=0)
     worker_lease: float = Field(default=120.0, gt=0)
     queue_max_attempts: int = Field(default=8, ge=1)

@@ -400,7 +400,7 @@ class Bench:
             self.start(
                 f"{name}-{n}",
                 [self.python, "worker.py"],
-                env | {"WORKER_BATCH_SIZE": "100", "WORKER_POLL_INTERVAL": "0.2"},
+                env | {"WORKER_POLL_INTERVAL": "0.2"},
             )
             for n in range(self.mode.workers)
         ]
@@ -497,7 +497,7 @@ class Bench:
                 self.start(
                     f"worker-w4-{n}",
                     [self.python, "worker.py"],
-                    env | {"WORKER_BATCH_SIZE": "100", "WORKER_POLL_INTERVAL": "0.1"},
+                    env | {"WORKER_POLL_INTERVAL": "0.1"},
                 )
                 for n in range(self.mode.workers)
             ]
@@ -721,7 +721,7 @@ def machine(mode: Mode) -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
         "service_settings": f"uvicorn --workers {mode.workers} (the Dockerfile's command),"
         " WORKER_IN_API=false, default pools (DB_POOL_SIZE=10, SMTP_POOL_SIZE=8), rate limits"
-        " lifted, a stored API key; workers: WORKER_BATCH_SIZE=100",
+        " lifted, a stored API key; workers: default WORKER_BATCH_SIZE (500)",
     }
 
 
