@@ -474,11 +474,7 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
         values["attempts"] = Notification.attempts + 1
     held = session.execute(
         update(Notification)
-        .where(
-            Notification.id == outcome.notification_id,
-            Notification.status == NotificationStatus.SENDING,
-            Notification.leased_by == outcome.holder,
-        )
+        .where(*_held(outcome))
         .values(**values, version=Notification.version + 1)
         .returning(Notification.attempts),
         execution_options=NO_SYNC,
@@ -502,6 +498,15 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
         _record_late_attempt(session, outcome.notification_id, attempt)
     session.commit()
     return held[0] if held is not None else None
+
+
+def _held(outcome: Outcome) -> tuple[Any, ...]:
+    """The condition that `outcome`'s notification is still sending under its holder."""
+    return (
+        Notification.id == outcome.notification_id,
+        Notification.status == NotificationStatus.SENDING,
+        Notification.leased_by == outcome.holder,
+    )
 
 
 def _record_late_attempt(session: Session, notification_id: int, attempt: dict[str, Any]) -> None:
@@ -851,11 +856,7 @@ def _settle_one(session: Session, outcome: Outcome) -> bool:
     trips to save). Whether the notification's state was stored."""
     held = session.execute(
         update(Notification)
-        .where(
-            Notification.id == outcome.notification_id,
-            Notification.status == NotificationStatus.SENDING,
-            Notification.leased_by == outcome.holder,
-        )
+        .where(*_held(outcome))
         .values(**_state_after(outcome), version=Notification.version + 1)
         .returning(Notification.id),
         execution_options=NO_SYNC,
