@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,26 +110,42 @@ async def close_session(session: Session) -> None:
 
 
 class ReadinessProbe:
-    """`SELECT 1` on a connection of its own, in a thread of its own, with a timeout: the
-    answer never waits for request threads or the request pool."""
+    """`SELECT 1` on a connection of its own (and a ping of the rate-limit storage), in a
+    thread of its own, with a timeout: the answer never waits for request threads or the
+    request pool."""
 
-    def __init__(self, engine: Engine, timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        timeout: float = 1.0,
+        *,
+        storage_check: Callable[[], bool] | None = None,
+    ) -> None:
         self.engine = engine
         self.timeout = timeout
+        self.storage_check = storage_check
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readiness")
 
-    def _check(self) -> None:
+    def _check(self) -> str | None:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+        if self.storage_check is not None and not self.storage_check():
+            return "rate-limit storage"
+        return None
 
-    async def ready(self) -> bool:
+    async def unavailable(self) -> str | None:
+        """What is not answering ("database", "rate-limit storage"), or None: ready."""
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(self._thread, self._check), self.timeout)
+            down = await asyncio.wait_for(
+                loop.run_in_executor(self._thread, self._check), self.timeout
+            )
         except (TimeoutError, *DATABASE_UNAVAILABLE) as exc:
             logger.warning("not ready: database unavailable (%s)", type(exc).__name__)
-            return False
-        return True
+            return "database"
+        if down is not None:
+            logger.warning("not ready: %s unavailable", down)
+        return down
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -55,9 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, pool_size=max(1, settings.db_pool_size // 2), autocommit=True
         )
         app.state.read_session_factory = make_read_session_factory(read_engine)
-        app.state.readiness = ReadinessProbe(make_engine(settings, pool_size=1))
         app.state.limiter = RateLimiter(
             settings.rate_limit_storage, prefix=settings.rate_limit_prefix
+        )
+        app.state.readiness = ReadinessProbe(
+            make_engine(settings, pool_size=1), storage_check=app.state.limiter.storage.check
         )
         if settings.uses_dev_mail_catcher and settings.bootstrap_api_key is None:
             await to_thread.run_sync(development_key, settings, app.state.session_factory)

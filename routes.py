@@ -467,12 +467,14 @@ async def healthz() -> dict[str, str]:
 @health.get("/readyz", responses=DATABASE_DOWN)
 @health.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Any:
-    """The database answers, on a connection and thread of the probe's own (1 s at most)."""
+    """The database and the rate-limit storage answer, checked on a connection and thread
+    of the probe's own (1 s at most)."""
     probe: ReadinessProbe = request.app.state.readiness
-    if await probe.ready():
+    down = await probe.unavailable()
+    if down is None:
         return {"status": "ok"}
     return JSONResponse(
-        {"detail": "database unavailable"},
+        {"detail": f"{down} unavailable"},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )

@@ -15,7 +15,8 @@ before anything new is claimed.
 
 Delivery is at least once: a worker killed mid-batch has sent part of its batch without
 recording it, and those are sent again after the lease runs out, so a crash resends at
-most one batch (WORKER_BATCH_SIZE). Two live workers never send the same notification.
+most one batch (WORKER_BATCH_SIZE). Two live workers never send the same notification
+(each renews its leases every half lease while the database answers).
 
 On SIGTERM/SIGINT the worker stops claiming, finishes the messages in hand, gives the
 rest of its batch back to the queue and exits. Several workers and API replicas may

@@ -193,3 +193,18 @@ def test_upgrading_drops_the_plain_hashes_of_erased_texts(
         evidence = connection.scalar(text("SELECT text_hmac FROM notifications"))
     assert evidence == "erased", "an erased text stays erased: it is never resent empty"
     assert length == 15
+
+
+def test_unreachable_rate_limit_storage_is_a_503_and_not_ready(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(rate_limit_storage="redis://127.0.0.1:1/0")
+
+    response = client.post("/notify/email", json=BOOKING)
+    ready = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert (ready.status_code, ready.json()["detail"]) == (503, "rate-limit storage unavailable")
+    assert client.get("/healthz").status_code == 200
+    assert smtp.received == []
