@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     def secret_key_in_production(self) -> "Settings":
         if not self.uses_dev_mail_catcher and self.secret_key is None:
             raise ValueError("SECRET_KEY is required when SMTP_HOST is set")
+        # An empty or short key would make the HMACs guessable.
+        if self.secret_key is not None and len(self.secret_key.get_secret_value()) < 16:
+            raise ValueError("SECRET_KEY must be at least 16 characters")
         return self
 
     @property

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import text
 
 from config import Settings
@@ -73,14 +74,20 @@ def test_secrets_stay_out_of_reprs() -> None:
         smtp_host="smtp.example.com",
         smtp_user="u",
         smtp_password="hunter2-pass",
-        secret_key="hmac-secret-99",
+        secret_key="hmac-secret-99-long-enough",
     )
 
     assert "db-pass-77" not in repr(settings)
     assert "hunter2-pass" not in repr(settings)
-    assert "hmac-secret-99" not in repr(settings)
+    assert "hmac-secret-99-long-enough" not in repr(settings)
     assert "hunter2-pass" not in str(settings.model_dump())
     assert "hunter2-pass" not in repr(SMTPMailer.from_settings(settings))
+
+
+@pytest.mark.parametrize("key", ["", "short-key-15chr"])
+def test_an_empty_or_short_secret_key_is_refused(key: str) -> None:
+    with pytest.raises(ValidationError, match="SECRET_KEY must be at least 16 characters"):
+        Settings(_env_file=None, smtp_host="smtp.example.com", secret_key=key)
 
 
 def test_upgrading_sqlite_keeps_every_row(tmp_path: Path) -> None:
