@@ -1,5 +1,6 @@
 """With no configuration the service runs on SQLite and the development mail catcher."""
 
+import time
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -65,6 +66,43 @@ def test_main_path_on_sqlite_with_the_mail_catcher(tmp_path: Path) -> None:
     assert len(saved) == 2
     subjects = {message_from_bytes(p.read_bytes(), policy=policy.default)["Subject"] for p in saved}
     assert subjects == {BOOKING["subject"]}
+
+
+def test_the_in_api_worker_delivers_queued_mail_on_sqlite(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'notifications.db'}",
+        smtp_host="",
+        dev_mail_dir=tmp_path / "mail",
+        dev_api_key_file=tmp_path / "dev-api-key",
+        dev_secret_key_file=tmp_path / "secret-key",
+        worker_poll_interval=0.05,
+    )
+
+    with TestClient(create_app(settings)) as client:
+        key = (tmp_path / "dev-api-key").read_text().strip()
+        client.headers["Authorization"] = f"Bearer {key}"
+        queued = [
+            client.post("/notify/email", json=body, headers={"Prefer": "respond-async"}).json()
+            for body in (BOOKING, {**BOOKING, "text": "Код: 123456", "sensitive": True})
+        ]
+        bulk = client.post(
+            "/notify/bulk",
+            json={"emails": [f"m{i}@example.com" for i in range(5)], **BOOKING},
+        ).json()
+        deadline = time.monotonic() + 15
+        while client.get(f"/batches/{bulk['batch']['id']}").json()["counts"]["sent"] < 5 or any(
+            client.get(f"/notifications/{n['id']}").json()["status"] != "sent" for n in queued
+        ):
+            assert time.monotonic() < deadline, "the in-API worker never sent everything"
+            time.sleep(0.05)
+        details = [client.get(f"/notifications/{n['id']}").json() for n in queued]
+
+    for detail in details:
+        attempts = [(a["number"], a["outcome"]) for a in detail["delivery_attempts"]]
+        assert (detail["attempts"], attempts) == (1, [(1, "sent")])
+    assert details[1]["text"] is None and details[1]["text_length"] == len("Код: 123456")
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == 7
 
 
 def test_secrets_stay_out_of_reprs() -> None:
