@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     CursorResult,
+    Table,
     and_,
     bindparam,
     case,
@@ -659,8 +660,10 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
     }
     if lost:
         _abandon(session, claimed, lost, now)
+    # On the table, not the entity: no ORM bulk machinery for rows nobody loads.
+    attempts = cast(Table, DeliveryAttempt.__table__)
     attempt_ids = session.scalars(
-        insert(DeliveryAttempt).returning(DeliveryAttempt.id, sort_by_parameter_order=True),
+        insert(attempts).returning(attempts.c.id, sort_by_parameter_order=True),
         [
             {
                 "notification_id": n.id,
