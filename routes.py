@@ -192,6 +192,10 @@ def notify_email(
             )
         except crud.IdempotencyKeyUsed as used:
             assert claim is not None
+            # A repeat sends nothing: its wait for the first request must not hold a slot.
+            if sync:
+                deliverer.sync_sends.release()
+                sync = False
             record = replayed(session, settings, deliverer, claim, used, response)
             # The key's fingerprint names this endpoint, so it points at a notification.
             assert record.notification_id is not None

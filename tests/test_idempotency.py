@@ -181,3 +181,36 @@ def test_expired_keys_are_purged_and_live_ones_kept(
 
         assert crud.purge_expired_idempotency_keys(session=session) == 1
         assert session.scalars(select(IdempotencyKey.key)).all() == ["k-live"]
+
+
+def test_a_repeat_waiting_for_its_first_request_holds_no_synchronous_slot(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(sync_send_limit=2)
+    smtp.gate = threading.Event()
+    answers: dict[str, httpx.Response] = {}
+
+    def post(name: str, body: dict[str, object], headers: dict[str, str]) -> None:
+        answers[name] = client.post("/notify/email", json=body, headers=headers)
+
+    def start(*args: object) -> threading.Thread:
+        thread = threading.Thread(target=post, args=args)
+        thread.start()
+        return thread
+
+    threads = [start("first", BOOKING, key("k-slot"))]
+    assert smtp.data_started.wait(5)
+    threads.append(start("repeat", BOOKING, key("k-slot")))
+    time.sleep(0.5)  # the repeat waits for the first one's answer
+    threads.append(start("other", {**BOOKING, "email": "anna@example.com"}, {}))
+    time.sleep(0.5)
+    smtp.gate.set()
+    for thread in threads:
+        thread.join(15)
+
+    assert answers["first"].status_code == 201
+    assert answers["repeat"].status_code == 201
+    assert answers["repeat"].headers["idempotent-replayed"] == "true"
+    # The second slot was free for another send: sent now, not queued.
+    assert answers["other"].status_code == 201
+    assert len(smtp.received) == 2
