@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # in development (no SMTP_HOST) a key is created in DEV_API_KEY_FILE if none works.
     bootstrap_api_key: SecretStr | None = None
     rate_limit_requests_per_minute: int = Field(default=600, ge=1)
+    # How long a process keeps a valid key it has looked up (0: look up every request).
+    # A revocation reaches every process at once through the rate-limit storage (Redis);
+    # with `memory://` one made by another process (the command line) waits this long.
+    api_key_cache_ttl: float = Field(default=30.0, ge=0)
     rate_limit_per_recipient_per_hour: int = Field(default=20, ge=1)
     # Where the moving-window counters live: `memory://` counts per process (development,
     # one process); `redis://host:6379/0` is shared by every process and replica.

@@ -29,7 +29,7 @@ from devmail import start_mail_catcher
 from mailer import SMTPMailer
 from routes import health, router
 from schemas import printable
-from security import BodySizeLimit, RateLimiter, RequireApiKey, ensure_development_key
+from security import BodySizeLimit, KeyCache, RateLimiter, RequireApiKey, ensure_development_key
 from worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.limiter = RateLimiter(
             settings.rate_limit_storage, prefix=settings.rate_limit_prefix
         )
+        app.state.key_cache = KeyCache(settings.api_key_cache_ttl)
         app.state.readiness = ReadinessProbe(
             make_engine(settings, pool_size=1), storage_check=app.state.limiter.storage.check
         )
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await to_thread.run_sync(worker_thread.join)
             await to_thread.run_sync(stop_recorder)
             app.state.readiness.close()
+            await app.state.limiter.aclose()
             deliverer.mailer.close()
             if catcher is not None:
                 catcher.stop()

@@ -521,9 +521,16 @@ def list_keys(session: SessionDep) -> list[ApiKey]:
     responses={status.HTTP_404_NOT_FOUND: {"description": "No such key."}},
     tags=["keys"],
 )
-def revoke_key(key_id: KeyId, session: SessionDep) -> ApiKey:
-    """Revoke a key: its next request is a 401."""
+def revoke_key(key_id: KeyId, session: SessionDep, limiter: LimiterDep, request: Request) -> ApiKey:
+    """Revoke a key: its next request is a 401, in every process."""
     api_key = crud.get_api_key(session=session, key_id=key_id)
     if api_key is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "key not found")
-    return crud.revoke_api_key(session=session, api_key=api_key)
+    revoked = crud.revoke_api_key(session=session, api_key=api_key)
+    security.announce_revocation(
+        limiter=limiter,
+        cache=request.app.state.key_cache,
+        settings=request.app.state.settings,
+        key_id=key_id,
+    )
+    return revoked

@@ -38,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 from anyio import to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
@@ -201,6 +202,38 @@ def recipient_subject(address: str) -> str:
     return f"{local.partition('+')[0]}@{domain}"
 
 
+class KeyCache:
+    """Valid keys found lately, by hash, for `ttl` seconds: a request with a cached key is
+    admitted without a database round trip or a thread hop. A key revoked through this
+    process is forgotten at once; one revoked elsewhere (another process or replica, the
+    command line) is seen through `RateLimiter.admit` on its next request (Redis), or, with
+    the in-memory rate-limit storage (one process), when its entry expires."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._keys: dict[str, tuple[ApiKey, float]] = {}
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        found = self._keys.get(key_hash)
+        if found is None or found[1] <= time.monotonic():
+            return None
+        return found[0]
+
+    def put(self, key_hash: str, api_key: ApiKey) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._keys) >= self.MAX_KEYS:
+            self._keys.clear()
+        self._keys[key_hash] = (api_key, time.monotonic() + self.ttl)
+
+    def forget(self, key_id: int) -> None:
+        for key_hash, (api_key, _) in list(self._keys.items()):
+            if api_key.id == key_id:
+                self._keys.pop(key_hash, None)
+
+
 class RateLimiter:
     """Moving-window limits on requests per key and messages per recipient."""
 
@@ -208,6 +241,68 @@ class RateLimiter:
         # wrap_exceptions: a storage outage raises limits.errors.StorageError (a 503).
         self.storage = storage_from_string(storage_uri, key_prefix=prefix, wrap_exceptions=True)
         self.strategy = MovingWindowRateLimiter(self.storage)
+        # The per-key count of a request runs on the event loop, without a thread: on
+        # Redis through an asyncio client and the library's own moving-window script (the
+        # same keys and the same atomic step as `strategy.hit`); in memory it is instant.
+        self._async: aioredis.Redis | None = None
+        self._redis: RedisStorage | None = None
+        # Keys revoked lately, when the storage is memory (one process): id → until.
+        self._revoked: dict[int, float] = {}
+        # Plain Redis only: a cluster would need its own client.
+        if isinstance(self.storage, RedisStorage) and type(self.storage) is RedisStorage:
+            self._redis = self.storage
+            self._async = aioredis.Redis.from_url(storage_uri)
+            self._acquire = self._async.register_script(RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
+
+    async def admit(self, api_key: ApiKey, limit: int) -> tuple[bool, float | None]:
+        """Whether `api_key` was revoked lately (see `mark_revoked`), and, counting this
+        request in its per-minute window, None if within it or the seconds until one more
+        would be let through. One round trip to Redis, on the event loop."""
+        item = RateLimitItemPerMinute(limit)
+        subject = f"key:{api_key.id}"
+        if self._async is None or self._redis is None:
+            if self._revoked.get(api_key.id, 0.0) > time.monotonic():
+                return True, None
+            return False, self.hit(item, subject)  # in memory: no I/O
+        try:
+            async with self._async.pipeline(transaction=False) as pipe:
+                pipe.exists(self._revoked_key(self._redis, api_key.id))
+                await self._acquire(
+                    keys=[self._redis.prefixed_key(item.key_for(subject))],
+                    args=[time.time(), item.amount, item.get_expiry(), 1],
+                    client=pipe,
+                )
+                revoked, acquired = await pipe.execute()
+        except aioredis.RedisError as exc:
+            raise StorageError(exc) from exc
+        if revoked:
+            return True, None
+        if acquired:
+            return False, None
+        # Refused (rare): how long until one more would pass, read in a thread.
+        stats = await to_thread.run_sync(self.strategy.get_window_stats, item, subject)
+        return False, max(0.0, stats.reset_time - time.time())
+
+    def mark_revoked(self, key_id: int, *, seconds: float) -> None:
+        """Tell every process sharing this storage that a key is revoked, for `seconds`
+        (longer than any process caches a key)."""
+        if self._redis is None:
+            self._revoked[key_id] = time.monotonic() + seconds
+            return
+        # A redis.Redis client; the library types it as a narrower protocol.
+        connection: Any = self._redis.get_connection()
+        try:
+            connection.set(self._revoked_key(self._redis, key_id), 1, ex=max(1, math.ceil(seconds)))
+        except self._redis.base_exceptions as exc:
+            raise StorageError(exc) from exc
+
+    @staticmethod
+    def _revoked_key(storage: RedisStorage, key_id: int) -> str:
+        return storage.prefixed_key(f"revoked:{key_id}")
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
 
     def hit(self, item: RateLimitItem, subject: str) -> float | None:
         """Count one hit on `subject`; None if let through, else seconds until one would be."""
@@ -215,9 +310,6 @@ class RateLimiter:
             return None
         stats = self.strategy.get_window_stats(item, subject)
         return max(0.0, stats.reset_time - time.time())
-
-    def take_request(self, api_key: ApiKey, limit: int) -> float | None:
-        return self.hit(RateLimitItemPerMinute(limit), f"key:{api_key.id}")
 
     def take_recipients(self, addresses: Sequence[str], limit: int) -> tuple[set[str], float]:
         """Count a message for each address; those let through, and the longest wait of
@@ -276,9 +368,11 @@ class RequireApiKey:
     and one over its key's request rate a 429.
 
     FastAPI parses and validates a body before any dependency runs, so without this an
-    anonymous caller would get 422s (and make the server parse megabytes). The key is
-    found, counted and touched in one thread call; the key is handed to `authenticate`
-    (scopes) in the request state.
+    anonymous caller would get 422s (and make the server parse megabytes). A key seen
+    lately comes from `KeyCache`, and its count and revocation check are one async Redis
+    round trip, so a request reaches its route without a thread hop; an unknown key is
+    looked up in a thread. The key is handed to `authenticate` (scopes) in the request
+    state.
     """
 
     def __init__(self, app: ASGIApp, *, protected: Sequence[BaseRoute]) -> None:
@@ -297,8 +391,21 @@ class RequireApiKey:
             await self._refuse(scope, receive, send, "an API key is required: Bearer <key>")
             return
         state = scope["app"].state
+        settings: Settings = state.settings
+        cache: KeyCache = state.key_cache
+        limiter: RateLimiter = state.limiter
+        presented = hash_key(credentials.strip())
         try:
-            api_key, refused = await to_thread.run_sync(self._admit, state, credentials.strip())
+            api_key = bootstrap_key(settings, presented) or cache.get(presented)
+            if api_key is None:
+                # Not seen lately: the database says, in a thread.
+                api_key = await to_thread.run_sync(self._identify, state, credentials.strip())
+                if api_key is None:
+                    await self._refuse(scope, receive, send, "invalid or revoked API key")
+                    return
+                cache.put(presented, api_key)
+            limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
+            revoked, retry_after = await limiter.admit(api_key, limit)
         except (*DATABASE_UNAVAILABLE, StorageError):
             logger.exception("storage unavailable while checking an API key")
             response = JSONResponse(
@@ -308,35 +415,41 @@ class RequireApiKey:
             )
             await response(scope, receive, send)
             return
-        if api_key is None:
+        if revoked:
+            cache.forget(api_key.id)
             await self._refuse(scope, receive, send, "invalid or revoked API key")
             return
-        if refused is not None:
+        if retry_after is not None:
+            refused = too_many(
+                f"more than {limit} requests per minute for this API key", retry_after
+            )
             await JSONResponse(
                 {"detail": refused.detail}, status_code=refused.status_code, headers=refused.headers
             )(scope, receive, send)
             return
+        if api_key.id and crud.api_key_touch_due(api_key, every=TOUCH_EVERY):
+            await self._touch(state, api_key)
         scope.setdefault("state", {})["api_key"] = api_key
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _admit(state: Any, credentials: str) -> tuple[ApiKey | None, HTTPException | None]:
-        """The key, and the 429 if it is over its request rate."""
-        settings: Settings = state.settings
+    def _identify(state: Any, credentials: str) -> ApiKey | None:
         with state.read_session_factory() as session:
-            api_key = identify(session=session, settings=settings, credentials=credentials)
-        if api_key is None:
-            return None, None
-        limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
-        limiter: RateLimiter = state.limiter
-        retry_after = limiter.take_request(api_key, limit)
-        if retry_after is not None:
-            detail = f"more than {limit} requests per minute for this API key"
-            return api_key, too_many(detail, retry_after)
-        if api_key.id and crud.api_key_touch_due(api_key, every=TOUCH_EVERY):
+            return identify(session=session, settings=state.settings, credentials=credentials)
+
+    @staticmethod
+    async def _touch(state: Any, api_key: ApiKey) -> None:
+        """Record the key's use (at most once a minute per key and process); bookkeeping,
+        so a database error here does not fail the request."""
+
+        def touch() -> None:
             with state.session_factory() as session:
                 crud.touch_api_key(session=session, api_key=api_key)
-        return api_key, None
+
+        try:
+            await to_thread.run_sync(touch)
+        except DATABASE_UNAVAILABLE as exc:
+            logger.warning("could not record the use of key %d: %s", api_key.id, exc)
 
     @staticmethod
     async def _refuse(scope: Scope_, receive: Receive, send: Send, detail: str) -> None:
@@ -363,6 +476,16 @@ async def authenticate(
             status.HTTP_403_FORBIDDEN, f"this API key lacks the scope: {', '.join(missing)}"
         )
     return api_key
+
+
+def announce_revocation(
+    *, limiter: RateLimiter, cache: KeyCache | None, settings: Settings, key_id: int
+) -> None:
+    """After a key is revoked in the database: forget it here, and tell the processes that
+    cached it (through the rate-limit storage, for longer than they cache it)."""
+    if cache is not None:
+        cache.forget(key_id)
+    limiter.mark_revoked(key_id, seconds=2 * settings.api_key_cache_ttl + 60)
 
 
 def bootstrap_key(settings: Settings, presented: str) -> ApiKey | None:
@@ -440,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if found is None:
                 parser.error(f"no key named {args.name!r}")
             crud.revoke_api_key(session=session, api_key=found)
+            limiter = RateLimiter(settings.rate_limit_storage, prefix=settings.rate_limit_prefix)
+            announce_revocation(limiter=limiter, cache=None, settings=settings, key_id=found.id)
             print(f"revoked {args.name}")
     engine.dispose()
 

@@ -12,7 +12,7 @@ from uuid import uuid4
 import pytest
 from fastapi.testclient import TestClient
 from limits import RateLimitItemPerSecond
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
@@ -93,6 +93,43 @@ def test_a_revoked_key_fails_at_once(client: TestClient, db: sessionmaker[Sessio
 
     assert revoked.json()["revoked_at"] is not None
     assert call(client, "GET", "/notifications", headers=bearer(key)) == 401
+
+
+def test_a_key_revoked_through_one_process_fails_at_once_in_another(
+    make_client: Callable[..., TestClient],
+) -> None:
+    # Two API processes sharing the database and the rate-limit storage.
+    first, second = make_client(), make_client()
+    key = new_key(first, ["read"])
+    assert call(first, "GET", "/notifications", headers=bearer(key)) == 200  # cached here
+    key_id = second.get("/keys").json()[-1]["id"]
+
+    assert second.post(f"/keys/{key_id}/revoke").status_code == 200
+
+    assert call(first, "GET", "/notifications", headers=bearer(key)) == 401
+    assert call(first, "GET", "/notifications", headers=bearer(key)) == 401
+
+
+def test_a_known_key_costs_no_database_round_trip_before_the_route(client: TestClient) -> None:
+    key = new_key(client, ["read"])
+    assert call(client, "GET", "/notifications", headers=bearer(key)) == 200
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    state = client.app.state  # type: ignore[attr-defined]
+    engines = [state.session_factory.kw["bind"], state.read_session_factory.kw["bind"]]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert call(client, "GET", "/notifications", headers=bearer(key)) == 200
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
+
+    # The page's query and nothing else: the key came from this process's cache.
+    assert len(statements) == 1 and "FROM notifications" in statements[0], statements
 
 
 def test_keys_are_stored_only_as_hashes_and_listed_without_them(
@@ -288,8 +325,11 @@ def test_keys_can_be_managed_from_the_command_line(
     capsys: pytest.CaptureFixture[str],
     make_client: Callable[..., TestClient],
 ) -> None:
+    # The service's own environment, as the command line is run in production.
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("AUTO_MIGRATE", "false")
+    monkeypatch.setenv("RATE_LIMIT_STORAGE", settings.rate_limit_storage)
+    monkeypatch.setenv("RATE_LIMIT_PREFIX", settings.rate_limit_prefix)
 
     security.main(["create", "booking-service", "--scopes", "send,read"])
     key = capsys.readouterr().out.strip()
