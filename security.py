@@ -62,8 +62,6 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "ntf_"
 RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
-# Commands per Redis pipeline when a bulk's recipients are counted.
-PIPELINE_SIZE = 1000
 # last_used_at is written at most this often per key.
 TOUCH_EVERY = timedelta(seconds=60)
 
@@ -329,27 +327,23 @@ class RateLimiter:
         return allowed, wait
 
     def _acquire_pipelined(self, item: RateLimitItem, subjects: Sequence[str]) -> list[bool]:
-        """`strategy.hit` for many subjects in few round trips: the library's own atomic
-        moving-window script, once per subject, sent as Redis pipelines of PIPELINE_SIZE
-        (a bulk of 10,000 would otherwise wait on 10,000 round trips; one pipeline of
-        20,000 would hold all its packed commands in memory at once)."""
+        """`strategy.hit` for many subjects in one round trip: the library's own atomic
+        moving-window script, once per subject, sent as one Redis pipeline (a bulk of
+        10,000 would otherwise wait on 10,000 round trips)."""
         storage = self.storage
         assert isinstance(storage, RedisStorage)
-        granted: list[bool] = []
         try:
             # A redis.Redis client; the library types it as a narrower protocol.
             pipe = storage.get_connection().pipeline(transaction=False)  # type: ignore[attr-defined]
-            for start in range(0, len(subjects), PIPELINE_SIZE):
-                for subject in subjects[start : start + PIPELINE_SIZE]:
-                    storage.lua_acquire_moving_window(
-                        keys=[storage.prefixed_key(item.key_for(subject))],
-                        args=[time.time(), item.amount, item.get_expiry(), 1],
-                        client=pipe,
-                    )
-                granted += [bool(acquired) for acquired in pipe.execute()]
+            for subject in subjects:
+                storage.lua_acquire_moving_window(
+                    keys=[storage.prefixed_key(item.key_for(subject))],
+                    args=[time.time(), item.amount, item.get_expiry(), 1],
+                    client=pipe,
+                )
+            return [bool(acquired) for acquired in pipe.execute()]
         except storage.base_exceptions as exc:
             raise StorageError(exc) from exc
-        return granted
 
 
 def identify(*, session: Session, settings: Settings, credentials: str) -> ApiKey | None:
