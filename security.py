@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.errors import StorageError
-from limits.storage import RedisStorage, storage_from_string
+from limits.storage import MemoryStorage, RedisStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
@@ -261,7 +261,10 @@ class RateLimiter:
         if self._async is None or self._redis is None:
             if self._revoked.get(api_key.id, 0.0) > time.monotonic():
                 return True, None
-            return False, self.hit(item, subject)  # in memory: no I/O
+            if isinstance(self.storage, MemoryStorage):
+                return False, self.hit(item, subject)  # in memory: no I/O
+            # Another storage (a Redis cluster or sentinel): blocking, so in a thread.
+            return False, await to_thread.run_sync(self.hit, item, subject)
         try:
             async with self._async.pipeline(transaction=False) as pipe:
                 pipe.exists(self._revoked_key(self._redis, api_key.id))
