@@ -360,7 +360,7 @@ def _insert_batch_rows(
         return
     now = shared.pop("now")
     session.execute(
-        insert(Notification.__table__),  # type: ignore[arg-type]
+        insert(cast(Table, Notification.__table__)),
         [
             {
                 **shared,

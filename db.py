@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,42 +71,35 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for reads, on an `autocommit` engine: a read is one round trip, without
-    BEGIN and ROLLBACK. Nothing is written through them."""
-    return sessionmaker(engine, expire_on_commit=False)
-
-
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session (a FastAPI dependency, shared by all of a request's dependants)."""
-    session: Session = request.app.state.session_factory()
-    try:
+    async with _closing(request.app.state.session_factory()) as session:
         yield session
-    finally:
-        await close_session(session)
 
 
 async def get_read_session(request: Request) -> AsyncIterator[Session]:
-    """A session for a request that only reads (see `make_read_session_factory`)."""
-    session: Session = request.app.state.read_session_factory()
+    """A session for a request that only reads, on the autocommit engine (`make_engine`):
+    a read is one round trip, without BEGIN and ROLLBACK."""
+    async with _closing(request.app.state.read_session_factory()) as session:
+        yield session
+
+
+@asynccontextmanager
+async def _closing(session: Session) -> AsyncIterator[Session]:
+    """Close a request's session without a thread hop when it holds no connection (every
+    unit of work has committed); otherwise in a thread, since closing rolls back."""
     try:
         yield session
     finally:
-        await close_session(session)
-
-
-async def close_session(session: Session) -> None:
-    """Close a request's session without a thread hop when it holds no connection (every
-    unit of work has committed); otherwise in a thread, since closing rolls back."""
-    if not session.in_transaction():
-        session.close()
-        return
-    # Runs after the response has started: a rollback on a connection the database
-    # dropped must not break it.
-    try:
-        await to_thread.run_sync(session.close)
-    except Exception as exc:
-        logger.warning("closing a database session failed: %s", exc)
+        if not session.in_transaction():
+            session.close()
+        else:
+            # Runs after the response has started: a rollback on a connection the
+            # database dropped must not break it.
+            try:
+                await to_thread.run_sync(session.close)
+            except Exception as exc:
+                logger.warning("closing a database session failed: %s", exc)
 
 
 class ReadinessProbe:

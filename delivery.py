@@ -497,14 +497,11 @@ class Deliverer:
             return settle(session, outcomes)
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
-            self._keep_outcomes(outcomes)
+            self.unrecorded.keep(
+                f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
+            )
+            logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
             return None
-
-    def _keep_outcomes(self, outcomes: list[Outcome]) -> None:
-        self.unrecorded.keep(
-            f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
-        )
-        logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
 
     def release(self, session: Session, *, worker_id: str, leased: list[crud.Leased]) -> None:
         """Give a worker's unattempted notifications back to the queue; if the database
@@ -539,8 +536,7 @@ class Deliverer:
         try:
             number = crud.record_outcome(session=session, outcome=outcome)
         except DATABASE_UNAVAILABLE:
-            with suppress(Exception):
-                session.rollback()
+            self._rollback(session)
             kept = keep or outcome
             self.unrecorded.keep(
                 f"notification {kept.notification_id}", partial(record_late, outcome=kept)

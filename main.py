@@ -20,7 +20,6 @@ from db import (
     DATABASE_UNAVAILABLE,
     ReadinessProbe,
     make_engine,
-    make_read_session_factory,
     make_session_factory,
     run_migrations,
 )
@@ -54,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_engine = make_engine(
             settings, pool_size=max(1, settings.db_pool_size // 2), autocommit=True
         )
-        app.state.read_session_factory = make_read_session_factory(read_engine)
+        app.state.read_session_factory = make_session_factory(read_engine)
         app.state.limiter = RateLimiter(
             settings.rate_limit_storage, prefix=settings.rate_limit_prefix
         )

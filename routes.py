@@ -521,7 +521,13 @@ def list_keys(session: SessionDep) -> list[ApiKey]:
     responses={status.HTTP_404_NOT_FOUND: {"description": "No such key."}},
     tags=["keys"],
 )
-def revoke_key(key_id: KeyId, session: SessionDep, limiter: LimiterDep, request: Request) -> ApiKey:
+def revoke_key(
+    key_id: KeyId,
+    session: SessionDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    request: Request,
+) -> ApiKey:
     """Revoke a key: its next request is a 401, in every process."""
     api_key = crud.get_api_key(session=session, key_id=key_id)
     if api_key is None:
@@ -530,7 +536,7 @@ def revoke_key(key_id: KeyId, session: SessionDep, limiter: LimiterDep, request:
     security.announce_revocation(
         limiter=limiter,
         cache=request.app.state.key_cache,
-        settings=request.app.state.settings,
+        settings=settings,
         key_id=key_id,
     )
     return revoked

@@ -349,13 +349,10 @@ class RateLimiter:
             raise StorageError(exc) from exc
 
 
-def identify(*, session: Session, settings: Settings, credentials: str) -> ApiKey | None:
-    """The valid, unrevoked key `credentials` is, or None."""
-    presented = hash_key(credentials)
-    api_key = bootstrap_key(settings, presented) or crud.find_api_key(
-        session=session, key_hash=presented
-    )
-    if api_key is None or not hmac.compare_digest(api_key.key_hash, presented):
+def identify(*, session: Session, key_hash: str) -> ApiKey | None:
+    """The stored, unrevoked key with this hash, or None."""
+    api_key = crud.find_api_key(session=session, key_hash=key_hash)
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, key_hash):
         return None
     return api_key
 
@@ -396,7 +393,7 @@ class RequireApiKey:
             api_key = bootstrap_key(settings, presented) or cache.get(presented)
             if api_key is None:
                 # Not seen lately: the database says, in a thread.
-                api_key = await to_thread.run_sync(self._identify, state, credentials.strip())
+                api_key = await to_thread.run_sync(self._identify, state, presented)
                 if api_key is None:
                     await self._refuse(scope, receive, send, "invalid or revoked API key")
                     return
@@ -430,9 +427,9 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _identify(state: Any, credentials: str) -> ApiKey | None:
+    def _identify(state: Any, key_hash: str) -> ApiKey | None:
         with state.read_session_factory() as session:
-            return identify(session=session, settings=state.settings, credentials=credentials)
+            return identify(session=session, key_hash=key_hash)
 
     @staticmethod
     async def _touch(state: Any, api_key: ApiKey) -> None:
