@@ -461,7 +461,7 @@ class Deliverer:
             outcome=AttemptOutcome.TRANSIENT_ERROR
             if isinstance(error, TransientDeliveryError)
             else AttemptOutcome.PERMANENT_ERROR,
-            smtp_code=error.smtp_code,
+            smtp_code=error.code,
             # A server's reply may hold a NUL, which PostgreSQL text cannot store.
             error=str(error).replace("\x00", "\ufffd"),
         )

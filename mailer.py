@@ -1,13 +1,9 @@
 """Building RFC 5322 messages and handing them to an SMTP server.
 
-Everything smtplib, socket and ssl raise is converted here, so callers only see:
-
-    DeliveryError                 any failure to hand a message over
-    ├── TransientDeliveryError    worth retrying: 4xx replies, ...
-    │   └── ConnectionLostError   ... refused/reset/timed-out connections, the server
-    │                             hanging up or closing the channel (421)
-    └── PermanentDeliveryError    retrying cannot help: 5xx replies, failed
-                                  authentication, an untrusted TLS certificate
+Everything smtplib, socket and ssl raise is converted here into the errors of
+`channels.base`: 4xx replies are transient (421, and refused, reset or timed-out
+connections, are `ConnectionLostError`); 5xx replies, failed authentication and an
+untrusted TLS certificate are permanent.
 
 Connections are pooled: at most `pool_size` are open at once, and an idle one is reused
 for the next message (checked with NOOP when it has been idle a while). A reused
@@ -39,33 +35,15 @@ from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 from functools import lru_cache
 from pathlib import Path
 
+from channels.base import (
+    ConnectionLostError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from config import Settings, SMTPSecurity
 
 logger = logging.getLogger(__name__)
-
-
-class DeliveryError(Exception):
-    """The message was not accepted by the SMTP server."""
-
-    def __init__(self, message: str, *, smtp_code: int | None = None) -> None:
-        super().__init__(message)
-        self.smtp_code = smtp_code
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{self.smtp_code} {text}" if self.smtp_code else text
-
-
-class TransientDeliveryError(DeliveryError):
-    """A failure that may pass: try again later."""
-
-
-class ConnectionLostError(TransientDeliveryError):
-    """The connection broke or could not be made: a fresh one may work."""
-
-
-class PermanentDeliveryError(DeliveryError):
-    """A failure that will not pass by retrying."""
 
 
 def new_message_id(sender: str) -> str:
@@ -287,7 +265,7 @@ def classify_reply(code: int, text: bytes | str) -> DeliveryError:
         error_type = TransientDeliveryError
     else:
         error_type = PermanentDeliveryError
-    return error_type(text, smtp_code=code)
+    return error_type(text, code=code)
 
 
 @dataclass
