@@ -3,9 +3,10 @@
 import secrets
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -45,6 +46,27 @@ class Settings(BaseSettings):
     smtp_pool_size: int = Field(default=8, ge=1)
     smtp_max_idle: float = Field(default=30.0, ge=0)
     email_from: str = "Coworking <noreply@coworking.local>"
+
+    # SMS through SMS.ru (https://sms.ru/api/send). Without SMS_RU_API_ID the SMS channel
+    # is not configured (a 422 names it), except in development, where a local stand-in
+    # writes each message to DEV_OUTBOX_DIR.
+    sms_ru_api_id: SecretStr | None = None
+    sms_ru_url: str = "https://sms.ru"
+    # The sender name SMS.ru shows, once approved there; its default otherwise.
+    sms_from: str | None = None
+    # Numbers written without a country code are read as this region's (ISO 3166 code).
+    phone_default_region: str = "RU"
+    # Telegram through the Bot API. The token is part of every request's URL: neither is
+    # ever logged.
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    # The HTTP channels: seconds per request, and connections kept per provider.
+    channel_timeout: float = Field(default=10.0, gt=0)
+    channel_pool_size: int = Field(default=8, ge=1)
+    # Tried in this order, unless the request or the recipient gives its own; a channel
+    # with no address for the recipient is skipped. Comma-separated: email,sms,telegram.
+    channel_order: Annotated[list[str], NoDecode] = ["email", "sms", "telegram"]
+    dev_outbox_dir: Path = PROJECT_DIR / "var" / "outbox"
 
     retry_attempts: int = Field(default=3, ge=1)
     retry_max_time: float = Field(default=30.0, gt=0)
@@ -105,6 +127,22 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg2://" + url.removeprefix(prefix)
         return url
+
+    @field_validator("channel_order", mode="before")
+    @classmethod
+    def comma_separated(cls, order: object) -> object:
+        if isinstance(order, str):
+            return [name.strip() for name in order.split(",") if name.strip()]
+        return order
+
+    @field_validator("channel_order")
+    @classmethod
+    def known_channels(cls, order: list[str]) -> list[str]:
+        known = ("email", "sms", "telegram")
+        unknown = [name for name in order if name not in known]
+        if unknown or not order or len(set(order)) != len(order):
+            raise ValueError(f"must name each of {', '.join(known)} at most once, in order")
+        return order
 
     @model_validator(mode="after")
     def secret_key_in_production(self) -> "Settings":
