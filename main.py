@@ -4,31 +4,26 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-from aiosmtpd.controller import Controller
 from anyio import to_thread
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from limits.errors import StorageError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from auth import KeyCache, RequireApiKey, ensure_development_key
 from config import Settings
-from db import (
-    DATABASE_UNAVAILABLE,
-    ReadinessProbe,
-    make_engine,
-    make_session_factory,
-    run_migrations,
-)
-from delivery import Deliverer, OutcomeNotRecorded, start_recorder
-from devmail import start_mail_catcher
-from mailer import SMTPMailer
+from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
+from delivery import OutcomeNotRecorded, start_recorder
 from routes import health, router
 from schemas import printable
-from security import BodySizeLimit, KeyCache, RateLimiter, RequireApiKey, ensure_development_key
+from wiring import build_database, build_deliverer, build_limiter, configure_logging
 from worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -40,23 +35,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging()
         logging.getLogger("uvicorn.access").addFilter(hide_query_strings)
-        engine = make_engine(settings)
-        if settings.auto_migrate:
-            await to_thread.run_sync(run_migrations, engine)
-        deliverer, catcher = build_deliverer(settings)
+        database = await to_thread.run_sync(
+            partial(build_database, settings, migrate=settings.auto_migrate)
+        )
+        deliverer, stop_deliverer = build_deliverer(settings)
         app.state.settings = settings
-        app.state.session_factory = make_session_factory(engine)
-        read_engine = make_engine(
+        app.state.session_factory = database.session_factory
+        read_database = build_database(
             settings, pool_size=max(1, settings.db_pool_size // 2), autocommit=True
         )
-        app.state.read_session_factory = make_session_factory(read_engine)
-        app.state.limiter = RateLimiter(
-            settings.rate_limit_storage, prefix=settings.rate_limit_prefix
-        )
+        app.state.read_session_factory = read_database.session_factory
+        app.state.limiter = build_limiter(settings)
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl)
         app.state.readiness = ReadinessProbe(
             make_engine(settings, pool_size=1), storage_check=app.state.limiter.storage.check
@@ -84,11 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await to_thread.run_sync(stop_recorder)
             app.state.readiness.close()
             await app.state.limiter.aclose()
-            deliverer.mailer.close()
-            if catcher is not None:
-                catcher.stop()
-            engine.dispose()
-            read_engine.dispose()
+            stop_deliverer()
+            database.close()
+            read_database.close()
 
     # Swagger UI and ReDoc from files shipped in a package: the docs work offline.
     app = FastAPIOffline(
@@ -126,20 +115,42 @@ def development_key(settings: Settings, session_factory: sessionmaker[Session]) 
         ensure_development_key(session=session, path=settings.dev_api_key_file)
 
 
-def build_deliverer(settings: Settings) -> tuple[Deliverer, Controller | None]:
-    """The deliverer `settings` describe, and the dev mail catcher it started, if any."""
-    if not settings.uses_dev_mail_catcher:
-        mailer = SMTPMailer.from_settings(settings)
-        catcher = None
-    else:
-        catcher = start_mail_catcher(settings.dev_mail_dir)
-        mailer = SMTPMailer(
-            host=catcher.hostname,
-            port=catcher.port,
-            pool_size=settings.smtp_pool_size,
-            max_idle=settings.smtp_max_idle,
-        )
-    return Deliverer.from_settings(settings, mailer=mailer), catcher
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` is a 413 before anything reads it."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises an HTTPException met while reading the body.
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self.detail)
+            return message
+
+        await self.app(scope, counted, send)
+
+    @property
+    def detail(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": self.detail}, status_code=413)
+        await response(scope, receive, send)
 
 
 async def invalid_request(request: Request, exc: Exception) -> JSONResponse:

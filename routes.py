@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+import auth
 import crud
 import idempotency
-import security
+import ratelimits
 from config import Settings
 from db import ReadinessProbe, get_read_session, get_session
 from delivery import Deliverer
@@ -55,19 +56,19 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_limiter(request: Request) -> security.RateLimiter:
-    limiter: security.RateLimiter = request.app.state.limiter
+async def get_limiter(request: Request) -> ratelimits.RateLimiter:
+    limiter: ratelimits.RateLimiter = request.app.state.limiter
     return limiter
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
-LimiterDep = Annotated[security.RateLimiter, Depends(get_limiter)]
+LimiterDep = Annotated[ratelimits.RateLimiter, Depends(get_limiter)]
 DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SendCaller = Annotated[ApiKey, Security(security.authenticate, scopes=[security.Scope.SEND])]
-READ = [Security(security.authenticate, scopes=[security.Scope.READ])]
-ADMIN = [Security(security.authenticate, scopes=[security.Scope.ADMIN])]
+SendCaller = Annotated[ApiKey, Security(auth.authenticate, scopes=[auth.Scope.SEND])]
+READ = [Security(auth.authenticate, scopes=[auth.Scope.READ])]
+ADMIN = [Security(auth.authenticate, scopes=[auth.Scope.ADMIN])]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -180,11 +181,11 @@ def notify_email(
         try:
             # A repeat is answered before the rate limits are counted: it sends nothing.
             crud.raise_if_key_used(session=session, claim=claim)
-            allowed, limit, retry_after = security.take_recipients(
+            allowed, limit, retry_after = ratelimits.take_recipients(
                 limiter=limiter, settings=settings, caller=caller, recipients=[data.email]
             )
             if not allowed:
-                raise security.too_many(
+                raise ratelimits.too_many(
                     f"more than {limit} messages per hour to this address", retry_after
                 )
             notification = deliverer.create_email(
@@ -318,23 +319,23 @@ def notify_bulk(
         assert found is not None  # the key goes when its batch goes
         batch = found
         # The rate limits a replay met the first time are not known any more.
-        rejected = [r for r in rejected if r.error != security.RECIPIENT_LIMITED]
+        rejected = [r for r in rejected if r.error != ratelimits.RECIPIENT_LIMITED]
     return BatchCreated(batch=batch_public(session, batch), rejected=rejected)
 
 
 def within_recipient_limits(
-    limiter: security.RateLimiter,
+    limiter: ratelimits.RateLimiter,
     settings: Settings,
     caller: ApiKey,
     data: BulkEmailCreate,
     recipients: dict[str, int],
 ) -> tuple[list[str], list[RejectedRecipient]]:
     """The recipients still under their hourly limit, and the others as rejected items."""
-    allowed, _, _ = security.take_recipients(
+    allowed, _, _ = ratelimits.take_recipients(
         limiter=limiter, settings=settings, caller=caller, recipients=list(recipients)
     )
     limited = [
-        RejectedRecipient(index=i, email=data.emails[i], error=security.RECIPIENT_LIMITED)
+        RejectedRecipient(index=i, email=data.emails[i], error=ratelimits.RECIPIENT_LIMITED)
         for address, i in recipients.items()
         if address not in allowed
     ]
@@ -495,7 +496,7 @@ async def readyz(request: Request) -> Any:
 def create_key(data: ApiKeyCreate, session: SessionDep) -> ApiKeyCreated:
     """Issue a key; the response is the only time the key itself is shown."""
     try:
-        record, key = security.issue_key(
+        record, key = auth.issue_key(
             session=session,
             name=data.name,
             scopes=data.scopes,
@@ -533,7 +534,7 @@ def revoke_key(
     if api_key is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "key not found")
     revoked = crud.revoke_api_key(session=session, api_key=api_key)
-    security.announce_revocation(
+    auth.announce_revocation(
         limiter=limiter,
         cache=request.app.state.key_cache,
         settings=settings,

@@ -40,9 +40,9 @@ from sqlalchemy.orm import Session, sessionmaker
 import crud
 from config import Settings
 from crud import Outcome
-from db import make_engine, make_session_factory
 from delivery import Deliverer, start_recorder
 from models import utcnow
+from wiring import build_database, build_deliverer, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -255,16 +255,12 @@ class Worker:
 
 def main() -> None:
     """Run one worker process until SIGTERM or SIGINT."""
-    from main import build_deliverer  # the API's wiring, reused
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     settings = Settings()
-    engine = make_engine(settings)
-    deliverer, catcher = build_deliverer(settings)
+    database = build_database(settings)
+    deliverer, stop_deliverer = build_deliverer(settings)
     worker = Worker(
-        session_factory=make_session_factory(engine), deliverer=deliverer, settings=settings
+        session_factory=database.session_factory, deliverer=deliverer, settings=settings
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -278,10 +274,8 @@ def main() -> None:
         worker.run()
     finally:
         stop_recorder()
-        deliverer.mailer.close()
-        if catcher is not None:
-            catcher.stop()
-        engine.dispose()
+        stop_deliverer()
+        database.close()
 
 
 if __name__ == "__main__":

@@ -298,7 +298,7 @@ class Bench:
     # -- workloads ----------------------------------------------------------------------
 
     def migrate(self) -> None:
-        """The schema, and a stored API key with every scope (`python security.py create`)."""
+        """The schema, and a stored API key with every scope (`python cli.py keys create`)."""
         subprocess.run(
             [self.python, "-m", "alembic", "upgrade", "head"],
             cwd=PROJECT,
@@ -307,7 +307,7 @@ class Bench:
             capture_output=True,
         )
         created = subprocess.run(
-            [self.python, "security.py", "create", "bench", "--scopes", "send,read,admin"],
+            [self.python, "cli.py", "keys", "create", "bench", "--scopes", "send,read,admin"],
             cwd=PROJECT,
             check=True,
             env=os.environ | self.service_env(),

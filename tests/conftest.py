@@ -25,9 +25,10 @@ from db import (
     migration_connection,
     run_migrations,
 )
-from main import build_deliverer, create_app
+from main import create_app
 from models import Channel, Notification, NotificationStatus, utcnow
 from tests.smtpd import Credentials, ScriptedHandler, start_server
+from wiring import build_deliverer
 from worker import Worker
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -180,19 +181,20 @@ def make_client(
 @pytest.fixture
 def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Callable[..., Worker]]:
     """Workers on the test database and SMTP server, `settings` changed by keyword."""
-    workers: list[Worker] = []
+    made: list[tuple[Worker, Callable[[], None]]] = []
 
     def make(**changes: object) -> Worker:
         base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
         changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
-        deliverer, _ = build_deliverer(changed)
-        workers.append(Worker(session_factory=db, deliverer=deliverer, settings=changed))
-        return workers[-1]
+        deliverer, stop_deliverer = build_deliverer(changed)
+        worker = Worker(session_factory=db, deliverer=deliverer, settings=changed)
+        made.append((worker, stop_deliverer))
+        return worker
 
     yield make
-    for worker in workers:
+    for worker, stop_deliverer in made:
         worker.close()
-        worker.deliverer.mailer.close()
+        stop_deliverer()
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from limits import RateLimitItemPerSecond
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+import cli
 import crud
-import security
+import ratelimits
 from config import Settings
 from models import ApiKey, IdempotencyKey, Notification
 from tests.conftest import ADMIN_KEY, BOOKING, SECRET_KEY
@@ -193,7 +194,7 @@ def test_a_callers_own_recipient_limit_applies_to_bulk_items(
     assert response.status_code == 202
     assert response.json()["batch"]["accepted"] == 1
     [limited] = response.json()["rejected"]
-    assert (limited["index"], limited["error"]) == (0, security.RECIPIENT_LIMITED)
+    assert (limited["index"], limited["error"]) == (0, ratelimits.RECIPIENT_LIMITED)
 
 
 def test_a_sensitive_text_is_never_shown_and_erased_after_delivery(
@@ -331,13 +332,13 @@ def test_keys_can_be_managed_from_the_command_line(
     monkeypatch.setenv("RATE_LIMIT_STORAGE", settings.rate_limit_storage)
     monkeypatch.setenv("RATE_LIMIT_PREFIX", settings.rate_limit_prefix)
 
-    security.main(["create", "booking-service", "--scopes", "send,read"])
+    cli.main(["keys", "create", "booking-service", "--scopes", "send,read"])
     key = capsys.readouterr().out.strip()
-    security.main(["list"])
+    cli.main(["keys", "list"])
     listing = capsys.readouterr().out
     client = make_client()
     ok = call(client, "GET", "/notifications", headers=bearer(key))
-    security.main(["revoke", "booking-service"])
+    cli.main(["keys", "revoke", "booking-service"])
 
     assert key.startswith("ntf_")
     assert "booking-service" in listing and "send read" in listing and key not in listing
@@ -450,7 +451,7 @@ def test_without_a_key_the_body_is_never_read(
 def test_a_moving_window_lets_no_second_burst_through_at_a_window_boundary(
     settings: Settings,
 ) -> None:
-    limiter = security.RateLimiter(settings.rate_limit_storage, prefix=f"boundary-{uuid4()}")
+    limiter = ratelimits.RateLimiter(settings.rate_limit_storage, prefix=f"boundary-{uuid4()}")
     ten_per_two_seconds = RateLimitItemPerSecond(10, 2)
     # Just before a two-second boundary, then just after it: a fixed window would count
     # the two bursts in different windows and let all twenty through.

@@ -1,0 +1,134 @@
+"""The command line, on the service's settings and database.
+
+    python cli.py keys create NAME --scopes send,read [--requests-per-minute N]
+                                   [--recipient-hourly-limit N]
+    python cli.py keys list
+    python cli.py keys revoke NAME
+
+A key is printed once, when it is created. A revocation is written to the database and
+announced in the rate-limit storage (RATE_LIMIT_STORAGE, RATE_LIMIT_PREFIX), so the
+running processes that share it refuse the key on its next request.
+"""
+
+import argparse
+from collections.abc import Callable, Sequence
+from contextlib import closing
+
+import crud
+from auth import Scope, announce_revocation, issue_key
+from config import Settings
+from wiring import build_database, build_limiter
+
+Command = Callable[[argparse.Namespace, Settings], None]
+
+
+class CommandError(Exception):
+    """The command cannot do what it was asked: printed with its usage, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command; `argv` defaults to the process's arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Command = args.run
+    try:
+        run(args, Settings())
+    except CommandError as exc:
+        args.usage.error(str(exc))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command group (one for now: keys)."""
+    parser = argparse.ArgumentParser(
+        prog="python cli.py", description="The notification service's command line."
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    add_key_commands(groups)
+    return parser
+
+
+def add_key_commands(groups: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """The `keys` group: create, list, revoke."""
+    keys = groups.add_parser("keys", help="manage API keys", description="Manage API keys.")
+    commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create = commands.add_parser("create", help="create a key and print it once")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--scopes",
+        type=scopes,
+        default=[Scope.SEND],
+        metavar="SCOPES",
+        help="comma-separated: send, read, admin (default: send)",
+    )
+    create.add_argument("--requests-per-minute", type=positive, metavar="N")
+    create.add_argument("--recipient-hourly-limit", type=positive, metavar="N")
+    create.set_defaults(run=create_key, usage=create)
+    listing = commands.add_parser("list", help="list keys (never the keys themselves)")
+    listing.set_defaults(run=list_keys, usage=listing)
+    revoke = commands.add_parser("revoke", help="revoke a key by name")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(run=revoke_key, usage=revoke)
+
+
+def create_key(args: argparse.Namespace, settings: Settings) -> None:
+    """Store a new key and print it (the only time it is shown)."""
+    with (
+        closing(build_database(settings, migrate=settings.auto_migrate)) as database,
+        database.session_factory() as session,
+    ):
+        if crud.get_api_key_by_name(session=session, name=args.name):
+            raise CommandError(f"a key named {args.name!r} exists")
+        _, key = issue_key(
+            session=session,
+            name=args.name,
+            scopes=args.scopes,
+            requests_per_minute=args.requests_per_minute,
+            recipient_hourly_limit=args.recipient_hourly_limit,
+        )
+    print(key)
+
+
+def list_keys(args: argparse.Namespace, settings: Settings) -> None:
+    """Print each key's name, prefix, scopes and state, one a line."""
+    with (
+        closing(build_database(settings, migrate=settings.auto_migrate)) as database,
+        database.session_factory() as session,
+    ):
+        for record in crud.list_api_keys(session=session):
+            state = "revoked" if record.revoked_at else "active"
+            print(f"{record.name}\t{record.prefix}…\t{record.scopes}\t{state}")
+
+
+def revoke_key(args: argparse.Namespace, settings: Settings) -> None:
+    """Revoke a key by name, and tell the running processes."""
+    with (
+        closing(build_database(settings, migrate=settings.auto_migrate)) as database,
+        database.session_factory() as session,
+    ):
+        found = crud.get_api_key_by_name(session=session, name=args.name)
+        if found is None:
+            raise CommandError(f"no key named {args.name!r}")
+        crud.revoke_api_key(session=session, api_key=found)
+        announce_revocation(
+            limiter=build_limiter(settings), cache=None, settings=settings, key_id=found.id
+        )
+    print(f"revoked {args.name}")
+
+
+def scopes(value: str) -> list[Scope]:
+    """`send,read` as scopes."""
+    try:
+        return [Scope(s.strip()) for s in value.split(",") if s.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+if __name__ == "__main__":
+    main()
