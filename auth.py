@@ -1,9 +1,10 @@
 """Who is calling and what they may do: API keys and their scopes.
 
 Scopes:
-    send   POST /notify/email, POST /notify/bulk
-    read   GET /notifications…, GET /batches/…
-    admin  resend, cancel, and managing keys (/keys)
+    send        POST /notify, /notify/email, /notify/sms, /notify/telegram, /notify/bulk
+    read        GET /notifications…, GET /batches/…
+    recipients  /recipients… (store, read, change and erase recipients)
+    admin       resend, cancel, managing keys (/keys), and everything `recipients` may
 
 A key is `ntf_` and 43 URL-safe characters (256 random bits). Only its SHA-256 is stored:
 the key carries enough entropy that a slow password hash would add nothing, and lookup by
@@ -49,6 +50,7 @@ TOUCH_EVERY = timedelta(seconds=60)
 class Scope(StrEnum):
     SEND = "send"
     READ = "read"
+    RECIPIENTS = "recipients"
     ADMIN = "admin"
 
 
@@ -275,6 +277,9 @@ async def authenticate(
     if api_key is None:
         raise unauthorized("an API key is required: Authorization: Bearer <key>")
     granted = set(api_key.scopes.split())
+    # Operators manage recipients too.
+    if Scope.ADMIN in granted:
+        granted.add(Scope.RECIPIENTS)
     missing = [scope for scope in security_scopes.scopes if scope not in granted]
     if missing:
         raise HTTPException(

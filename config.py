@@ -54,8 +54,6 @@ class Settings(BaseSettings):
     sms_ru_url: str = "https://sms.ru"
     # The sender name SMS.ru shows, once approved there; its default otherwise.
     sms_from: str | None = None
-    # Numbers written without a country code are read as this region's (ISO 3166 code).
-    phone_default_region: str = "RU"
     # Telegram through the Bot API. The token is part of every request's URL: neither is
     # ever logged.
     telegram_bot_token: SecretStr | None = None
@@ -66,6 +64,9 @@ class Settings(BaseSettings):
     # Tried in this order, unless the request or the recipient gives its own; a channel
     # with no address for the recipient is skipped. Comma-separated: email,sms,telegram.
     channel_order: Annotated[list[str], NoDecode] = ["email", "sms", "telegram"]
+    # A channel with another after it in the order is left after this many attempts
+    # (the last one gets QUEUE_MAX_ATTEMPTS): a code should not wait hours for SMS.
+    fallback_after_attempts: int = Field(default=3, ge=1)
     dev_outbox_dir: Path = PROJECT_DIR / "var" / "outbox"
 
     retry_attempts: int = Field(default=3, ge=1)

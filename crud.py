@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -38,10 +39,11 @@ from models import (
     IdempotencyKey,
     Notification,
     NotificationStatus,
+    Recipient,
     UTCDateTime,
     utcnow,
 )
-from schemas import BulkEmailCreate, EmailNotificationCreate, HistoryCursor, HistoryQuery
+from schemas import HistoryCursor, HistoryQuery, RecipientCreate, RecipientUpdate
 
 # A taken-over send's first attempt: its sender stopped before telling how it went.
 ABANDONED_ERROR = (
@@ -81,14 +83,73 @@ class Outcome:
     finished_at: datetime
     outcome: AttemptOutcome | None = None
     started_at: datetime | None = None
-    smtp_code: int | None = None
+    # The attempt's channel, and what its provider answered.
+    channel: Channel = Channel.EMAIL
+    code: int | None = None
     error: str | None = None
+    provider_message_id: str | None = None
+    segments: int | None = None
+    cost: Decimal | None = None
     status: NotificationStatus | None = None
     next_attempt_at: datetime | None = None
     # The columns that erase a sensitive text once the notification is settled.
     erase: dict[str, Any] = field(default_factory=dict)
     # The pending attempt this outcome fills (a worker's batch), if any.
     attempt_id: int | None = None
+    # A fallback: the position in the order, the channel and the address it moves on to.
+    next_step: tuple[int, Channel, str] | None = None
+    # `status` sending: the lease goes on until then (a synchronous send falling back).
+    lease_expires_at: datetime | None = None
+    # The address refused the channel for good: remembered on the recipient.
+    unreachable: bool = False
+
+    def attempt_values(self) -> dict[str, Any]:
+        """The attempt's columns."""
+        return {
+            "started_at": self.started_at or self.finished_at,
+            "finished_at": self.finished_at,
+            "channel": self.channel,
+            "outcome": self.outcome,
+            "code": self.code,
+            "error": self.error,
+            "provider_message_id": self.provider_message_id,
+            "segments": self.segments,
+            "cost": self.cost,
+        }
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A notification to store: its channels in order, each with its address, and what
+    to send on them."""
+
+    route: Sequence[tuple[Channel, str]]
+    text: str
+    subject: str | None = None
+    sensitive: bool = False
+    send_at: datetime | None = None
+    parse_mode: str | None = None
+    recipient_id: int | None = None
+    # Channels of the order left out, and why.
+    skipped: Sequence[dict[str, str]] = ()
+
+    def columns(self) -> dict[str, Any]:
+        """The notification's columns that say what to send where."""
+        channel, address = self.route[0]
+        return {
+            "channel": channel,
+            "recipient": address,
+            "route": [{"channel": str(c), "address": a} for c, a in self.route]
+            if len(self.route) > 1
+            else None,
+            "skipped": list(self.skipped) or None,
+            "recipient_id": self.recipient_id,
+            "subject": self.subject,
+            "text": self.text,
+            "sensitive": self.sensitive,
+            "parse_mode": self.parse_mode,
+            "send_at": self.send_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -231,18 +292,18 @@ def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
         # It expired and was purged in between: try again.
 
 
-def create_email_notification(
+def create_notification(
     *,
     session: Session,
-    data: EmailNotificationCreate,
-    message_id: str,
+    draft: Draft,
+    message_id: str | None,
     queued: bool,
     lease: timedelta,
     holder: str | None = None,
     idempotency: IdempotencyClaim | None = None,
 ) -> Notification:
-    """Store an e-mail notification before any SMTP attempt: queued for a worker, or sending now
-    under a lease held by `holder`.
+    """Store a notification before any attempt: queued for a worker, or sending now under
+    a lease held by `holder`.
 
     A notification sent now is leased to its request: if the process dies mid-send, a
     worker takes it over when the lease expires. With `idempotency`, the key is stored
@@ -251,16 +312,13 @@ def create_email_notification(
     now = utcnow()
     key_id = _claim_key(session, idempotency, now) if idempotency else None
     notification = Notification(
-        channel=Channel.EMAIL,
-        recipient=data.email,
-        subject=data.subject,
-        text=data.text,
-        sensitive=data.sensitive,
+        **draft.columns(),
         status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
         attempts=0,
+        channel_attempts=0,
+        route_position=0,
         message_id=message_id,
-        send_at=data.send_at,
-        next_attempt_at=(data.send_at or now) if queued else None,
+        next_attempt_at=(draft.send_at or now) if queued else None,
         leased_by=None if queued else holder or request_holder(),
         lease_expires_at=None if queued else now + lease,
         created_at=now,
@@ -285,42 +343,64 @@ def _link_key(session: Session, key_id: int, **values: Any) -> None:
     )
 
 
-def create_email_batch(
+def create_batch(
     *,
     session: Session,
-    data: BulkEmailCreate,
-    recipients: Sequence[str],
+    content: Draft,
+    requested: int,
+    emails: Sequence[str] = (),
+    drafts: Sequence[Draft] = (),
     message_ids: Sequence[str],
     idempotency: IdempotencyClaim | None = None,
 ) -> Batch:
-    """Store a batch and its queued notifications in one transaction."""
+    """Store a batch and its queued notifications in one transaction: one e-mail to each
+    of `emails`, or one notification per draft (each with its own order and addresses),
+    all with the `content` (subject, text, sensitive, send_at) of `content`."""
     now = utcnow()
     key_id = _claim_key(session, idempotency, now) if idempotency else None
     batch = Batch(
-        channel=Channel.EMAIL,
-        subject=data.subject,
-        requested=len(data.emails),
-        accepted=len(recipients),
+        channel=drafts[0].route[0][0] if drafts else Channel.EMAIL,
+        subject=content.subject,
+        requested=requested,
+        accepted=len(emails) + len(drafts),
         created_at=now,
     )
     session.add(batch)
     session.flush()
-    if recipients:
+    shared = {
+        "batch_id": batch.id,
+        "subject": content.subject,
+        "text": content.text,
+        "sensitive": content.sensitive,
+        "status": NotificationStatus.QUEUED.value,
+        "send_at": content.send_at,
+        "next_attempt_at": content.send_at or now,
+    }
+    if emails:
         _insert_batch_rows(
             session,
-            recipients,
+            emails,
             message_ids,
-            {
-                "batch_id": batch.id,
-                "channel": Channel.EMAIL.value,
-                "subject": data.subject,
-                "text": data.text,
-                "sensitive": data.sensitive,
-                "status": NotificationStatus.QUEUED.value,
-                "send_at": data.send_at,
-                "next_attempt_at": data.send_at or now,
-                "now": now,
-            },
+            {**shared, "channel": Channel.EMAIL.value, "now": now},
+        )
+    if drafts:
+        # Each row has its own order and addresses: a plain executemany.
+        session.execute(
+            insert(cast(Table, Notification.__table__)),
+            [
+                {
+                    **draft.columns(),
+                    **shared,
+                    "message_id": message_id,
+                    "attempts": 0,
+                    "channel_attempts": 0,
+                    "route_position": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                    "version": 1,
+                }
+                for draft, message_id in zip(drafts, message_ids, strict=True)
+            ],
         )
     if key_id is not None:
         _link_key(session, key_id, batch_id=batch.id, status_code=202)
@@ -473,6 +553,7 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
     values = _state_after(outcome)
     if outcome.outcome is not None:
         values["attempts"] = Notification.attempts + 1
+        values.setdefault("channel_attempts", Notification.channel_attempts + 1)
     held = session.execute(
         update(Notification)
         .where(*_held(outcome))
@@ -480,13 +561,7 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
         .returning(Notification.attempts),
         execution_options=NO_SYNC,
     ).first()
-    attempt = {
-        "started_at": outcome.started_at or outcome.finished_at,
-        "finished_at": outcome.finished_at,
-        "outcome": outcome.outcome,
-        "smtp_code": outcome.smtp_code,
-        "error": outcome.error,
-    }
+    attempt = outcome.attempt_values()
     if held is not None and outcome.outcome is not None:
         session.execute(
             insert(DeliveryAttempt).values(
@@ -497,6 +572,7 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
         # Too late for the state, but the attempt is history all the same: it is the
         # attempt the takeover recorded as abandoned, or else a new one.
         _record_late_attempt(session, outcome.notification_id, attempt)
+    _remember_unreachable(session, [outcome])
     session.commit()
     return held[0] if held is not None else None
 
@@ -558,8 +634,20 @@ def _state_after(outcome: Outcome) -> dict[str, Any]:
             "lease_expires_at": None,
             **outcome.erase,
         }
+        if outcome.status == NotificationStatus.SENDING:
+            # A synchronous send going on to its next channel keeps its lease.
+            values.pop("leased_by")
+            values["lease_expires_at"] = outcome.lease_expires_at
         if outcome.status == NotificationStatus.SENT:
             values["sent_at"] = outcome.finished_at
+    if outcome.next_step is not None:
+        position, channel, address = outcome.next_step
+        values |= {
+            "route_position": position,
+            "channel": channel,
+            "recipient": address,
+            "channel_attempts": 0,
+        }
     return values
 
 
@@ -568,15 +656,12 @@ def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> 
     changes: dict[str, Any] = {}
     if outcome.outcome is not None:
         changes["attempts"] = number
+        changes["channel_attempts"] = notification.channel_attempts + 1
         if "delivery_attempts" not in inspect(notification).unloaded:
             attempt = DeliveryAttempt(
                 notification_id=outcome.notification_id,
                 number=number,
-                started_at=outcome.started_at or outcome.finished_at,
-                finished_at=outcome.finished_at,
-                outcome=outcome.outcome,
-                smtp_code=outcome.smtp_code,
-                error=outcome.error,
+                **outcome.attempt_values(),
             )
             changes["delivery_attempts"] = [*notification.delivery_attempts, attempt]
     changes |= _state_after(outcome)
@@ -631,6 +716,10 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
         )
         .exists()
     )
+    # A synchronous send taken over has no pending attempt: its lost attempt counts too.
+    lost_sync = case(
+        (and_(Notification.status == NotificationStatus.SENDING, ~has_pending), 1), else_=0
+    )
     claimed = session.scalars(
         update(Notification)
         .where(Notification.id.in_([row.id for row in due]), is_due)
@@ -639,12 +728,8 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
             leased_by=worker_id,
             lease_expires_at=now + lease,
             # This claim's attempt, plus the lost one of a synchronous send taken over.
-            attempts=Notification.attempts
-            + 1
-            + case(
-                (and_(Notification.status == NotificationStatus.SENDING, ~has_pending), 1),
-                else_=0,
-            ),
+            attempts=Notification.attempts + 1 + lost_sync,
+            channel_attempts=Notification.channel_attempts + 1 + lost_sync,
             updated_at=now,
             version=Notification.version + 1,
         )
@@ -669,6 +754,7 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
                 "notification_id": n.id,
                 "number": n.attempts,
                 "started_at": now,
+                "channel": n.channel,
                 "outcome": AttemptOutcome.PENDING,
             }
             for n in claimed
@@ -708,6 +794,7 @@ def _abandon(
                     # The number before this claim's.
                     "number": n.attempts - 1,
                     "started_at": lost[n.id],
+                    "channel": n.channel,
                     **abandoned,
                 }
                 for n in synchronous
@@ -752,6 +839,7 @@ def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> in
             leased_by=None,
             lease_expires_at=None,
             attempts=Notification.attempts - 1,
+            channel_attempts=Notification.channel_attempts - 1,
             version=Notification.version + 1,
         )
         .returning(Notification.id),
@@ -782,9 +870,13 @@ WITH v AS (
         CAST(:finished AS timestamptz[]), CAST(:sent_at AS timestamptz[]),
         CAST(:text_lengths AS integer[]), CAST(:text_hmacs AS varchar[]),
         CAST(:attempt_ids AS bigint[]), CAST(:outcomes AS varchar[]),
-        CAST(:started AS timestamptz[]), CAST(:codes AS integer[])
+        CAST(:started AS timestamptz[]), CAST(:codes AS integer[]),
+        CAST(:provider_ids AS varchar[]), CAST(:segments AS integer[]),
+        CAST(:costs AS numeric[]), CAST(:next_positions AS integer[]),
+        CAST(:next_channels AS varchar[]), CAST(:next_addresses AS varchar[])
     ) AS v(id, holder, status, next_attempt_at, error, finished_at, sent_at, text_length,
-           text_hmac, attempt_id, outcome, started_at, smtp_code)
+           text_hmac, attempt_id, outcome, started_at, code, provider_message_id, segments,
+           cost, next_position, next_channel, next_address)
 ), settled AS (
     UPDATE notifications AS n SET
         status = v.status,
@@ -797,6 +889,10 @@ WITH v AS (
         text = CASE WHEN v.text_hmac IS NULL THEN n.text ELSE '' END,
         text_length = COALESCE(v.text_length, n.text_length),
         text_hmac = COALESCE(v.text_hmac, n.text_hmac),
+        route_position = COALESCE(v.next_position, n.route_position),
+        channel = COALESCE(v.next_channel, n.channel),
+        recipient = COALESCE(v.next_address, n.recipient),
+        channel_attempts = CASE WHEN v.next_position IS NULL THEN n.channel_attempts ELSE 0 END,
         version = n.version + 1
     FROM v
     WHERE n.id = v.id AND n.status = 'sending' AND n.leased_by = v.holder
@@ -806,8 +902,11 @@ WITH v AS (
         outcome = v.outcome,
         started_at = v.started_at,
         finished_at = v.finished_at,
-        smtp_code = v.smtp_code,
-        error = v.error
+        code = v.code,
+        error = v.error,
+        provider_message_id = v.provider_message_id,
+        segments = v.segments,
+        cost = v.cost
     FROM v
     WHERE a.id = v.attempt_id
 )
@@ -827,6 +926,7 @@ def settle_batch(*, session: Session, outcomes: Sequence[Outcome]) -> set[int]:
         settled = set(session.scalars(_SETTLE_BATCH, _settle_columns(outcomes)))
     else:
         settled = {o.notification_id for o in outcomes if _settle_one(session, o)}
+    _remember_unreachable(session, outcomes)
     session.commit()
     return settled
 
@@ -850,7 +950,13 @@ def _settle_columns(outcomes: Sequence[Outcome]) -> dict[str, list[Any]]:
         "attempt_ids": [o.attempt_id for o in outcomes],
         "outcomes": [str(o.outcome) for o in outcomes],
         "started": [o.started_at or o.finished_at for o in outcomes],
-        "codes": [o.smtp_code for o in outcomes],
+        "codes": [o.code for o in outcomes],
+        "provider_ids": [o.provider_message_id for o in outcomes],
+        "segments": [o.segments for o in outcomes],
+        "costs": [o.cost for o in outcomes],
+        "next_positions": [o.next_step[0] if o.next_step else None for o in outcomes],
+        "next_channels": [str(o.next_step[1]) if o.next_step else None for o in outcomes],
+        "next_addresses": [o.next_step[2] if o.next_step else None for o in outcomes],
     }
 
 
@@ -867,16 +973,39 @@ def _settle_one(session: Session, outcome: Outcome) -> bool:
     session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == outcome.attempt_id)
-        .values(
-            outcome=outcome.outcome,
-            started_at=outcome.started_at or outcome.finished_at,
-            finished_at=outcome.finished_at,
-            smtp_code=outcome.smtp_code,
-            error=outcome.error,
-        ),
+        .values(outcome.attempt_values()),
         execution_options=NO_SYNC,
     )
     return held is not None
+
+
+def _remember_unreachable(session: Session, outcomes: Sequence[Outcome]) -> None:
+    """Note on their recipients the channels that refused them for good (a blocked bot),
+    so later sends skip those channels until the recipient is updated."""
+    refused = {o.notification_id: o for o in outcomes if o.unreachable}
+    if not refused:
+        return
+    owners = session.execute(
+        select(Notification.id, Notification.recipient_id).where(
+            Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None)
+        )
+    ).all()
+    recipients = {
+        r.id: r
+        for r in session.scalars(
+            select(Recipient)
+            .where(Recipient.id.in_([owner.recipient_id for owner in owners]))
+            .with_for_update()
+        )
+    }
+    for notification_id, recipient_id in owners:
+        recipient = recipients[cast(int, recipient_id)]
+        outcome = refused[notification_id]
+        recipient.unreachable = {
+            **(recipient.unreachable or {}),
+            str(outcome.channel): outcome.error or "unreachable",
+        }
+    session.flush()
 
 
 def cancel(*, session: Session, notification: Notification, key: bytes) -> bool:
@@ -906,6 +1035,15 @@ def claim_for_resend(
         return False
     now = utcnow()
     values: dict[str, Any] = {"updated_at": now}
+    first = notification.step(0)
+    if first is not None:
+        # From the first channel of its order again.
+        values |= {
+            "route_position": 0,
+            "channel": first[0],
+            "recipient": first[1],
+            "channel_attempts": 0,
+        }
     if queued:
         values |= {"status": NotificationStatus.QUEUED, "next_attempt_at": now}
     else:
@@ -957,6 +1095,8 @@ def list_notifications(
         statement = statement.where(Notification.recipient == query.recipient)
     if query.status is not None:
         statement = statement.where(Notification.status == query.status)
+    if query.channel is not None:
+        statement = statement.where(Notification.channel == query.channel)
     if query.batch_id is not None:
         statement = statement.where(Notification.batch_id == query.batch_id)
     if query.created_from is not None:
@@ -1050,4 +1190,61 @@ def replace_api_key_hash(*, session: Session, api_key: ApiKey, key_hash: str, pr
     api_key.key_hash = key_hash
     api_key.prefix = prefix
     api_key.revoked_at = None
+    session.commit()
+
+
+def upsert_recipient(*, session: Session, data: RecipientCreate) -> tuple[Recipient, bool]:
+    """Store a recipient by its `external_id`, replacing what was stored (and forgetting
+    the channels that refused it); the recipient, and whether it is new."""
+    now = utcnow()
+    values = {
+        "email": data.email,
+        "phone": data.phone,
+        "telegram_chat_id": data.telegram_chat_id,
+        "locale": data.locale,
+        "channels": [str(c) for c in data.channels] if data.channels else None,
+        "unreachable": None,
+        "updated_at": now,
+    }
+    # INSERT … ON CONFLICT: two simultaneous upserts of one id cannot both insert.
+    row = session.execute(
+        _dialect(session)
+        .insert(Recipient)
+        .values(external_id=data.external_id, created_at=now, **values)
+        .on_conflict_do_update(index_elements=["external_id"], set_=values)
+        .returning(Recipient.id, Recipient.created_at)
+    ).one()
+    session.commit()
+    recipient = session.get(Recipient, row.id, populate_existing=True)
+    assert recipient is not None
+    session.commit()
+    return recipient, row.created_at == now
+
+
+def get_recipient(*, session: Session, external_id: str) -> Recipient | None:
+    return session.scalars(
+        select(Recipient).where(Recipient.external_id == external_id)
+    ).one_or_none()
+
+
+def get_recipients(*, session: Session, external_ids: Sequence[str]) -> dict[str, Recipient]:
+    """The stored recipients among `external_ids`, by external id."""
+    found = session.scalars(select(Recipient).where(Recipient.external_id.in_(external_ids)))
+    return {r.external_id: r for r in found}
+
+
+def update_recipient(*, session: Session, recipient: Recipient, data: RecipientUpdate) -> Recipient:
+    """Change the fields `data` sets (an explicit null clears one); the channels that
+    refused the recipient are forgotten."""
+    for name, value in data.model_dump(mode="json", exclude_unset=True).items():
+        setattr(recipient, name, value)
+    recipient.unreachable = None
+    recipient.updated_at = utcnow()
+    session.commit()
+    return recipient
+
+
+def delete_recipient(*, session: Session, recipient: Recipient) -> None:
+    """Erase a recipient's contacts; its notifications stay in the history."""
+    session.delete(recipient)
     session.commit()

@@ -1,4 +1,11 @@
-"""Delivering a stored notification: SMTP attempts under the retry policy, each one recorded.
+"""Delivering a stored notification: attempts on its channels under the retry policy,
+each one recorded.
+
+A notification is tried on the channels of its order one at a time. A permanent failure
+on a channel, or its retries running out (FALLBACK_AFTER_ATTEMPTS attempts on a channel
+with another after it, QUEUE_MAX_ATTEMPTS on the last), moves it to the next channel;
+it ends `failed` only when every channel has failed. A channel that refused the address
+for good (`RecipientUnreachable`: a blocked bot) is remembered on the recipient.
 
 An attempt's outcome is stored with the state it leaves the notification in, in one
 commit, and only while the sender still holds the notification's lease. When the
@@ -13,7 +20,7 @@ takeover (see README: "Database outages").
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -31,26 +38,23 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 import crud
+from channels.base import (
+    DeliveryError,
+    Message,
+    PermanentDeliveryError,
+    Receipt,
+    RecipientUnreachable,
+    Sender,
+    TransientDeliveryError,
+)
 from config import Settings
 from crud import IdempotencyClaim, Outcome
 from db import DATABASE_UNAVAILABLE
-from mailer import (
-    DeliveryError,
-    MessageRenderer,
-    OutgoingMessage,
-    PermanentDeliveryError,
-    SMTPMailer,
-    TransientDeliveryError,
-    new_message_id,
-    new_message_ids,
-)
-from models import AttemptOutcome, Batch, Notification, NotificationStatus, utcnow
-from schemas import BulkEmailCreate, EmailNotificationCreate
+from mailer import new_message_id, new_message_ids
+from models import AttemptOutcome, Batch, Channel, Notification, NotificationStatus, utcnow
+from schemas import TELEGRAM_MAX_TEXT
 
 logger = logging.getLogger(__name__)
-
-# The reply smtplib's sendmail requires of DATA before it returns.
-ACCEPTED = 250
 
 
 class OutcomeNotRecorded(Exception):
@@ -237,18 +241,69 @@ def _log_backoff(state: RetryCallState) -> None:
         logger.info("next attempt in %.2f s", state.next_action.sleep)
 
 
+class Unroutable(ValueError):
+    """A notification no channel can carry as asked (a 422): `field` names what is wrong."""
+
+    def __init__(self, message: str, *, field: str = "channels") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def plan_route(
+    *,
+    order: Sequence[Channel],
+    addresses: Mapping[Channel, str | None],
+    configured: Collection[Channel],
+    unreachable: Mapping[str, str] | None = None,
+    subject: str | None = None,
+    text: str = "",
+) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
+    """The channels to try, in `order`, each with its address; and those left out, with
+    why (no address for the recipient, or the address refused the channel for good).
+
+    Raises `Unroutable` for a channel of the order that is not configured, for a text
+    Telegram cannot carry (over 4,096 characters), and when no channel is left (e-mail
+    without a subject is left out).
+    """
+    route: list[tuple[Channel, str]] = []
+    skipped: list[dict[str, str]] = []
+    for channel in order:
+        if channel not in configured:
+            raise Unroutable(f"the {channel} channel is not configured")
+        address = addresses.get(channel)
+        if address is None:
+            skipped.append({"channel": str(channel), "reason": "no address"})
+            continue
+        if unreachable and str(channel) in unreachable:
+            reason = f"unreachable: {unreachable[str(channel)]}"
+            skipped.append({"channel": str(channel), "reason": reason})
+            continue
+        if channel == Channel.EMAIL and subject is None:
+            skipped.append({"channel": str(channel), "reason": "no subject"})
+            continue
+        if channel == Channel.TELEGRAM and len(text) > TELEGRAM_MAX_TEXT:
+            raise Unroutable(f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text")
+        route.append((channel, address))
+    if not route:
+        reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)
+        raise Unroutable(f"no channel of the order can reach this recipient ({reasons})")
+    return route, skipped
+
+
 class Deliverer:
-    """Sends notifications through a mailer and records every attempt.
+    """Sends notifications through their channels and records every attempt.
 
     A transient failure that outlasts the quick retries is handed to the background
-    retries (queued, due after `queue_backoff`) until `max_attempts` attempts in all;
-    anything else ends the notification as failed.
+    retries (queued, due after `queue_backoff`) until `max_attempts` attempts on the
+    channel (`fallback_after` when another channel follows it); then, or at once after a
+    permanent failure, the next channel of the order is tried, and with none left the
+    notification ends failed.
     """
 
     def __init__(
         self,
         *,
-        mailer: SMTPMailer,
+        channels: Mapping[Channel, Sender],
         retrying: Retrying,
         sender: str,
         lease: timedelta,
@@ -256,15 +311,17 @@ class Deliverer:
         max_attempts: int,
         key: bytes,
         sync_sends: int = 16,
+        fallback_after: int | None = None,
     ) -> None:
-        self.mailer = mailer
+        # The configured channels; a notification for another one fails on that channel.
+        self.channels = dict(channels)
         self.retrying = retrying
         self.sender = sender
-        self.renderer = MessageRenderer(sender)
         # How long a synchronous send may take before a worker may take it over.
         self.lease = lease
         self.queue_backoff = queue_backoff
         self.max_attempts = max_attempts
+        self.fallback_after = fallback_after or max_attempts
         # The HMAC key of erased sensitive texts.
         self.key = key
         # Synchronous sends at once: the rest go to the queue, so a silent SMTP server
@@ -273,59 +330,77 @@ class Deliverer:
         self.unrecorded = Unrecorded()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, mailer: SMTPMailer) -> "Deliverer":
+    def from_settings(
+        cls, settings: Settings, *, channels: Mapping[Channel, Sender]
+    ) -> "Deliverer":
         return cls(
-            mailer=mailer,
+            channels=channels,
             retrying=make_retrying(settings),
             sender=settings.email_from,
             lease=timedelta(seconds=settings.worker_lease),
             queue_backoff=make_queue_backoff(settings),
             max_attempts=settings.queue_max_attempts,
+            fallback_after=settings.fallback_after_attempts,
             key=settings.hmac_key(),
             sync_sends=settings.sync_send_limit,
         )
 
-    def create_email(
+    @property
+    def pool_size(self) -> int:
+        """Messages sent at once by a worker: the largest channel's connection pool."""
+        return max((sender.pool_size for sender in self.channels.values()), default=1)
+
+    def close(self) -> None:
+        """Close every channel's connections."""
+        for sender in self.channels.values():
+            sender.close()
+
+    def create(
         self,
         *,
         session: Session,
-        data: EmailNotificationCreate,
+        draft: crud.Draft,
         queued: bool = False,
         idempotency: IdempotencyClaim | None = None,
     ) -> Notification:
-        """Store a new e-mail notification: to send now, or queued for a worker."""
+        """Store a new notification: to send now, or queued for a worker."""
+        by_email = any(channel == Channel.EMAIL for channel, _ in draft.route)
         try:
-            return crud.create_email_notification(
+            return crud.create_notification(
                 session=session,
-                data=data,
-                message_id=new_message_id(self.sender),
+                draft=draft,
+                message_id=new_message_id(self.sender) if by_email else None,
                 queued=queued,
                 lease=self.lease,
                 idempotency=idempotency,
             )
         except crud.CommitUnconfirmed as unconfirmed:
-            self.withdraw_later(unconfirmed, data.text if data.sensitive else None)
+            self.withdraw_later(unconfirmed, draft.text if draft.sensitive else None)
             raise unconfirmed.error from None
 
     def create_batch(
         self,
         *,
         session: Session,
-        data: BulkEmailCreate,
-        recipients: list[str],
+        content: crud.Draft,
+        requested: int,
+        emails: Sequence[str] = (),
+        drafts: Sequence[crud.Draft] = (),
         idempotency: IdempotencyClaim | None = None,
     ) -> Batch:
-        """Queue one e-mail per recipient, as one batch."""
+        """Queue one e-mail to each of `emails`, or one notification per draft, as a batch."""
         try:
-            return crud.create_email_batch(
+            return crud.create_batch(
                 session=session,
-                data=data,
-                recipients=recipients,
-                message_ids=new_message_ids(self.sender, len(recipients)),
+                content=content,
+                requested=requested,
+                emails=emails,
+                drafts=drafts,
+                message_ids=new_message_ids(self.sender, len(emails) + len(drafts)),
                 idempotency=idempotency,
             )
         except crud.CommitUnconfirmed as unconfirmed:
-            self.withdraw_later(unconfirmed, data.text if data.sensitive else None)
+            self.withdraw_later(unconfirmed, content.text if content.sensitive else None)
             raise unconfirmed.error from None
 
     def withdraw_later(
@@ -348,15 +423,16 @@ class Deliverer:
             session=session, notification=notification, lease=self.lease, queued=queued
         )
 
-    def message_for(self, notification: Notification) -> OutgoingMessage:
-        """The message's bytes and envelope (see `MessageRenderer`)."""
-        return self.renderer.render(
-            recipient=notification.recipient,
-            subject=notification.subject or "",
+    @staticmethod
+    def message_for(notification: Notification) -> Message:
+        """What to send on the notification's channel now."""
+        return Message(
+            address=notification.recipient,
             text=notification.text,
-            message_id=notification.message_id or new_message_id(self.sender),
-            date=utcnow(),
+            subject=notification.subject,
+            message_id=notification.message_id,
             sensitive=notification.sensitive,
+            parse_mode=notification.parse_mode,
         )
 
     def deliver(
@@ -368,17 +444,9 @@ class Deliverer:
         answered; the outcome is then kept and stored later.
         """
         try:
-            try:
-                if quick_retries:
-                    # copy(): the policy object is shared by every request thread.
-                    for attempt in self.retrying.copy():
-                        with attempt:
-                            self.attempt(session=session, notification=notification)
-                else:
-                    self.attempt(session=session, notification=notification, final=True)
-            except DeliveryError as exc:
-                if notification.status == NotificationStatus.SENDING:
-                    self.store(session, notification, self.settlement(notification, exc))
+            # Still sending after a channel has failed: the next one is tried now.
+            while notification.status == NotificationStatus.SENDING:
+                self._deliver_on_channel(session, notification, quick_retries)
         except LeaseLost:
             # Our lease ran out and another sender claimed the notification: it is theirs.
             session.refresh(notification)
@@ -395,28 +463,81 @@ class Deliverer:
         )
         return notification
 
+    def _deliver_on_channel(
+        self, session: Session, notification: Notification, quick_retries: bool
+    ) -> None:
+        """Attempt the notification on its current channel (with the quick retries, or
+        once) and settle it: sent, queued, failed, or sending on to its next channel."""
+        channel = notification.channel
+        try:
+            if quick_retries:
+                # copy(): the policy object is shared by every request thread.
+                for attempt in self.retrying.copy():
+                    with attempt:
+                        self.attempt(session=session, notification=notification)
+            else:
+                self.attempt(session=session, notification=notification, final=True)
+        except DeliveryError as exc:
+            # Not settled yet by a final attempt (which may have moved it on already).
+            if (
+                notification.status == NotificationStatus.SENDING
+                and notification.channel == channel
+            ):
+                outcome = self.settlement(notification, exc, synchronous=True)
+                self.store(session, notification, outcome)
+
     def settlement(
-        self, notification: Notification, error: DeliveryError | None, *, attempted: int = 0
+        self,
+        notification: Notification,
+        error: DeliveryError | None,
+        *,
+        attempted: int = 0,
+        synchronous: bool = False,
     ) -> Outcome:
-        """The state a notification is left in after its last attempt ended in `error`
-        (None: sent); `attempted` counts that attempt if it is not stored yet."""
+        """The state a notification is left in after its last attempt on its channel ended
+        in `error` (None: sent); `attempted` counts that attempt if it is not stored yet.
+
+        Moving on to the next channel, a `synchronous` send keeps sending (under a renewed
+        lease); a worker's is queued, due now.
+        """
         now = utcnow()
-        attempts = notification.attempts + attempted
+        on_channel = notification.channel_attempts + attempted
         status = NotificationStatus.SENT if error is None else NotificationStatus.FAILED
         next_attempt_at: datetime | None = None
-        if isinstance(error, TransientDeliveryError) and attempts < self.max_attempts:
+        lease_expires_at: datetime | None = None
+        position = notification.route_position + 1
+        following = notification.step(position)
+        next_step: tuple[int, Channel, str] | None = None
+        limit = self.fallback_after if following is not None else self.max_attempts
+        if isinstance(error, TransientDeliveryError) and on_channel < limit:
             status = NotificationStatus.QUEUED
-            next_attempt_at = now + timedelta(seconds=self.backoff_after(attempts))
+            # At least as long as the provider asked for (Telegram's retry_after).
+            wait = max(self.backoff_after(on_channel), error.retry_after or 0.0)
+            next_attempt_at = now + timedelta(seconds=wait)
+        elif error is not None and following is not None:
+            next_step = (position, *following)
+            if synchronous:
+                status = NotificationStatus.SENDING
+                lease_expires_at = now + self.lease
+            else:
+                status = NotificationStatus.QUEUED
+                next_attempt_at = now
         erase = {}
-        if notification.sensitive and status != NotificationStatus.QUEUED:
+        if notification.sensitive and status in (
+            NotificationStatus.SENT,
+            NotificationStatus.FAILED,
+        ):
             erase = crud.erased(notification.text, self.key)
         return Outcome(
             notification_id=notification.id,
             holder=notification.leased_by or "",
             finished_at=now,
+            channel=notification.channel,
             status=status,
             next_attempt_at=next_attempt_at,
             erase=erase,
+            next_step=next_step,
+            lease_expires_at=lease_expires_at,
         )
 
     def backoff_after(self, attempts: int) -> float:
@@ -426,69 +547,93 @@ class Deliverer:
         state.attempt_number = attempts
         return float(self.queue_backoff(state))
 
-    def transmit(self, notification: Notification) -> DeliveryError | None:
-        """Hand the message to the SMTP server; the error, or None if it was accepted."""
+    def transmit(self, notification: Notification) -> Receipt | DeliveryError:
+        """Hand the message to its channel's provider; its receipt, or the error."""
+        sender = self.channels.get(notification.channel)
+        if sender is None:
+            # Queued before a configuration change took the channel away.
+            return PermanentDeliveryError(f"the {notification.channel} channel is not configured")
         try:
-            self.mailer.send(self.message_for(notification))
+            return sender.send(self.message_for(notification))
         except DeliveryError as exc:
             return exc
         except Exception as exc:
             # A bug rather than a delivery failure; still leave a final, explained state.
             logger.exception("notification %d: unexpected error while sending", notification.id)
             return PermanentDeliveryError(f"internal error: {type(exc).__name__}")
-        return None
 
     def concluded(
         self,
         notification: Notification,
-        error: DeliveryError | None,
+        result: Receipt | DeliveryError,
         *,
         started_at: datetime,
         attempted: int = 0,
         attempt_id: int | None = None,
+        synchronous: bool = False,
     ) -> Outcome:
-        """An attempt's outcome, settling the notification (sent, queued or failed);
-        `attempted` counts the attempt if the notification does not yet."""
+        """An attempt's outcome, settling the notification (sent, queued, failed, or on to
+        its next channel); `attempted` counts the attempt if the notification does not yet."""
+        error = result if isinstance(result, DeliveryError) else None
         settled = replace(
-            self.settlement(notification, error, attempted=attempted),
+            self.settlement(notification, error, attempted=attempted, synchronous=synchronous),
             started_at=started_at,
             attempt_id=attempt_id,
         )
-        if error is None:
-            return replace(settled, outcome=AttemptOutcome.SENT, smtp_code=ACCEPTED)
+        if isinstance(result, Receipt):
+            return replace(
+                settled,
+                outcome=AttemptOutcome.SENT,
+                code=result.code,
+                provider_message_id=result.provider_message_id,
+                segments=result.segments,
+                cost=result.cost,
+            )
         return replace(
             settled,
             outcome=AttemptOutcome.TRANSIENT_ERROR
-            if isinstance(error, TransientDeliveryError)
+            if isinstance(result, TransientDeliveryError)
             else AttemptOutcome.PERMANENT_ERROR,
-            smtp_code=error.code,
+            code=result.code,
+            unreachable=isinstance(result, RecipientUnreachable),
             # A server's reply may hold a NUL, which PostgreSQL text cannot store.
-            error=str(error).replace("\x00", "\ufffd"),
+            error=str(result).replace("\x00", "\ufffd"),
         )
 
     def attempt(self, *, session: Session, notification: Notification, final: bool = False) -> None:
-        """One SMTP attempt, stored; raises its `DeliveryError` after storing it.
+        """One attempt on the notification's channel, stored; raises its `DeliveryError`
+        after storing it.
 
-        A `final` attempt also settles the notification (sent, queued or failed) in the
-        same commit; otherwise only a success does.
+        A `final` attempt also settles the notification (sent, queued, failed, or on to
+        its next channel) in the same commit; otherwise only a success does.
         """
         started_at = utcnow()
-        error = self.transmit(notification)
-        final_outcome = self.concluded(notification, error, started_at=started_at, attempted=1)
-        if error is None or final:
+        result = self.transmit(notification)
+        final_outcome = self.concluded(
+            notification, result, started_at=started_at, attempted=1, synchronous=True
+        )
+        if isinstance(result, Receipt) or final:
             outcome = final_outcome
         else:
-            # A quick retry may follow: the notification stays sending.
-            outcome = replace(final_outcome, status=None, next_attempt_at=None, erase={})
+            # A quick retry may follow: the notification stays sending on this channel.
+            outcome = replace(
+                final_outcome,
+                status=None,
+                next_attempt_at=None,
+                erase={},
+                next_step=None,
+                lease_expires_at=None,
+            )
         self.store(session, notification, outcome, keep=final_outcome)
-        if error is not None:
+        if isinstance(result, DeliveryError):
             logger.warning(
-                "notification %d: attempt %d failed: %s",
+                "notification %d: attempt %d (%s) failed: %s",
                 notification.id,
                 notification.attempts,
-                error,
+                outcome.channel,
+                result,
             )
-            raise error
+            raise result
 
     def settle_batch(self, session: Session, outcomes: list[Outcome]) -> set[int] | None:
         """Store a worker batch's outcomes (`settle`); the ids settled, or None if the

@@ -1,9 +1,12 @@
-"""Database tables: notifications, their delivery attempts, bulk batches and idempotency keys."""
+"""Database tables: notifications, their delivery attempts, recipients, bulk batches,
+idempotency keys and API keys."""
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -12,6 +15,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     TypeDecorator,
@@ -58,7 +62,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Channel(StrEnum):
+    """A way to reach someone; each has a sender in the `channels` package."""
+
     EMAIL = "email"
+    SMS = "sms"
+    TELEGRAM = "telegram"
 
 
 class NotificationStatus(StrEnum):
@@ -123,7 +131,42 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Recipient(Base):
+    """Someone the calling services know (by their own id), with an address per channel."""
+
+    __tablename__ = "recipients"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    # The caller's id for this person (the user service's user id).
+    external_id: Mapped[str] = mapped_column(String(128), unique=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(16))  # E.164
+    telegram_chat_id: Mapped[str | None] = mapped_column(String(64))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    # Their own channel order; None takes the request's or CHANNEL_ORDER.
+    channels: Mapped[list[str] | None] = mapped_column(JSON)
+    # Channels whose address refused for good (a blocked bot): channel → the provider's
+    # error. Skipped until the recipient is updated.
+    unreachable: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    def address(self, channel: Channel) -> str | None:
+        """The recipient's address on `channel`, if any."""
+        if channel == Channel.EMAIL:
+            return self.email
+        if channel == Channel.SMS:
+            return self.phone
+        return self.telegram_chat_id
+
+
 class Notification(Base):
+    """One message to one recipient, tried on its channels in order until one delivers.
+
+    `channel` and `recipient` are the channel being tried (or that delivered, or failed
+    last) and its address; `route` the whole order when there is more than one channel.
+    """
+
     __tablename__ = "notifications"
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
@@ -131,6 +174,19 @@ class Notification(Base):
     channel: Mapped[Channel] = mapped_column(_str_enum(Channel))
     # An address in the channel's own form: e-mail address, phone number, chat id.
     recipient: Mapped[str] = mapped_column(String(320))
+    # Channels to try in order, as [{"channel": …, "address": …}], when there are two or
+    # more; `route_position` is the one being tried. None: `channel` alone.
+    route: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    route_position: Mapped[int] = mapped_column(Integer, default=0, server_default=sql("0"))
+    # Attempts on the channel being tried (`attempts` counts them all).
+    channel_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=sql("0"))
+    # Channels of the order left out at request time, as [{"channel": …, "reason": …}].
+    skipped: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    recipient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("recipients.id", ondelete="SET NULL")
+    )
+    # Telegram's parse_mode, when the caller asked for one.
+    parse_mode: Mapped[str | None] = mapped_column(String(16))
     subject: Mapped[str | None] = mapped_column(String(998))
     text: Mapped[str] = mapped_column(Text)
     # A sensitive text (a code, a reset link) is erased once the notification is settled;
@@ -166,6 +222,7 @@ class Notification(Base):
         Index("ix_notifications_created_at_id", "created_at", "id"),
         Index("ix_notifications_recipient_created_at_id", "recipient", "created_at", "id"),
         Index("ix_notifications_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_notifications_channel_created_at_id", "channel", "created_at", "id"),
         # A batch's history and its counts per status.
         Index("ix_notifications_batch_id_created_at_id", "batch_id", "created_at", "id"),
         # The worker's two questions: what is due, and whose lease has run out.
@@ -184,6 +241,19 @@ class Notification(Base):
     )
     __mapper_args__ = {"version_id_col": version}
 
+    @property
+    def channels(self) -> list[str]:
+        """The channel order this notification was given (after skipped ones)."""
+        if self.route is None:
+            return [str(self.channel)]
+        return [step["channel"] for step in self.route]
+
+    def step(self, position: int) -> tuple[Channel, str] | None:
+        """The channel and address at `position` of the order, if there is one."""
+        if self.route is None or not 0 <= position < len(self.route):
+            return None
+        return Channel(self.route[position]["channel"]), self.route[position]["address"]
+
 
 class DeliveryAttempt(Base):
     __tablename__ = "delivery_attempts"
@@ -194,9 +264,15 @@ class DeliveryAttempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # None while pending.
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    channel: Mapped[Channel] = mapped_column(_str_enum(Channel), server_default="email")
     outcome: Mapped[AttemptOutcome] = mapped_column(_str_enum(AttemptOutcome))
-    smtp_code: Mapped[int | None] = mapped_column(Integer)
+    # The provider's code: an SMTP reply code, an SMS.ru status_code, a Bot API error_code.
+    code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # What the provider said of an accepted message: its id, SMS parts and price.
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    segments: Mapped[int | None] = mapped_column(Integer)
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(12, 4))
 
     notification: Mapped[Notification] = relationship(back_populates="delivery_attempts")
 
@@ -241,7 +317,7 @@ class ApiKey(Base):
     # The key's first characters, to tell keys apart in listings and logs.
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    # Space-separated: send, read, admin.
+    # Space-separated: send, read, recipients, admin.
     scopes: Mapped[str] = mapped_column(String(255))
     # Per-caller limits; NULL takes the service-wide setting.
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)

@@ -38,8 +38,11 @@ def too_many(detail: str, retry_after: float) -> HTTPException:
     )
 
 
-def recipient_subject(address: str) -> str:
-    """The one rate-limit count an address belongs to: letter case and `+tag` folded."""
+def recipient_subject(address: str, channel: str = "email") -> str:
+    """The one rate-limit count an address belongs to: per channel, and for e-mail with
+    letter case and `+tag` folded (phone numbers and chat ids come normalised)."""
+    if channel != "email":
+        return f"{channel}:{address}"
     local, _, domain = address.lower().rpartition("@")
     return f"{local.partition('+')[0]}@{domain}"
 
@@ -124,11 +127,13 @@ class RateLimiter:
         stats = self.strategy.get_window_stats(item, subject)
         return max(0.0, stats.reset_time - time.time())
 
-    def take_recipients(self, addresses: Sequence[str], limit: int) -> tuple[set[str], float]:
-        """Count a message for each address; those let through, and the longest wait of
-        the others."""
+    def take_recipients(
+        self, addresses: Sequence[str], limit: int, channel: str = "email"
+    ) -> tuple[set[str], float]:
+        """Count a message for each address on `channel`; those let through, and the
+        longest wait of the others."""
         item = RateLimitItemPerHour(limit)
-        subjects = [f"rcpt:{recipient_subject(address)}" for address in addresses]
+        subjects = [f"rcpt:{recipient_subject(address, channel)}" for address in addresses]
         # Plain Redis only: a cluster pipeline does not load the script on its nodes.
         if type(self.storage) is RedisStorage and len(subjects) > 1:
             granted = self._acquire_pipelined(item, subjects)
@@ -162,10 +167,16 @@ class RateLimiter:
 
 
 def take_recipients(
-    *, limiter: RateLimiter, settings: Settings, caller: ApiKey, recipients: Sequence[str]
+    *,
+    limiter: RateLimiter,
+    settings: Settings,
+    caller: ApiKey,
+    recipients: Sequence[str],
+    channel: str = "email",
 ) -> tuple[set[str], int, float]:
-    """Count a message for each address in the hour that ends now; the addresses within
-    the limit, the limit, and the seconds until a refused one would be let through."""
+    """Count a message for each address on `channel` in the hour that ends now; the
+    addresses within the limit, the limit, and the seconds until a refused one would be
+    let through."""
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
-    allowed, retry_after = limiter.take_recipients(recipients, limit)
+    allowed, retry_after = limiter.take_recipients(recipients, limit, channel)
     return allowed, limit, retry_after

@@ -1,5 +1,7 @@
 """HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -26,8 +28,17 @@ import idempotency
 import ratelimits
 from config import Settings
 from db import ReadinessProbe, get_read_session, get_session
-from delivery import Deliverer
-from models import ApiKey, Batch, IdempotencyKey, Notification, NotificationStatus, utcnow
+from delivery import Deliverer, Unroutable, plan_route
+from models import (
+    ApiKey,
+    Batch,
+    Channel,
+    IdempotencyKey,
+    Notification,
+    NotificationStatus,
+    Recipient,
+    utcnow,
+)
 from schemas import (
     MAX_ID,
     ApiKeyCreate,
@@ -38,10 +49,18 @@ from schemas import (
     BulkEmailCreate,
     EmailNotificationCreate,
     HistoryQuery,
+    MessageContent,
+    NotificationCreate,
     NotificationDetail,
     NotificationPublic,
     NotificationsPublic,
+    RecipientCreate,
+    RecipientPublic,
+    RecipientUpdate,
     RejectedRecipient,
+    SmsNotificationCreate,
+    TelegramNotificationCreate,
+    printable,
 )
 
 
@@ -69,6 +88,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SendCaller = Annotated[ApiKey, Security(auth.authenticate, scopes=[auth.Scope.SEND])]
 READ = [Security(auth.authenticate, scopes=[auth.Scope.READ])]
 ADMIN = [Security(auth.authenticate, scopes=[auth.Scope.ADMIN])]
+# A key with `admin` has this one too.
+RECIPIENTS = [Security(auth.authenticate, scopes=[auth.Scope.RECIPIENTS])]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -140,11 +161,21 @@ router = APIRouter(responses={**AUTH, **TOO_LARGE, **DATABASE_DOWN})
 health = APIRouter(tags=["health"])
 
 
+PreferHeader = Annotated[
+    str | None, Header(description="`respond-async`: queue instead of sending now (202).")
+]
+SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **DELIVERY_FAILED,
+    **IDEMPOTENCY,
+    **DATABASE_DOWN,
+}
+
+
 @router.post(
     "/notify/email",
     status_code=status.HTTP_201_CREATED,
     response_model=NotificationDetail,
-    responses={**DELIVERY_FAILED, **IDEMPOTENCY, **DATABASE_DOWN},
+    responses=SEND_RESPONSES,
     tags=["notify"],
 )
 def notify_email(
@@ -155,41 +186,247 @@ def notify_email(
     limiter: LimiterDep,
     settings: SettingsDep,
     response: Response,
-    prefer: Annotated[
-        str | None, Header(description="`respond-async`: queue instead of sending now (202).")
-    ] = None,
+    prefer: PreferHeader = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Notification:
     """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set.
 
     When SYNC_SEND_LIMIT synchronous sends are already in progress, it is queued (202).
     """
-    check_send_at(data.send_at, settings)
-    queued = data.send_at is not None or wants_async(prefer)
+    draft = crud.Draft(
+        route=[(Channel.EMAIL, data.email)],
+        text=data.text,
+        subject=data.subject,
+        sensitive=data.sensitive,
+        send_at=data.send_at,
+    )
+    return send(
+        Sending(caller, session, deliverer, limiter, settings, response),
+        draft=draft,
+        body=data,
+        endpoint="/notify/email",
+        prefer=prefer,
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/notify/sms",
+    status_code=status.HTTP_201_CREATED,
+    response_model=NotificationDetail,
+    responses=SEND_RESPONSES,
+    tags=["notify"],
+)
+def notify_sms(
+    data: SmsNotificationCreate,
+    caller: SendCaller,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    response: Response,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Notification:
+    """Send an SMS (through SMS.ru), as `/notify/email` sends an e-mail."""
+    draft = routed(deliverer, order=[Channel.SMS], addresses={Channel.SMS: data.phone}, data=data)
+    return send(
+        Sending(caller, session, deliverer, limiter, settings, response),
+        draft=draft,
+        body=data,
+        endpoint="/notify/sms",
+        prefer=prefer,
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/notify/telegram",
+    status_code=status.HTTP_201_CREATED,
+    response_model=NotificationDetail,
+    responses=SEND_RESPONSES,
+    tags=["notify"],
+)
+def notify_telegram(
+    data: TelegramNotificationCreate,
+    caller: SendCaller,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    response: Response,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Notification:
+    """Send a Telegram message (through the Bot API), as `/notify/email` sends an e-mail."""
+    draft = routed(
+        deliverer,
+        order=[Channel.TELEGRAM],
+        addresses={Channel.TELEGRAM: data.chat_id},
+        data=data,
+        parse_mode=data.parse_mode,
+    )
+    return send(
+        Sending(caller, session, deliverer, limiter, settings, response),
+        draft=draft,
+        body=data,
+        endpoint="/notify/telegram",
+        prefer=prefer,
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/notify",
+    status_code=status.HTTP_201_CREATED,
+    response_model=NotificationDetail,
+    responses=SEND_RESPONSES,
+    tags=["notify"],
+)
+def notify(
+    data: NotificationCreate,
+    caller: SendCaller,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    response: Response,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Notification:
+    """Send one message to one recipient on the first of its channels that delivers it.
+
+    The order is the request's `channels`, else the recipient's own, else CHANNEL_ORDER;
+    channels without an address for the recipient are skipped (listed in `skipped`). A
+    permanent failure on a channel, or its retries running out, moves on to the next;
+    201 once one delivers, 502 when all failed, 202 when queued.
+    """
+    contacts = data.recipient
+    recipient = None
+    if contacts.external_id is not None:
+        recipient = crud.get_recipient(session=session, external_id=contacts.external_id)
+        if recipient is None:
+            raise invalid("recipient", "external_id", "no recipient with this external_id")
+    addresses: dict[Channel, str | None] = {
+        channel: recipient.address(channel) if recipient else contacts.address(channel)
+        for channel in Channel
+    }
+    own_order = recipient.channels if recipient is not None else None
+    draft = routed(
+        deliverer,
+        order=data.channels or [Channel(c) for c in own_order or settings.channel_order],
+        addresses=addresses,
+        data=data,
+        subject=data.subject,
+        parse_mode=data.parse_mode,
+        recipient=recipient,
+    )
+    return send(
+        Sending(caller, session, deliverer, limiter, settings, response),
+        draft=draft,
+        body=data,
+        endpoint="/notify",
+        prefer=prefer,
+        idempotency_key=idempotency_key,
+    )
+
+
+def routed(
+    deliverer: Deliverer,
+    *,
+    order: Sequence[Channel],
+    addresses: Mapping[Channel, str | None],
+    data: MessageContent,
+    subject: str | None = None,
+    parse_mode: str | None = None,
+    recipient: Recipient | None = None,
+) -> crud.Draft:
+    """The notification to store for `data`, on the channels of `order` that can reach
+    the recipient; a 422 if a channel is not configured or none can."""
+    try:
+        route, skipped = plan_route(
+            order=order,
+            addresses=addresses,
+            configured=deliverer.channels.keys(),
+            unreachable=recipient.unreachable if recipient is not None else None,
+            subject=subject,
+            text=data.text,
+        )
+    except Unroutable as exc:
+        raise invalid(exc.field, None, str(exc)) from None
+    return crud.Draft(
+        route=route,
+        skipped=skipped,
+        text=data.text,
+        subject=subject,
+        sensitive=data.sensitive,
+        send_at=data.send_at,
+        parse_mode=parse_mode,
+        recipient_id=recipient.id if recipient is not None else None,
+    )
+
+
+def invalid(field: str, subfield: str | None, message: str) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own, about one field of the body."""
+    location = ("body", field) if subfield is None else ("body", field, subfield)
+    return RequestValidationError([{"type": "value_error", "loc": location, "msg": message}])
+
+
+@dataclass(frozen=True)
+class Sending:
+    """What every send endpoint is given."""
+
+    caller: ApiKey
+    session: Session
+    deliverer: Deliverer
+    limiter: ratelimits.RateLimiter
+    settings: Settings
+    response: Response
+
+
+def send(
+    ctx: Sending,
+    *,
+    draft: crud.Draft,
+    body: MessageContent,
+    endpoint: str,
+    prefer: str | None,
+    idempotency_key: str | None,
+) -> Notification:
+    """Store `draft` and send it now on its first channel (201/502), or queue it (202)
+    when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in progress."""
+    session, deliverer, settings, response = ctx.session, ctx.deliverer, ctx.settings, ctx.response
+    check_send_at(draft.send_at, settings)
+    queued = draft.send_at is not None or wants_async(prefer)
     claim = idempotency.claim_for(
         idempotency_key,
-        scope=f"key:{caller.id}",
-        endpoint="/notify/email",
-        body=data,
+        scope=f"key:{ctx.caller.id}",
+        endpoint=endpoint,
+        body=body,
         ttl=settings.idempotency_key_ttl,
         secret=deliverer.key,
         queued=queued,
     )
-    # Slow SMTP must not take every request thread: past the limit, the queue sends it.
+    # Slow providers must not take every request thread: past the limit, the queue sends.
     sync = not queued and deliverer.sync_sends.acquire(blocking=False)
     try:
         try:
             # A repeat is answered before the rate limits are counted: it sends nothing.
             crud.raise_if_key_used(session=session, claim=claim)
+            channel, address = draft.route[0]
             allowed, limit, retry_after = ratelimits.take_recipients(
-                limiter=limiter, settings=settings, caller=caller, recipients=[data.email]
+                limiter=ctx.limiter,
+                settings=settings,
+                caller=ctx.caller,
+                recipients=[address],
+                channel=channel,
             )
             if not allowed:
                 raise ratelimits.too_many(
                     f"more than {limit} messages per hour to this address", retry_after
                 )
-            notification = deliverer.create_email(
-                session=session, data=data, queued=not sync, idempotency=claim
+            notification = deliverer.create(
+                session=session, draft=draft, queued=not sync, idempotency=claim
             )
         except crud.IdempotencyKeyUsed as used:
             assert claim is not None
@@ -284,16 +521,27 @@ def notify_bulk(
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchCreated:
-    """Queue one e-mail to each address as a batch; invalid addresses are listed, not fatal."""
+    """Queue one message to each item as a batch: an e-mail to each of `emails`, or to each
+    stored recipient of `recipients`, on its channel order (`channels`, else its own,
+    else CHANNEL_ORDER). Invalid, unknown or unreachable items are listed, not fatal."""
     check_send_at(data.send_at, settings)
+    for channel in data.channels or ():
+        if channel not in deliverer.channels:
+            raise invalid("channels", None, f"the {channel} channel is not configured")
     # Checked here, in a worker thread, rather than while the event loop parses the body.
-    recipients, rejected = data.recipients()
-    if not recipients:
+    if data.emails is not None:
+        emails, rejected = data.valid_emails()
+        items = {i: (Channel.EMAIL, address) for address, i in emails.items()}
+        drafts: dict[int, crud.Draft] = {}
+    else:
+        drafts, rejected = bulk_drafts(session, deliverer, settings, data)
+        items = {i: draft.route[0] for i, draft in drafts.items()}
+    if not items:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             {
                 "message": "no valid recipient",
-                "rejected": [r.model_dump() for r in rejected],
+                "rejected": [r.model_dump(exclude_none=True) for r in rejected],
             },
         )
     claim = idempotency.claim_for(
@@ -304,12 +552,24 @@ def notify_bulk(
         ttl=settings.idempotency_key_ttl,
         secret=deliverer.key,
     )
+    content = crud.Draft(
+        route=(),
+        text=data.text,
+        subject=data.subject,
+        sensitive=data.sensitive,
+        send_at=data.send_at,
+    )
     try:
         crud.raise_if_key_used(session=session, claim=claim)
-        sendable, limited = within_recipient_limits(limiter, settings, caller, data, recipients)
+        sendable, limited = within_recipient_limits(limiter, settings, caller, data, items)
         rejected = sorted([*rejected, *limited], key=lambda r: r.index)
         batch = deliverer.create_batch(
-            session=session, data=data, recipients=sendable, idempotency=claim
+            session=session,
+            content=content,
+            requested=data.requested,
+            emails=[items[i][1] for i in sendable] if not drafts else (),
+            drafts=[drafts[i] for i in sendable] if drafts else (),
+            idempotency=claim,
         )
     except crud.IdempotencyKeyUsed as used:
         assert claim is not None
@@ -323,23 +583,81 @@ def notify_bulk(
     return BatchCreated(batch=batch_public(session, batch), rejected=rejected)
 
 
+def bulk_drafts(
+    session: Session, deliverer: Deliverer, settings: Settings, data: BulkEmailCreate
+) -> tuple[dict[int, crud.Draft], list[RejectedRecipient]]:
+    """A notification for each stored recipient of `data.recipients` (by item index), and
+    the items refused: unknown, repeated, or no channel of the order reaches them."""
+    assert data.recipients is not None
+    found = crud.get_recipients(session=session, external_ids=list(set(data.recipients)))
+    drafts: dict[int, crud.Draft] = {}
+    rejected: list[RejectedRecipient] = []
+    seen: dict[str, int] = {}
+    for index, external_id in enumerate(data.recipients):
+        recipient = found.get(external_id)
+        if external_id in seen:
+            error = f"duplicate of item {seen[external_id]}"
+        elif recipient is None:
+            error = "no recipient with this external_id"
+        else:
+            seen[external_id] = index
+            order = data.channels or [
+                Channel(c) for c in recipient.channels or settings.channel_order
+            ]
+            try:
+                drafts[index] = routed(
+                    deliverer,
+                    order=order,
+                    addresses={c: recipient.address(c) for c in Channel},
+                    data=data,
+                    subject=data.subject,
+                    recipient=recipient,
+                )
+                continue
+            except RequestValidationError as exc:
+                error = printable(exc.errors()[0]["msg"])
+        rejected.append(
+            RejectedRecipient(index=index, external_id=printable(external_id), error=error)
+        )
+    return drafts, rejected
+
+
 def within_recipient_limits(
     limiter: ratelimits.RateLimiter,
     settings: Settings,
     caller: ApiKey,
     data: BulkEmailCreate,
-    recipients: dict[str, int],
-) -> tuple[list[str], list[RejectedRecipient]]:
-    """The recipients still under their hourly limit, and the others as rejected items."""
-    allowed, _, _ = ratelimits.take_recipients(
-        limiter=limiter, settings=settings, caller=caller, recipients=list(recipients)
-    )
-    limited = [
-        RejectedRecipient(index=i, email=data.emails[i], error=ratelimits.RECIPIENT_LIMITED)
-        for address, i in recipients.items()
-        if address not in allowed
-    ]
-    return [a for a in recipients if a in allowed], limited
+    items: dict[int, tuple[Channel, str]],
+) -> tuple[list[int], list[RejectedRecipient]]:
+    """The items (indices) whose first address is still under its hourly limit, and the
+    others as rejected items."""
+    RECIPIENT_LIMITED = ratelimits.RECIPIENT_LIMITED
+    allowed: list[int] = []
+    limited: list[RejectedRecipient] = []
+    for channel in Channel:
+        on_channel = [(i, address) for i, (c, address) in items.items() if c == channel]
+        if not on_channel:
+            continue
+        # Two stored recipients may share an address: each message counts.
+        granted, _, _ = ratelimits.take_recipients(
+            limiter=limiter,
+            settings=settings,
+            caller=caller,
+            recipients=[address for _, address in on_channel],
+            channel=channel,
+        )
+        for i, address in on_channel:
+            if address in granted:
+                allowed.append(i)
+            else:
+                item = data.emails[i] if data.emails is not None else None
+                external_id = data.recipients[i] if data.recipients is not None else None
+                limited.append(
+                    RejectedRecipient(
+                        index=i, email=item, external_id=external_id, error=RECIPIENT_LIMITED
+                    )
+                )
+    return sorted(allowed), limited
 
 
 @router.get(
@@ -453,6 +771,75 @@ def cancel_notification(
             f"notification is {notification.status}, only queued ones are cancelled",
         )
     return notification
+
+
+RECIPIENT_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"description": "No recipient with this external id."}
+}
+ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+
+
+def valid_recipient(external_id: ExternalIdPath, session: SessionDep) -> Recipient:
+    recipient = crud.get_recipient(session=session, external_id=external_id)
+    if recipient is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "recipient not found")
+    return recipient
+
+
+RecipientDep = Annotated[Recipient, Depends(valid_recipient)]
+
+
+@router.post(
+    "/recipients",
+    dependencies=RECIPIENTS,
+    status_code=status.HTTP_201_CREATED,
+    response_model=RecipientPublic,
+    responses={status.HTTP_200_OK: {"model": RecipientPublic, "description": "Replaced."}},
+    tags=["recipients"],
+)
+def upsert_recipient(data: RecipientCreate, session: SessionDep, response: Response) -> Recipient:
+    """Store a recipient under its `external_id` (201), or replace the stored one (200)."""
+    recipient, created = crud.upsert_recipient(session=session, data=data)
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return recipient
+
+
+@router.get(
+    "/recipients/{external_id}",
+    dependencies=RECIPIENTS,
+    response_model=RecipientPublic,
+    responses=RECIPIENT_NOT_FOUND,
+    tags=["recipients"],
+)
+def read_recipient(recipient: RecipientDep) -> Recipient:
+    """A recipient's addresses, channel order and unreachable channels."""
+    return recipient
+
+
+@router.patch(
+    "/recipients/{external_id}",
+    dependencies=RECIPIENTS,
+    response_model=RecipientPublic,
+    responses=RECIPIENT_NOT_FOUND,
+    tags=["recipients"],
+)
+def update_recipient(
+    data: RecipientUpdate, recipient: RecipientDep, session: SessionDep
+) -> Recipient:
+    """Change some fields (null clears one); channels that refused it are tried again."""
+    return crud.update_recipient(session=session, recipient=recipient, data=data)
+
+
+@router.delete(
+    "/recipients/{external_id}",
+    dependencies=RECIPIENTS,
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=RECIPIENT_NOT_FOUND,
+    tags=["recipients"],
+)
+def delete_recipient(recipient: RecipientDep, session: SessionDep) -> None:
+    """Erase a recipient's contacts; the notifications sent to it stay in the history."""
+    crud.delete_recipient(session=session, recipient=recipient)
 
 
 def wants_async(prefer: str | None) -> bool:

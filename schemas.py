@@ -4,8 +4,10 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from decimal import Decimal
+from typing import Annotated, Literal
 
+import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
@@ -17,6 +19,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -26,8 +29,13 @@ from models import AttemptOutcome, Channel, NotificationStatus
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
 MAX_BULK_RECIPIENTS = 20_000
-# The scopes an API key can hold (security.Scope).
-API_SCOPES = ("send", "read", "admin")
+# The scopes an API key can hold (auth.Scope).
+API_SCOPES = ("send", "read", "recipients", "admin")
+# The Bot API refuses longer texts.
+TELEGRAM_MAX_TEXT = 4096
+# Numbers written without a country code are read as Russian ones (the coworking's
+# country); any other needs its +code.
+PHONE_REGION = "RU"
 # Ids are BIGINT: a larger one names nothing, on SQLite as on PostgreSQL.
 MAX_ID = 2**63 - 1
 # An ISO 8601 date and time; the offset is checked by AwareDatetime.
@@ -68,8 +76,58 @@ def email_address(value: str) -> str:
     return address.normalized
 
 
+ExternalId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:@-]+$",
+        description="The caller's own id for this person (the user service's user id).",
+    ),
+]
+# A BCP 47 language tag: ru, ru-RU, en-GB.
+Locale = Annotated[str, Field(max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]
+ParseMode = Literal["HTML", "MarkdownV2", "Markdown"]
+
 EmailAddress = Annotated[
     str, AfterValidator(email_address), WithJsonSchema({"type": "string", "format": "email"})
+]
+
+
+def phone_number(value: str) -> str:
+    """A valid phone number in E.164 form (+79161234567)."""
+    if HEADER_UNSAFE.search(value) or len(value) > 64:
+        raise ValueError("value is not a valid phone number")
+    try:
+        number = phonenumbers.parse(value, PHONE_REGION)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"value is not a valid phone number: {exc}") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("value is not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+PhoneNumber = Annotated[
+    str,
+    AfterValidator(phone_number),
+    WithJsonSchema({"type": "string", "examples": ["+79161234567"]}),
+]
+
+
+def telegram_chat_id(value: object) -> str:
+    """A chat id as the Bot API takes it: a number, or @channelusername."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not CHAT_ID.match(value):
+        raise ValueError("must be a Telegram chat id (a number) or @channelusername")
+    return value
+
+
+CHAT_ID = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31})$")
+TelegramChatId = Annotated[
+    str,
+    BeforeValidator(telegram_chat_id),
+    WithJsonSchema({"type": "string", "examples": ["123456789", "@coworking_news"]}),
 ]
 
 
@@ -86,10 +144,20 @@ SendAt = Annotated[
 ]
 
 
-class EmailContent(BaseModel):
-    """A subject and a plain-text body, and when to send them."""
+def subject_line(subject: str | None) -> str | None:
+    # splitlines() also breaks on U+2028/U+2029, which the email package refuses.
+    if subject is None:
+        return None
+    if HEADER_UNSAFE.search(subject) or len(subject.splitlines()) > 1:
+        raise ValueError("must not contain line breaks or other control characters")
+    if not subject.strip():
+        raise ValueError("must not be blank")
+    return subject
 
-    subject: str = Field(min_length=1, max_length=998)
+
+class MessageContent(BaseModel):
+    """A plain-text body, and when to send it."""
+
     text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
     send_at: SendAt = Field(
         default=None,
@@ -107,16 +175,6 @@ class EmailContent(BaseModel):
     def send_at_in_utc(cls, send_at: datetime | None) -> datetime | None:
         return in_utc(send_at)
 
-    @field_validator("subject")
-    @classmethod
-    def subject_is_one_header_line(cls, subject: str) -> str:
-        # splitlines() also breaks on U+2028/U+2029, which the email package refuses.
-        if HEADER_UNSAFE.search(subject) or len(subject.splitlines()) > 1:
-            raise ValueError("must not contain line breaks or other control characters")
-        if not subject.strip():
-            raise ValueError("must not be blank")
-        return subject
-
     @field_validator("text")
     @classmethod
     def text_is_printable(cls, text: str) -> str:
@@ -125,6 +183,12 @@ class EmailContent(BaseModel):
         if not text.strip():
             raise ValueError("must not be blank")
         return text
+
+
+class EmailContent(MessageContent):
+    """A subject and a plain-text body, and when to send them."""
+
+    subject: Annotated[str, AfterValidator(subject_line)] = Field(min_length=1, max_length=998)
 
 
 class EmailNotificationCreate(EmailContent):
@@ -136,24 +200,70 @@ class EmailNotificationCreate(EmailContent):
 _email_address = TypeAdapter(EmailAddress)
 
 
+def _each_once(channels: list[Channel]) -> list[Channel]:
+    if len(set(channels)) != len(channels):
+        raise ValueError("must name each channel at most once")
+    return channels
+
+
+ChannelOrder = Annotated[
+    Annotated[
+        list[Channel], Field(min_length=1, max_length=len(Channel)), AfterValidator(_each_once)
+    ]
+    | None,
+    Field(
+        default=None,
+        description="Channels to try, in order: the next one is tried when one fails for "
+        "good or runs out of retries. Default: the recipient's own order, else CHANNEL_ORDER.",
+        examples=[["telegram", "sms", "email"]],
+    ),
+]
+
+
 class RejectedRecipient(BaseModel):
-    index: int = Field(description="Position in `emails`, from 0.")
-    email: str
+    index: int = Field(description="Position in `emails` (or `recipients`), from 0.")
+    email: str | None = Field(default=None, description="The item of `emails`.")
+    external_id: str | None = Field(default=None, description="The item of `recipients`.")
     error: str
 
 
-class BulkEmailCreate(EmailContent):
-    """One message to many recipients; the body the booking system's gateway uses."""
+class BulkEmailCreate(MessageContent):
+    """One message to many recipients: e-mail addresses (the body the booking system's
+    gateway uses), or stored recipients by external id, each reached on its own order."""
 
-    emails: list[str] = Field(min_length=1, max_length=MAX_BULK_RECIPIENTS)
+    subject: Annotated[str | None, AfterValidator(subject_line)] = Field(
+        default=None, min_length=1, max_length=998, description="Required with `emails`."
+    )
+    emails: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BULK_RECIPIENTS)
+    recipients: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_BULK_RECIPIENTS,
+        description="External ids of stored recipients (POST /recipients).",
+    )
+    channels: ChannelOrder
 
-    def recipients(self) -> tuple[dict[str, int], list[RejectedRecipient]]:
+    @model_validator(mode="after")
+    def one_kind_of_recipient(self) -> "BulkEmailCreate":
+        if (self.emails is None) == (self.recipients is None):
+            raise ValueError("give either `emails` or `recipients`")
+        if self.emails is not None and self.subject is None:
+            raise ValueError("`subject` is required with `emails`")
+        if self.emails is not None and self.channels not in (None, [Channel.EMAIL]):
+            raise ValueError("`channels` goes with `recipients`; `emails` are sent by e-mail")
+        return self
+
+    @property
+    def requested(self) -> int:
+        return len(self.emails or self.recipients or ())
+
+    def valid_emails(self) -> tuple[dict[str, int], list[RejectedRecipient]]:
         """The valid addresses, normalised and each once (with their index), and the items
         refused, with why."""
         rejected: list[RejectedRecipient] = []
         accepted: dict[str, int] = {}
         seen: dict[str, int] = {}
-        for index, item in enumerate(self.emails):
+        for index, item in enumerate(self.emails or ()):
             try:
                 address = _email_address.validate_python(item)
             except ValidationError as exc:
@@ -171,23 +281,141 @@ class BulkEmailCreate(EmailContent):
         return accepted, rejected
 
 
+class SmsNotificationCreate(MessageContent):
+    """An SMS: the `/notify/email` body with a phone number instead of an address."""
+
+    phone: PhoneNumber = Field(description="E.164 (+79161234567), or a Russian number.")
+
+
+class TelegramNotificationCreate(MessageContent):
+    """A Telegram message: the `/notify/email` body with a chat id."""
+
+    chat_id: TelegramChatId
+    text: str = Field(min_length=1, max_length=TELEGRAM_MAX_TEXT)
+    parse_mode: ParseMode | None = Field(
+        default=None, description="Bot API formatting; plain text unless asked."
+    )
+
+
+class Contacts(BaseModel):
+    """Addresses to reach someone at."""
+
+    email: EmailAddress | None = None
+    phone: PhoneNumber | None = None
+    telegram_chat_id: TelegramChatId | None = None
+
+    def address(self, channel: Channel) -> str | None:
+        """The address given for `channel`, if any."""
+        if channel == Channel.EMAIL:
+            return self.email
+        if channel == Channel.SMS:
+            return self.phone
+        return self.telegram_chat_id
+
+
+class NotifyRecipient(Contacts):
+    """A stored recipient (`external_id`), or addresses given right here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    external_id: ExternalId | None = None
+
+    @model_validator(mode="after")
+    def one_way_to_name(self) -> "NotifyRecipient":
+        addresses = (self.email, self.phone, self.telegram_chat_id)
+        if self.external_id is not None and any(a is not None for a in addresses):
+            raise ValueError("give either `external_id` or addresses, not both")
+        if self.external_id is None and all(a is None for a in addresses):
+            raise ValueError("give `external_id`, or at least one address")
+        return self
+
+
+class NotificationCreate(MessageContent):
+    """One message to one recipient, on the first of its channels that delivers it."""
+
+    recipient: NotifyRecipient
+    channels: ChannelOrder
+    subject: Annotated[str | None, AfterValidator(subject_line)] = Field(
+        default=None, min_length=1, max_length=998, description="Required for e-mail."
+    )
+    parse_mode: ParseMode | None = Field(default=None, description="Telegram only.")
+
+
+class RecipientUpdate(BaseModel):
+    """Fields to change; an explicit null clears one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailAddress | None = None
+    phone: PhoneNumber | None = None
+    telegram_chat_id: TelegramChatId | None = None
+    locale: Locale | None = None
+    channels: ChannelOrder
+
+
+class RecipientCreate(RecipientUpdate):
+    """A recipient, stored (or replaced) under the caller's id for them."""
+
+    external_id: ExternalId
+
+
+class RecipientPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    external_id: str
+    email: str | None
+    phone: str | None
+    telegram_chat_id: str | None
+    locale: str | None
+    channels: list[Channel] | None
+    unreachable: dict[str, str] | None = Field(
+        description="Channels that refused this recipient for good (a blocked bot), skipped "
+        "until the recipient is updated."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
 class DeliveryAttemptPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     number: int
     started_at: datetime
     finished_at: datetime | None = Field(description="Null while the attempt is pending.")
+    channel: Channel
     outcome: AttemptOutcome
-    smtp_code: int | None
+    code: int | None = Field(
+        description="The provider's code: SMTP reply, SMS.ru status_code, Bot API error_code."
+    )
     error: str | None
+    provider_message_id: str | None
+    segments: int | None = Field(description="SMS parts billed.")
+    cost: Decimal | None = Field(description="What the provider charged, when it said.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def smtp_code(self) -> int | None:
+        """The SMTP reply code of an e-mail attempt (its `code`)."""
+        return self.code if self.channel == Channel.EMAIL else None
+
+
+class SkippedChannel(BaseModel):
+    channel: Channel
+    reason: str
 
 
 class NotificationPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
-    channel: Channel
-    recipient: str
+    channel: Channel = Field(
+        description="The channel being tried, or the one that delivered (or failed last)."
+    )
+    recipient: str = Field(description="The address on that channel.")
+    channels: list[Channel] = Field(description="The order it was given.")
+    skipped: list[SkippedChannel] | None = Field(
+        description="Channels of the order left out at request time, and why."
+    )
     subject: str | None
     text: str | None = Field(description="Null for a sensitive notification.")
     sensitive: bool
@@ -210,8 +438,47 @@ class NotificationPublic(BaseModel):
         return self
 
 
+class ChannelOutcome(BaseModel):
+    channel: Channel
+    status: str = Field(description="sent, failed, trying, skipped or not tried")
+    attempts: int
+    error: str | None = None
+
+
 class NotificationDetail(NotificationPublic):
     delivery_attempts: list[DeliveryAttemptPublic]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def channel_outcomes(self) -> list[ChannelOutcome]:
+        """Each channel of the order, and how it went."""
+        outcomes = [
+            ChannelOutcome(channel=Channel(s.channel), status="skipped", attempts=0, error=s.reason)
+            for s in self.skipped or ()
+        ]
+        position = self.channels.index(self.channel)
+        for index, channel in enumerate(self.channels):
+            tried = [a for a in self.delivery_attempts if a.channel == channel]
+            if index < position:
+                status = "failed"
+            elif index > position:
+                status = "not tried"
+            elif self.status in (NotificationStatus.SENT, NotificationStatus.FAILED):
+                status = str(self.status)
+            elif self.status == NotificationStatus.CANCELLED:
+                status = "not tried" if not tried else "failed"
+            else:
+                status = "trying"
+            errors = [a.error for a in tried if a.error]
+            outcomes.append(
+                ChannelOutcome(
+                    channel=channel,
+                    status=status,
+                    attempts=len(tried),
+                    error=errors[-1] if errors else None,
+                )
+            )
+        return outcomes
 
 
 class NotificationsPublic(BaseModel):
@@ -309,6 +576,9 @@ class HistoryQuery(BaseModel):
 
     recipient: str | None = Field(default=None, max_length=320)
     status: NotificationStatus | None = None
+    channel: Channel | None = Field(
+        default=None, description="The channel tried last (or that delivered)."
+    )
     batch_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     created_from: datetime | None = Field(default=None, description="Inclusive; UTC if no offset.")
     created_to: datetime | None = Field(default=None, description="Exclusive; UTC if no offset.")
@@ -323,10 +593,12 @@ class HistoryQuery(BaseModel):
             return None
         if HEADER_UNSAFE.search(recipient):
             raise ValueError("must not contain control characters")
-        try:
-            return email_address(recipient)
-        except ValueError:
-            return recipient
+        for normal_form in (email_address, phone_number):
+            try:
+                return normal_form(recipient)
+            except ValueError:
+                pass
+        return recipient
 
     @field_validator("created_from", "created_to")
     @classmethod

@@ -10,11 +10,17 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from channels.base import Sender
+from channels.email import EmailChannel
+from channels.sms_ru import SMSRu
+from channels.telegram import TelegramBot
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
 from delivery import Deliverer
 from devmail import start_mail_catcher
+from devoutbox import start_outbox
 from mailer import SMTPMailer
+from models import Channel
 from ratelimits import RateLimiter
 
 
@@ -59,25 +65,60 @@ def build_database(
 
 def build_deliverer(settings: Settings) -> tuple[Deliverer, Callable[[], None]]:
     """The deliverer `settings` describe, and the function that closes its connections and
-    stops the local stand-ins it started (the development mail catcher)."""
+    stops the local stand-ins it started (in development: the mail catcher, and the
+    SMS.ru and Bot API stand-in for channels without settings of their own)."""
     with ExitStack() as stack:
-        if settings.uses_dev_mail_catcher:
-            catcher = start_mail_catcher(settings.dev_mail_dir)
-            stack.callback(catcher.stop)
-            mailer = SMTPMailer(
-                host=catcher.hostname,
-                port=catcher.port,
-                pool_size=settings.smtp_pool_size,
-                max_idle=settings.smtp_max_idle,
-            )
-        else:
-            mailer = SMTPMailer.from_settings(settings)
-        # Stopped in reverse: the mailer says QUIT before its catcher goes.
-        stack.callback(mailer.close)
-        deliverer = Deliverer.from_settings(settings, mailer=mailer)
+        channels = build_channels(settings, stack)
+        deliverer = Deliverer.from_settings(settings, channels=channels)
         # Built: what was started keeps running, for the caller to stop.
         started = stack.pop_all()
     return deliverer, started.close
+
+
+def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender]:
+    """The configured channels; what they start and open is closed by `stack` (in
+    reverse: each client says goodbye before its stand-in goes)."""
+    channels: dict[Channel, Sender] = {}
+    development = settings.uses_dev_mail_catcher
+    if development:
+        catcher = start_mail_catcher(settings.dev_mail_dir)
+        stack.callback(catcher.stop)
+        mailer = SMTPMailer(
+            host=catcher.hostname,
+            port=catcher.port,
+            pool_size=settings.smtp_pool_size,
+            max_idle=settings.smtp_max_idle,
+        )
+    else:
+        mailer = SMTPMailer.from_settings(settings)
+    channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
+    outbox_url: str | None = None
+    if development and (settings.sms_ru_api_id is None or settings.telegram_bot_token is None):
+        outbox = start_outbox(settings.dev_outbox_dir)
+        stack.callback(outbox.stop)
+        outbox_url = outbox.url
+    if settings.sms_ru_api_id is not None:
+        channels[Channel.SMS] = SMSRu.from_settings(settings)
+    elif outbox_url is not None:
+        channels[Channel.SMS] = SMSRu(
+            base_url=outbox_url,
+            api_id="development",
+            sender=settings.sms_from,
+            timeout=settings.channel_timeout,
+            pool_size=settings.channel_pool_size,
+        )
+    if settings.telegram_bot_token is not None:
+        channels[Channel.TELEGRAM] = TelegramBot.from_settings(settings)
+    elif outbox_url is not None:
+        channels[Channel.TELEGRAM] = TelegramBot(
+            base_url=outbox_url,
+            token="development",
+            timeout=settings.channel_timeout,
+            pool_size=settings.channel_pool_size,
+        )
+    for sender in channels.values():
+        stack.callback(sender.close)
+    return channels
 
 
 def build_limiter(settings: Settings) -> RateLimiter:

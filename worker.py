@@ -69,7 +69,7 @@ class Worker:
         self.next_housekeeping = 0.0
         # Messages sent at once: one per pooled SMTP connection, unless told fewer (the
         # in-API worker leaves connections to synchronous sends).
-        self.threads = threads or deliverer.mailer.pool_size
+        self.threads = threads or deliverer.pool_size
         self.executor: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
@@ -222,9 +222,9 @@ class Worker:
     def _attempt(self, item: crud.Leased) -> Outcome:
         """Send one message; its outcome, whatever happens (transmit converts every error)."""
         started_at = utcnow()
-        error = self.deliverer.transmit(item.notification)
+        result = self.deliverer.transmit(item.notification)
         return self.deliverer.concluded(
-            item.notification, error, started_at=started_at, attempt_id=item.attempt_id
+            item.notification, result, started_at=started_at, attempt_id=item.attempt_id
         )
 
     def _settle(self, session: Session, outcomes: list[Outcome]) -> None:

@@ -81,8 +81,10 @@ class Receipt:
 class Sender(Protocol):
     """A channel: sends one message, or raises a `DeliveryError`."""
 
-    # Messages it can send at once (its connection pool).
-    pool_size: int
+    @property
+    def pool_size(self) -> int:
+        """Messages it can send at once (its connection pool)."""
+        ...
 
     def send(self, message: Message) -> Receipt:
         """Hand `message` to the provider; its receipt, or a `DeliveryError`."""

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+import crud
 from config import Settings
 from db import (
     alembic_config,
@@ -209,6 +210,13 @@ BOOKING = {
         "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, 10:00–12:00.\n"
     ),
 }
+
+
+def booking_draft() -> crud.Draft:
+    """The BOOKING e-mail, as the routes store it."""
+    return crud.Draft(
+        route=[(Channel.EMAIL, BOOKING["email"])], text=BOOKING["text"], subject=BOOKING["subject"]
+    )
 
 
 @pytest.fixture

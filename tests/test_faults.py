@@ -21,8 +21,7 @@ from config import Settings
 from delivery import record_late
 from main import create_app
 from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
-from schemas import EmailNotificationCreate
-from tests.conftest import AUTH, BOOKING, drain
+from tests.conftest import AUTH, BOOKING, booking_draft, drain
 from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
 from tests.smtpd import ScriptedHandler
 from worker import Worker
@@ -323,9 +322,9 @@ def test_a_kept_outcome_is_stored_once_however_many_threads_flush(
 ) -> None:
     unrecorded = make_worker().deliverer.unrecorded
     with db() as session:
-        notification = crud.create_email_notification(
+        notification = crud.create_notification(
             session=session,
-            data=EmailNotificationCreate(**BOOKING),
+            draft=booking_draft(),
             message_id="<kept@coworking.test>",
             queued=False,
             lease=timedelta(minutes=1),
@@ -335,7 +334,7 @@ def test_a_kept_outcome_is_stored_once_however_many_threads_flush(
         holder=notification.leased_by or "",
         finished_at=utcnow(),
         outcome=AttemptOutcome.SENT,
-        smtp_code=250,
+        code=250,
         status=NotificationStatus.SENT,
     )
     unrecorded.keep("kept", partial(record_late, outcome=outcome))

@@ -14,8 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from models import Notification, NotificationStatus
-from schemas import EmailNotificationCreate
-from tests.conftest import BOOKING, drain, drain_in_parallel, queue_messages
+from tests.conftest import BOOKING, booking_draft, drain, drain_in_parallel, queue_messages
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -403,9 +402,9 @@ def test_a_released_synchronous_send_is_due_again(
 ) -> None:
     with db() as session:
         # A synchronous send whose process died: no next_attempt_at, its lease run out.
-        notification = crud.create_email_notification(
+        notification = crud.create_notification(
             session=session,
-            data=EmailNotificationCreate.model_validate(BOOKING),
+            draft=booking_draft(),
             message_id="<sync-died@coworking.test>",
             queued=False,
             lease=timedelta(seconds=-1),
@@ -472,9 +471,9 @@ def test_a_synchronous_send_whose_process_died_is_taken_over_with_its_lost_attem
 ) -> None:
     # A synchronous send whose process died before it recorded anything.
     with db() as session:
-        notification = crud.create_email_notification(
+        notification = crud.create_notification(
             session=session,
-            data=EmailNotificationCreate(**BOOKING),
+            draft=booking_draft(),
             message_id="<lost@coworking.test>",
             queued=False,
             lease=timedelta(seconds=-1),
