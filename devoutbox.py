@@ -17,7 +17,7 @@ replies, so the client code under test runs unchanged:
     outbox.plan(Reply.slow(1.0))     # the normal answer (message saved), a second late
     outbox.plan(Reply.hang_up())     # the connection closes, no answer at all
 
-`Outbox.requests` keeps every request's fields (the api_id left out) for assertions.
+`Outbox.requests` keeps the last 10,000 requests' fields (the api_id left out) for assertions.
 """
 
 import json
@@ -118,7 +118,7 @@ class Outbox:
         token: str | None = None,
     ) -> None:
         self.directory = directory
-        self.requests: list[Received] = []
+        self.requests: deque[Received] = deque(maxlen=10_000)
         # SMS.ru's reply says what is left on the account; nothing is ever spent here.
         self.balance = Decimal("1000.00")
         self._api_id = api_id

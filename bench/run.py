@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import psycopg2
@@ -42,6 +43,19 @@ BODY = {
     "text": "Здравствуйте, Иван!\n\nПереговорная «Байкал» забронирована на 25 ноября, "
     "10:00–12:00.\n",
 }
+# W6: the same booking text to a phone and a Telegram chat; {d} is numbered per request with
+# digits, so each request has a recipient of its own (+7 916 <thread><6 digits>).
+CHANNEL_BODIES = {
+    "email": BODY,
+    "sms": {"phone": "+7916{d}", "text": BODY["text"]},
+    "telegram": {"chat_id": "{d}", "text": BODY["text"]},
+}
+# What W6's queued rows of each channel are addressed to: SQL over the series' `i`.
+CHANNEL_ADDRESSES = {
+    "email": "'member' || i || '@example.com'",
+    "sms": "'+7916' || lpad(i::text, 7, '0')",
+    "telegram": "(1000000 + i)::text",
+}
 
 
 @dataclass
@@ -53,6 +67,7 @@ class Mode:
     tls_delivery: int  # W3 messages through the STARTTLS+AUTH sink
     history_rows: int  # W5 rows
     workers: int  # worker processes, and uvicorn processes of the API
+    channel_delivery: int  # W6 messages delivered per channel
 
 
 FULL = Mode(
@@ -63,6 +78,7 @@ FULL = Mode(
     tls_delivery=10_000,
     history_rows=1_000_000,
     workers=2,
+    channel_delivery=20_000,
 )
 QUICK = Mode(
     runs=1,
@@ -72,6 +88,7 @@ QUICK = Mode(
     tls_delivery=1_000,
     history_rows=50_000,
     workers=2,
+    channel_delivery=2_000,
 )
 
 
@@ -244,7 +261,7 @@ class Bench:
         url: str,
         *,
         connections: int,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | str | None = None,
         headers: dict[str, str] | None = None,
         seconds: int | None = None,
     ) -> dict[str, float]:
@@ -257,13 +274,15 @@ class Bench:
                 f"wrk.body = {lua_string(wrk_body(body))}",
                 'wrk.headers["Content-Type"] = "application/json"',
             ]
-        if body is not None and "{n}" in wrk_body(body):
-            # One recipient per request: each thread numbers its own ("<thread>-<count>").
+        if body is not None and ("{n}" in wrk_body(body) or "{d}" in wrk_body(body)):
+            # One recipient per request: each thread numbers its own ("<thread>-<count>", or
+            # in digits alone "<thread><count in 6 digits>").
             lines += [
                 "count = 0",
                 "function request()",
                 "  count = count + 1",
                 '  local body = (string.gsub(wrk.body, "{n}", id .. "-" .. count))',
+                '  body = (string.gsub(body, "{d}", string.format("%d%06d", id, count)))',
                 "  return wrk.format(nil, nil, nil, body)",
                 "end",
             ]
@@ -382,15 +401,17 @@ class Bench:
             "ratio": round(ours_m["rps"] / ceiling_m["rps"], 2),
         }
 
-    def queue_rows(self, count: int) -> None:
+    def queue_rows(self, count: int, channel: str = "email") -> None:
         self.truncate()
         text = BODY["text"].replace("'", "''")
-        subject = BODY["subject"].replace("'", "''")
+        quoted = "'" + BODY["subject"].replace("'", "''") + "'"
+        subject = quoted if channel == "email" else "NULL"
+        message_id = "'<bench-' || i || '@coworking.local>'" if channel == "email" else "NULL"
         self.sql(
             "INSERT INTO notifications (channel, recipient, subject, text, status, attempts,"
             " message_id, next_attempt_at, created_at, updated_at)"
-            f" SELECT 'email', 'member' || i || '@example.com', '{subject}', '{text}',"
-            " 'queued', 0, '<bench-' || i || '@coworking.local>', now(), now(), now()"
+            f" SELECT '{channel}', {CHANNEL_ADDRESSES[channel]}, {subject}, '{text}',"
+            f" 'queued', 0, {message_id}, now(), now(), now()"
             f" FROM generate_series(1, {count}) AS i"
         )
 
@@ -406,8 +427,9 @@ class Bench:
         ]
         deadline = time.monotonic() + 900
         while self.sql("SELECT count(*) FROM notifications WHERE status = 'sent'")[0][0] < expected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: not everything was sent")
+            failed = self.sql("SELECT error_message FROM notifications WHERE status = 'failed'")
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: not everything was sent: {failed[:1]}")
             time.sleep(0.5)
         for worker in workers:
             self.rss("worker", worker.stop())
@@ -577,6 +599,75 @@ class Bench:
                 self.explain(explain_dir)
         self.results["W5_history"] = out
 
+    def start_outbox(self) -> str:
+        """The development stand-in of SMS.ru and the Bot API (what `make run` sends to), as
+        a process of its own; its base URL."""
+        url_file = self.workdir / "outbox.url"
+        self.start(
+            "outbox",
+            [self.python, str(BENCH / "outbox.py"), str(self.workdir / "outbox"), str(url_file)],
+        )
+        deadline = time.monotonic() + 30
+        while not url_file.exists() or not url_file.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the outbox stand-in did not start")
+            time.sleep(0.05)
+        return url_file.read_text()
+
+    def w6_channels(self) -> None:
+        """SMS and Telegram through the local stand-ins, side by side with e-mail into
+        smtp-sink, on one service configuration: synchronous sends (16 clients), queued
+        delivery (the workers), and the stand-in's own ceiling (wrk straight at it)."""
+        outbox = self.start_outbox()
+        env = self.service_env(
+            SMS_RU_API_ID="bench-api-id",
+            SMS_RU_URL=outbox,
+            SMS_FROM="Coworking",
+            TELEGRAM_BOT_TOKEN="123456:bench-token",
+            TELEGRAM_API_URL=outbox,
+        )
+        out: dict[str, Any] = {}
+        for channel, body in CHANNEL_BODIES.items():
+            runs = []
+            for _ in range(self.mode.runs):
+                self.truncate()
+                with self.service(f"api-w6-{channel}", env) as api:
+                    runs.append(
+                        self.wrk(
+                            f"http://127.0.0.1:{api.port}/notify/{channel}",
+                            connections=16,
+                            body=body,
+                            headers=AUTH,
+                        )
+                    )
+            count = self.mode.channel_delivery
+            self.queue_rows(count, channel)
+            seconds = self.drain(f"worker-w6-{channel}", env, count)
+            out[channel] = {
+                "sync_send": medians(runs),
+                "delivery_msgs_per_s": round(count / seconds, 1),
+            }
+        form = "api_id=bench-api-id&to=79160000001&json=1&msg=" + quote(BODY["text"])
+        ceiling = [
+            self.wrk(
+                f"{outbox}/sms/send",
+                connections=16,
+                body=form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            for _ in range(self.mode.runs)
+        ]
+        out["stand_in_ceiling"] = medians(ceiling)
+        out["messages_per_channel"] = self.mode.channel_delivery
+        for channel in ("sms", "telegram"):
+            out[channel]["sync_rps_ratio_to_email"] = round(
+                out[channel]["sync_send"]["rps"] / out["email"]["sync_send"]["rps"], 2
+            )
+            out[channel]["delivery_ratio_to_email"] = round(
+                out[channel]["delivery_msgs_per_s"] / out["email"]["delivery_msgs_per_s"], 2
+            )
+        self.results["W6_channels"] = out
+
     def explain(self, directory: Path) -> None:
         """EXPLAIN ANALYZE of the history queries, as the service sends them."""
         position = self.sql(
@@ -610,8 +701,9 @@ class Bench:
         self.admin.close()
 
 
-def wrk_body(body: dict[str, Any]) -> str:
-    return json.dumps(body)
+def wrk_body(body: dict[str, Any] | str) -> str:
+    """A JSON body, or a form (a string) as it is; its Content-Type goes in the headers."""
+    return body if isinstance(body, str) else json.dumps(body)
 
 
 def cursor_at(base: str, depth: int) -> str:
@@ -788,6 +880,24 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| W5 history ({w5['rows']:,} rows), {name} | p50 {row['p50_ms']} ms, p99 "
             f"{row['p99_ms']} ms, {row['rps']} req/s (1 client) | | | p99 < 5 ms |"
         )
+    w6 = results["W6_channels"]
+    ceiling = w6["stand_in_ceiling"]
+    for channel in ("email", "sms", "telegram"):
+        row = w6[channel]
+        sync = row["sync_send"]
+        versus = (
+            "(into smtp-sink)"
+            if channel == "email"
+            else f"{row['sync_rps_ratio_to_email']}× e-mail's sync, "
+            f"{row['delivery_ratio_to_email']}× e-mail's delivery"
+        )
+        lines.append(
+            f"| W6 {channel}: sync send, 16 clients; delivery of "
+            f"{w6['messages_per_channel']:,} ({results['machine']['mode']['workers']} workers) "
+            f"| {sync['rps']} req/s, p50 {sync['p50_ms']} ms, p99 {sync['p99_ms']} ms; "
+            f"{row['delivery_msgs_per_s']} msg/s | {versus} | stand-in alone: "
+            f"{ceiling['rps']} req/s | |"
+        )
     peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
     lines += [
         "",
@@ -819,6 +929,7 @@ def main() -> None:
         "W3": bench.w3_delivery,
         "W4": bench.w4_bulk,
         "W5": bench.w5_history,
+        "W6": bench.w6_channels,
     }
     chosen = args.only.split(",") if args.only else list(steps)
     try:
