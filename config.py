@@ -129,6 +129,12 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg2://" + url.removeprefix(prefix)
         return url
 
+    @field_validator("sms_ru_api_id", "telegram_bot_token", "sms_from", mode="before")
+    @classmethod
+    def empty_is_unset(cls, value: object) -> object:
+        """`SMS_RU_API_ID=` (compose's `${SMS_RU_API_ID:-}`) leaves the channel unconfigured."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("channel_order", mode="before")
     @classmethod
     def comma_separated(cls, order: object) -> object:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
     wait_exponential_jitter,
@@ -212,16 +212,31 @@ def start_recorder(
 
 
 def make_retrying(settings: Settings) -> Retrying:
-    """The retry policy: only transient failures, exponential backoff with jitter, bounded."""
+    """The retry policy: only transient failures, exponential backoff with jitter, bounded.
+
+    A provider that asks for a pause (Telegram's retry_after, a Retry-After header) gets at
+    least that; one longer than RETRY_MAX_WAIT is left to the queue's backoff."""
+    backoff = wait_exponential_jitter(
+        multiplier=settings.retry_initial_wait,
+        max=settings.retry_max_wait,
+        jitter=settings.retry_jitter,
+    )
+
+    def retry_now(exc: BaseException) -> bool:
+        return isinstance(exc, TransientDeliveryError) and (
+            exc.retry_after is None or exc.retry_after <= settings.retry_max_wait
+        )
+
+    def wait(state: RetryCallState) -> float:
+        assert state.outcome is not None
+        asked = getattr(state.outcome.exception(), "retry_after", None)
+        return max(backoff(state), asked or 0.0)
+
     return Retrying(
-        retry=retry_if_exception_type(TransientDeliveryError),
+        retry=retry_if_exception(retry_now),
         stop=stop_after_attempt(settings.retry_attempts)
         | stop_before_delay(settings.retry_max_time),
-        wait=wait_exponential_jitter(
-            multiplier=settings.retry_initial_wait,
-            max=settings.retry_max_wait,
-            jitter=settings.retry_jitter,
-        ),
+        wait=wait,
         before_sleep=_log_backoff,
         reraise=True,
     )

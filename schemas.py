@@ -440,7 +440,7 @@ class NotificationPublic(BaseModel):
 
 class ChannelOutcome(BaseModel):
     channel: Channel
-    status: str = Field(description="sent, failed, trying, skipped or not tried")
+    status: str = Field(description="sent, failed, trying, cancelled, skipped or not tried")
     attempts: int
     error: str | None = None
 
@@ -466,7 +466,7 @@ class NotificationDetail(NotificationPublic):
             elif self.status in (NotificationStatus.SENT, NotificationStatus.FAILED):
                 status = str(self.status)
             elif self.status == NotificationStatus.CANCELLED:
-                status = "not tried" if not tried else "failed"
+                status = "cancelled"
             else:
                 status = "trying"
             errors = [a.error for a in tried if a.error]

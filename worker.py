@@ -5,12 +5,15 @@ Eligibility, checked by one UPDATE over rows selected FOR UPDATE SKIP LOCKED:
 - `sending` under an expired lease: the worker holding it died.
 A claim sets `sending` with a lease of WORKER_LEASE seconds and writes each
 notification's attempt as `pending`, in one transaction; taking over a dead sender's
-notification records its lost attempt as `abandoned`. The batch is sent over up to
-SMTP_POOL_SIZE connections at once; once half the lease has passed, the lease on what is
-left is renewed (one statement, only where this worker still holds it). Then the whole
-batch is settled in one statement: each notification `sent`; or back to `queued` with a
-later `next_attempt_at` (transient failure and attempts left, exponential backoff with
-jitter); or `failed`. Outcomes the database could not take (an outage) are stored
+notification records its lost attempt as `abandoned`. The batch is sent on each
+notification's current channel (e-mail, SMS, Telegram), as many at once as the largest
+channel's connection pool (SMTP_POOL_SIZE, CHANNEL_POOL_SIZE); once half the lease has
+passed, the lease on what is left is renewed (one statement, only where this worker still
+holds it). Then the whole batch is settled in one statement: each notification `sent`; or
+back to `queued` with a later `next_attempt_at` (transient failure and attempts left on its
+channel, exponential backoff with jitter, never sooner than the provider's retry_after);
+or `queued`, due now, on the next channel of its order (a permanent failure, or the
+channel's attempts ran out); or `failed` when no channel is left. Outcomes the database could not take (an outage) are stored
 before anything new is claimed.
 
 Delivery is at least once: a worker killed mid-batch has sent part of its batch without
@@ -67,8 +70,8 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.stopping = threading.Event()
         self.next_housekeeping = 0.0
-        # Messages sent at once: one per pooled SMTP connection, unless told fewer (the
-        # in-API worker leaves connections to synchronous sends).
+        # Messages sent at once: one per pooled connection of the largest channel, unless
+        # told fewer (the in-API worker leaves connections to synchronous sends).
         self.threads = threads or deliverer.pool_size
         self.executor: ThreadPoolExecutor | None = None
 

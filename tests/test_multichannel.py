@@ -1,6 +1,7 @@
 """SMS, Telegram, recipients and fallback through the API, against the SMS.ru and Bot API
 stand-in (a real HTTP server on loopback) and the test SMTP server."""
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -378,6 +379,51 @@ def test_telegram_retry_after_is_honoured_by_the_queue(
         body["updated_at"]
     )
     assert waited.total_seconds() >= 119
+
+
+def too_many_requests(retry_after: int) -> Reply:
+    return Reply.json(
+        429,
+        {
+            "ok": False,
+            "error_code": 429,
+            "description": f"Too Many Requests: retry after {retry_after}",
+            "parameters": {"retry_after": retry_after},
+        },
+    )
+
+
+def test_a_long_retry_after_hands_a_synchronous_send_to_the_queue_at_once(
+    client: TestClient, outbox: Outbox
+) -> None:
+    outbox.plan(too_many_requests(120))
+
+    response = client.post("/notify/telegram", json={"chat_id": 5, "text": "Напоминание"})
+
+    assert response.status_code == 202
+    body = response.json()
+    # No quick retry within the two minutes Telegram asked for.
+    assert len(telegram_requests(outbox)) == 1
+    waited = datetime.fromisoformat(body["next_attempt_at"]) - datetime.fromisoformat(
+        body["updated_at"]
+    )
+    assert waited.total_seconds() >= 119
+
+
+def test_a_short_retry_after_is_waited_out_by_the_quick_retries(
+    make_client: Callable[..., TestClient], outbox: Outbox
+) -> None:
+    client = make_client(**provider_settings(outbox), retry_max_wait=5)
+    outbox.plan(too_many_requests(1))
+
+    started = time.monotonic()
+    response = client.post("/notify/telegram", json={"chat_id": 5, "text": "Напоминание"})
+
+    assert response.status_code == 201
+    assert [a["code"] for a in response.json()["delivery_attempts"]] == [429, None]
+    assert len(telegram_requests(outbox)) == 2
+    # The quick retries wait 0 s here; the second try came after the second asked for.
+    assert time.monotonic() - started >= 1.0
 
 
 def test_idempotency_and_rate_limits_hold_on_the_new_endpoints(
