@@ -171,6 +171,36 @@ SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Sending:
+    """What every send endpoint is given."""
+
+    caller: ApiKey
+    session: Session
+    deliverer: Deliverer
+    limiter: ratelimits.RateLimiter
+    settings: Settings
+    response: Response
+    prefer: str | None
+    idempotency_key: str | None
+
+
+async def sending(
+    caller: SendCaller,
+    session: SessionDep,
+    deliverer: DelivererDep,
+    limiter: LimiterDep,
+    settings: SettingsDep,
+    response: Response,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Sending:
+    return Sending(caller, session, deliverer, limiter, settings, response, prefer, idempotency_key)
+
+
+SendingDep = Annotated[Sending, Depends(sending)]
+
+
 @router.post(
     "/notify/email",
     status_code=status.HTTP_201_CREATED,
@@ -180,14 +210,7 @@ SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 def notify_email(
     data: EmailNotificationCreate,
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyKeyHeader = None,
+    ctx: SendingDep,
 ) -> Notification:
     """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set.
 
@@ -200,14 +223,7 @@ def notify_email(
         sensitive=data.sensitive,
         send_at=data.send_at,
     )
-    return send(
-        Sending(caller, session, deliverer, limiter, settings, response),
-        draft=draft,
-        body=data,
-        endpoint="/notify/email",
-        prefer=prefer,
-        idempotency_key=idempotency_key,
-    )
+    return send(ctx, draft=draft, body=data, endpoint="/notify/email")
 
 
 @router.post(
@@ -219,25 +235,13 @@ def notify_email(
 )
 def notify_sms(
     data: SmsNotificationCreate,
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyKeyHeader = None,
+    ctx: SendingDep,
 ) -> Notification:
     """Send an SMS (through SMS.ru), as `/notify/email` sends an e-mail."""
-    draft = routed(deliverer, order=[Channel.SMS], addresses={Channel.SMS: data.phone}, data=data)
-    return send(
-        Sending(caller, session, deliverer, limiter, settings, response),
-        draft=draft,
-        body=data,
-        endpoint="/notify/sms",
-        prefer=prefer,
-        idempotency_key=idempotency_key,
+    draft = routed(
+        ctx.deliverer, order=[Channel.SMS], addresses={Channel.SMS: data.phone}, data=data
     )
+    return send(ctx, draft=draft, body=data, endpoint="/notify/sms")
 
 
 @router.post(
@@ -249,31 +253,17 @@ def notify_sms(
 )
 def notify_telegram(
     data: TelegramNotificationCreate,
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyKeyHeader = None,
+    ctx: SendingDep,
 ) -> Notification:
     """Send a Telegram message (through the Bot API), as `/notify/email` sends an e-mail."""
     draft = routed(
-        deliverer,
+        ctx.deliverer,
         order=[Channel.TELEGRAM],
         addresses={Channel.TELEGRAM: data.chat_id},
         data=data,
         parse_mode=data.parse_mode,
     )
-    return send(
-        Sending(caller, session, deliverer, limiter, settings, response),
-        draft=draft,
-        body=data,
-        endpoint="/notify/telegram",
-        prefer=prefer,
-        idempotency_key=idempotency_key,
-    )
+    return send(ctx, draft=draft, body=data, endpoint="/notify/telegram")
 
 
 @router.post(
@@ -285,14 +275,7 @@ def notify_telegram(
 )
 def notify(
     data: NotificationCreate,
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyKeyHeader = None,
+    ctx: SendingDep,
 ) -> Notification:
     """Send one message to one recipient on the first of its channels that delivers it.
 
@@ -304,7 +287,7 @@ def notify(
     contacts = data.recipient
     recipient = None
     if contacts.external_id is not None:
-        recipient = crud.get_recipient(session=session, external_id=contacts.external_id)
+        recipient = crud.get_recipient(session=ctx.session, external_id=contacts.external_id)
         if recipient is None:
             raise invalid("recipient", "external_id", "no recipient with this external_id")
     addresses: dict[Channel, str | None] = {
@@ -313,22 +296,15 @@ def notify(
     }
     own_order = recipient.channels if recipient is not None else None
     draft = routed(
-        deliverer,
-        order=data.channels or [Channel(c) for c in own_order or settings.channel_order],
+        ctx.deliverer,
+        order=data.channels or [Channel(c) for c in own_order or ctx.settings.channel_order],
         addresses=addresses,
         data=data,
         subject=data.subject,
         parse_mode=data.parse_mode,
         recipient=recipient,
     )
-    return send(
-        Sending(caller, session, deliverer, limiter, settings, response),
-        draft=draft,
-        body=data,
-        endpoint="/notify",
-        prefer=prefer,
-        idempotency_key=idempotency_key,
-    )
+    return send(ctx, draft=draft, body=data, endpoint="/notify")
 
 
 def routed(
@@ -372,34 +348,14 @@ def invalid(field: str, subfield: str | None, message: str) -> RequestValidation
     return RequestValidationError([{"type": "value_error", "loc": location, "msg": message}])
 
 
-@dataclass(frozen=True)
-class Sending:
-    """What every send endpoint is given."""
-
-    caller: ApiKey
-    session: Session
-    deliverer: Deliverer
-    limiter: ratelimits.RateLimiter
-    settings: Settings
-    response: Response
-
-
-def send(
-    ctx: Sending,
-    *,
-    draft: crud.Draft,
-    body: MessageContent,
-    endpoint: str,
-    prefer: str | None,
-    idempotency_key: str | None,
-) -> Notification:
+def send(ctx: Sending, *, draft: crud.Draft, body: MessageContent, endpoint: str) -> Notification:
     """Store `draft` and send it now on its first channel (201/502), or queue it (202)
     when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in progress."""
     session, deliverer, settings, response = ctx.session, ctx.deliverer, ctx.settings, ctx.response
     check_send_at(draft.send_at, settings)
-    queued = draft.send_at is not None or wants_async(prefer)
+    queued = draft.send_at is not None or wants_async(ctx.prefer)
     claim = idempotency.claim_for(
-        idempotency_key,
+        ctx.idempotency_key,
         scope=f"key:{ctx.caller.id}",
         endpoint=endpoint,
         body=body,
@@ -443,7 +399,7 @@ def send(
             return replay
         if not sync:
             response.status_code = status.HTTP_202_ACCEPTED
-            if wants_async(prefer):
+            if wants_async(ctx.prefer):
                 response.headers["Preference-Applied"] = "respond-async"
             return notification
         deliverer.deliver(session=session, notification=notification)

@@ -13,8 +13,8 @@ holds it). Then the whole batch is settled in one statement: each notification `
 back to `queued` with a later `next_attempt_at` (transient failure and attempts left on its
 channel, exponential backoff with jitter, never sooner than the provider's retry_after);
 or `queued`, due now, on the next channel of its order (a permanent failure, or the
-channel's attempts ran out); or `failed` when no channel is left. Outcomes the database could not take (an outage) are stored
-before anything new is claimed.
+channel's attempts ran out); or `failed` when no channel is left. Outcomes the database
+could not take (an outage) are stored before anything new is claimed.
 
 Delivery is at least once: a worker killed mid-batch has sent part of its batch without
 recording it, and those are sent again after the lease runs out, so a crash resends at

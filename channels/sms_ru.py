@@ -47,7 +47,6 @@ How SMS.ru's codes are classified, and why:
 (4) The recipient already got this very text today.
 """
 
-import json
 import logging
 import re
 from decimal import Decimal, InvalidOperation
@@ -56,7 +55,6 @@ from typing import Any
 import httpx
 
 from channels.base import (
-    ConnectionLostError,
     DeliveryError,
     Message,
     PermanentDeliveryError,
@@ -64,6 +62,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
+from channels.http import converted, json_object, pooled_client, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -153,11 +152,7 @@ class SMSRu:
         self.timeout = timeout
         self.pool_size = pool_size
         self._api_id = api_id
-        self._client = httpx.Client(
-            base_url=base_url,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-        )
+        self._client = pooled_client(base_url, timeout=timeout, pool_size=pool_size)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, base_url: str | None = None) -> "SMSRu":
@@ -184,7 +179,7 @@ class SMSRu:
         try:
             response = self._client.post("/sms/send", data=form)
         except httpx.HTTPError as exc:
-            raise _converted(exc, self.pool_size) from exc
+            raise converted(exc, self.pool_size) from exc
         return self._receipt(response, number, message.text)
 
     def close(self) -> None:
@@ -192,7 +187,7 @@ class SMSRu:
         self._client.close()
 
     def _receipt(self, response: httpx.Response, number: str, text: str) -> Receipt:
-        reply = _json_object(response.content)
+        reply = json_object(response.content)
         if not response.is_success:
             raise _http_error(response, reply)
         if reply is None:
@@ -255,14 +250,6 @@ def _digits(address: str) -> str:
     return address.removeprefix("+")
 
 
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        reply = json.loads(content)
-    except ValueError:
-        return None
-    return reply if isinstance(reply, dict) else None
-
-
 def _int(value: object) -> int | None:
     if isinstance(value, bool):
         return None
@@ -296,28 +283,4 @@ def _http_error(response: httpx.Response, reply: dict[str, Any] | None) -> Deliv
     else:
         # 3xx (redirects are not followed) and 4xx: the URL or the request is wrong.
         error_type = PermanentDeliveryError
-    return error_type(text, code=code or status, retry_after=_retry_after_header(response))
-
-
-def _retry_after_header(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header given in seconds (the HTTP-date form is ignored)."""
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
-
-
-def _converted(exc: httpx.HTTPError, pool_size: int) -> DeliveryError:
-    """Our error for what httpx raised, in our own words: nothing of the request (the
-    api_id) can reach a stored error through httpx's texts."""
-    name = type(exc).__name__
-    if isinstance(exc, httpx.PoolTimeout):
-        return TransientDeliveryError(f"all {pool_size} connections stayed busy ({name})")
-    if isinstance(exc, httpx.TimeoutException):
-        return ConnectionLostError(f"no reply in time ({name})")
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return ConnectionLostError(f"the connection broke off without a valid reply ({name})")
-    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
-        return ConnectionLostError(f"connection failed ({name})")
-    if isinstance(exc, httpx.DecodingError):
-        return TransientDeliveryError(f"the reply could not be decoded ({name})")
-    # A wrong URL or scheme, a request httpx refuses to make: configuration.
-    return PermanentDeliveryError(f"the request could not be made ({name})")
+    return error_type(text, code=code or status, retry_after=retry_after_header(response))

@@ -24,7 +24,6 @@ Telegram's `error_code` (the HTTP status when there is no JSON) and `description
     other 4xx (bad markup, ...)       PermanentDeliveryError
 """
 
-import json
 import logging
 import re
 from typing import Any
@@ -32,7 +31,6 @@ from typing import Any
 import httpx
 
 from channels.base import (
-    ConnectionLostError,
     DeliveryError,
     Message,
     PermanentDeliveryError,
@@ -40,6 +38,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
+from channels.http import converted, json_object, pooled_client, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -78,11 +77,7 @@ class TelegramBot:
         self.pool_size = pool_size
         # The only place the token is kept.
         self._send_path = f"/bot{token}/sendMessage"
-        self._client = httpx.Client(
-            base_url=base_url,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-        )
+        self._client = pooled_client(base_url, timeout=timeout, pool_size=pool_size)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, base_url: str | None = None) -> "TelegramBot":
@@ -113,7 +108,7 @@ class TelegramBot:
         try:
             response = self._client.post(self._send_path, json=payload)
         except httpx.HTTPError as exc:
-            raise _converted(exc, self.pool_size) from exc
+            raise converted(exc, self.pool_size) from exc
         return _receipt(response)
 
     def close(self) -> None:
@@ -131,11 +126,8 @@ def _chat_id(address: str) -> int | str:
 
 
 def _receipt(response: httpx.Response) -> Receipt:
-    try:
-        reply = json.loads(response.content)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
+    reply = json_object(response.content)
+    if reply is None:
         status = response.status_code
         # A proxy's error page, a reply cut short: worth another try. A 3xx or 4xx page
         # instead means TELEGRAM_API_URL does not lead to the Bot API.
@@ -165,10 +157,11 @@ def classify_error(response: httpx.Response, reply: dict[str, Any]) -> DeliveryE
     parameters = parameters if isinstance(parameters, dict) else {}
     if code == 429 or response.status_code == 429:
         wait = parameters.get("retry_after")
-        retry_after = float(wait) if isinstance(wait, int | float) else _retry_after(response)
+        retry_after = float(wait) if isinstance(wait, int | float) else retry_after_header(response)
         return TransientDeliveryError(description, code=code, retry_after=retry_after)
     if code >= 500 or response.status_code >= 500:
-        return TransientDeliveryError(description, code=code, retry_after=_retry_after(response))
+        wait_for = retry_after_header(response)
+        return TransientDeliveryError(description, code=code, retry_after=wait_for)
     if code == 403:
         return RecipientUnreachable(description, code=code)
     if code == 400 and any(words in description.lower() for words in _NO_SUCH_CHAT):
@@ -184,26 +177,3 @@ def classify_error(response: httpx.Response, reply: dict[str, Any]) -> DeliveryE
             f"{description}: the bot token or TELEGRAM_API_URL is wrong", code=code
         )
     return PermanentDeliveryError(description, code=code)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
-
-
-def _converted(exc: httpx.HTTPError, pool_size: int) -> DeliveryError:
-    """Our error for what httpx raised, in our own words: httpx's texts may carry the
-    request's URL, and with it the bot token."""
-    name = type(exc).__name__
-    if isinstance(exc, httpx.PoolTimeout):
-        return TransientDeliveryError(f"all {pool_size} connections stayed busy ({name})")
-    if isinstance(exc, httpx.TimeoutException):
-        return ConnectionLostError(f"no reply in time ({name})")
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return ConnectionLostError(f"the connection broke off without a valid reply ({name})")
-    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
-        return ConnectionLostError(f"connection failed ({name})")
-    if isinstance(exc, httpx.DecodingError):
-        return TransientDeliveryError(f"the reply could not be decoded ({name})")
-    # A wrong URL or scheme, a request httpx refuses to make: configuration.
-    return PermanentDeliveryError(f"the request could not be made ({name})")

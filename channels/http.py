@@ -1,0 +1,56 @@
+"""What the HTTP channels (SMS.ru, the Bot API) share: one pooled httpx client per
+provider, and httpx's errors and a reply's Retry-After in the terms of `channels.base`."""
+
+import json
+from typing import Any
+
+import httpx
+
+from channels.base import (
+    ConnectionLostError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+
+
+def pooled_client(base_url: str, *, timeout: float, pool_size: int) -> httpx.Client:
+    """A client keeping up to `pool_size` connections to `base_url` open for reuse."""
+    return httpx.Client(
+        base_url=base_url,
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+    )
+
+
+def converted(exc: httpx.HTTPError, pool_size: int) -> DeliveryError:
+    """Our error for what httpx raised, in our own words: httpx's texts may carry the
+    request's URL and form, and with them the bot token or the api_id."""
+    name = type(exc).__name__
+    if isinstance(exc, httpx.PoolTimeout):
+        return TransientDeliveryError(f"all {pool_size} connections stayed busy ({name})")
+    if isinstance(exc, httpx.TimeoutException):
+        return ConnectionLostError(f"no reply in time ({name})")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return ConnectionLostError(f"the connection broke off without a valid reply ({name})")
+    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
+        return ConnectionLostError(f"connection failed ({name})")
+    if isinstance(exc, httpx.DecodingError):
+        return TransientDeliveryError(f"the reply could not be decoded ({name})")
+    # A wrong URL or scheme, a request httpx refuses to make: configuration.
+    return PermanentDeliveryError(f"the request could not be made ({name})")
+
+
+def retry_after_header(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header given in seconds (the HTTP-date form is ignored)."""
+    value = response.headers.get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def json_object(content: bytes) -> dict[str, Any] | None:
+    """The reply's JSON object; None if it is not one."""
+    try:
+        reply = json.loads(content)
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
