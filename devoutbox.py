@@ -449,7 +449,7 @@ def _chat(chat_id: object) -> dict[str, Any] | None:
         if number == 0:
             return None
         return {"id": number, "type": "private" if number > 0 else "group"}
-    if isinstance(chat_id, str) and re.fullmatch(r"@[A-Za-z][A-Za-z0-9_]{3,31}", chat_id):
+    if isinstance(chat_id, str) and re.fullmatch(r"@[A-Za-z][A-Za-z0-9_]{4,31}", chat_id):
         # A channel's numeric id is not known here; a stable stand-in for it.
         number = -(10**12) - zlib.crc32(chat_id.lower().encode())
         return {"id": number, "type": "channel", "username": chat_id[1:]}

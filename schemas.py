@@ -123,7 +123,9 @@ def telegram_chat_id(value: object) -> str:
     return value
 
 
-CHAT_ID = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31})$")
+# A chat id is a non-zero integer (negative for groups and channels); a public username is
+# 5-32 letters, digits and underscores, starting with a letter.
+CHAT_ID = re.compile(r"^(-?[1-9][0-9]{0,19}|@[A-Za-z][A-Za-z0-9_]{4,31})$")
 TelegramChatId = Annotated[
     str,
     BeforeValidator(telegram_chat_id),

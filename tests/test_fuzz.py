@@ -1,4 +1,5 @@
-"""Schemathesis against the service's own OpenAPI schema, with PostgreSQL and SMTP behind it.
+"""Schemathesis against the service's own OpenAPI schema, with PostgreSQL, SMTP and the
+SMS.ru and Bot API stand-in behind it (so fuzzed SMS and Telegram sends are really made).
 
 Every operation is fuzzed with a valid admin key and without one: no response may be a
 5xx, every response must match the schema (status code, headers, body), and without a key
@@ -6,6 +7,7 @@ nothing but the health checks answers anything but 401, whatever the body.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 from schemathesis.core.result import Err
 
+from devoutbox import start_outbox
 from tests.conftest import AUTH
 
 EXAMPLES_PER_OPERATION = 100
@@ -32,9 +35,17 @@ CHECKS = [
 
 @pytest.mark.parametrize("authorized", [True, False], ids=["with-key", "without-key"])
 def test_fuzzed_requests_get_no_5xx_and_match_the_schema(
-    make_client: Callable[..., TestClient], authorized: bool
+    make_client: Callable[..., TestClient], authorized: bool, tmp_path: Path
 ) -> None:
-    client = make_client(worker_in_api=False, max_body_bytes=64 * 1024)
+    outbox = start_outbox(tmp_path / "outbox")
+    client = make_client(
+        worker_in_api=False,
+        max_body_bytes=64 * 1024,
+        sms_ru_url=outbox.url,
+        sms_ru_api_id="fuzz-api-id",
+        telegram_api_url=outbox.url,
+        telegram_bot_token="123456:fuzz-token",
+    )
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     headers = dict(AUTH) if authorized else {"Authorization": "Bearer ntf_unknown"}
     made = 0
@@ -44,21 +55,29 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(
             raise result.err()
         operation = result.ok()
 
-        @given(case=operation.as_strategy())
-        @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
-            deadline=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-            database=None,
-        )
-        def fuzz(case: schemathesis.Case) -> None:
-            nonlocal made
-            made += 1
-            response = case.call_and_validate(headers=headers, checks=CHECKS)
-            if not authorized and case.operation.path not in OPEN:
-                assert response.status_code == 401, response.status_code
+        # Generated cases, then the schema's own examples (valid numbers and chat ids, which
+        # random strings almost never are), so sends reach the providers too.
+        strategies = [operation.as_strategy(), *operation.get_strategies_from_examples()]
+        for strategy in strategies:
 
-        fuzz()
+            @given(case=strategy)
+            @settings(
+                max_examples=EXAMPLES_PER_OPERATION,
+                deadline=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
+            def fuzz(case: schemathesis.Case) -> None:
+                nonlocal made
+                made += 1
+                response = case.call_and_validate(headers=headers, checks=CHECKS)
+                if not authorized and case.operation.path not in OPEN:
+                    assert response.status_code == 401, response.status_code
 
+            fuzz()
+
+    outbox.stop()
     assert made >= 1000, made
+    if authorized:  # the fuzzed sends got as far as the providers
+        assert {request.api for request in outbox.requests} == {"sms", "telegram"}

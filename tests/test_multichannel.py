@@ -100,6 +100,17 @@ def test_an_invalid_phone_number_is_a_422(client: TestClient, phone: str) -> Non
     assert response.json()["detail"][0]["loc"] == ["body", "phone"]
 
 
+@pytest.mark.parametrize("chat_id", [0, "0", "-0", "0123", "@news", "@1news", "news", True])
+def test_a_chat_id_no_chat_can_have_is_a_422(
+    client: TestClient, outbox: Outbox, chat_id: object
+) -> None:
+    response = client.post("/notify/telegram", json={"chat_id": chat_id, "text": "Привет"})
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "chat_id"]
+    assert not outbox.requests
+
+
 def test_a_telegram_message_is_sent_without_parse_mode_unless_asked(
     client: TestClient, outbox: Outbox
 ) -> None:
