@@ -130,6 +130,7 @@ def classify_status(code: int, text: str, *, balance: object | None = None) -> D
         # Operators must see at once that the account needs money, whatever SMS.ru wrote.
         left = f" (balance {balance})" if balance is not None else ""
         text = f"insufficient funds on the SMS.ru account{left}: {text or 'top it up'}"
+        logger.error("SMS.ru: %s; every SMS fails until the account is topped up", text)
     return error_type(text or "refused by SMS.ru", code=code, retry_after=_RETRY_AFTER.get(code))
 
 

@@ -148,7 +148,7 @@ def test_sms_wrong_api_id_is_permanent(outbox: Outbox) -> None:
     ids=["request", "number"],
 )
 def test_sms_insufficient_funds_is_permanent_and_says_so(
-    sms: SMSRu, outbox: Outbox, reply: Reply
+    sms: SMSRu, outbox: Outbox, reply: Reply, caplog: pytest.LogCaptureFixture
 ) -> None:
     outbox.plan(reply)
 
@@ -158,6 +158,9 @@ def test_sms_insufficient_funds_is_permanent_and_says_so(
     assert error.code == 201
     assert "insufficient funds on the SMS.ru account (balance 0.4)" in str(error)
     assert "Не хватает средств" in str(error)
+    # Operators watching the logs see it too, as an error.
+    [logged] = [r for r in caplog.records if "insufficient funds" in r.getMessage()]
+    assert logged.levelname == "ERROR"
 
 
 def test_sms_number_the_provider_rejects_is_permanent(sms: SMSRu, outbox: Outbox) -> None:
