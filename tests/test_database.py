@@ -195,6 +195,49 @@ def test_upgrading_drops_the_plain_hashes_of_erased_texts(
     assert length == 15
 
 
+def test_upgrading_to_channels_keeps_the_smtp_codes_and_counts_unfinished_attempts(
+    create_database: Callable[[], str],
+) -> None:
+    engine = make_engine(Settings(_env_file=None, database_url=create_database()))
+    migrate_to(engine, "0006")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO notifications (id, channel, recipient, subject, text, status,"
+                " attempts, created_at, updated_at) VALUES"
+                " (1, 'email', 'ivan@example.com', 'Бронь', 'Текст', 'queued', 2, now(), now()),"
+                " (2, 'email', 'anna@example.com', 'Бронь', 'Текст', 'sent', 1, now(), now())"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO delivery_attempts (notification_id, number, started_at,"
+                " finished_at, outcome, smtp_code, error) VALUES"
+                " (1, 1, now(), now(), 'transient_error', 451, '451 try later'),"
+                " (1, 2, now(), now(), 'transient_error', 421, '421 closing'),"
+                " (2, 1, now(), now(), 'sent', 250, NULL)"
+            )
+        )
+
+    run_migrations(engine)
+
+    with engine.connect() as connection:
+        attempts = connection.execute(
+            text("SELECT notification_id, channel, code FROM delivery_attempts ORDER BY id")
+        ).all()
+        counts = connection.execute(
+            text("SELECT id, route_position, channel_attempts FROM notifications ORDER BY id")
+        ).all()
+    engine.dispose()
+    assert [tuple(row) for row in attempts] == [
+        (1, "email", 451),
+        (1, "email", 421),
+        (2, "email", 250),
+    ]
+    # The queued one has used 2 of its attempts on its channel; the sent one is done.
+    assert [tuple(row) for row in counts] == [(1, 0, 2), (2, 0, 0)]
+
+
 def test_unreachable_rate_limit_storage_is_a_503_and_not_ready(
     make_client: Callable[..., TestClient], smtp: ScriptedHandler
 ) -> None:

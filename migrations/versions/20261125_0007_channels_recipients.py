@@ -62,7 +62,12 @@ def upgrade() -> None:
             "ix_notifications_channel_created_at_id", ["channel", "created_at", "id"]
         )
     # Every notification so far is an e-mail: its attempts so far are on its one channel.
-    op.execute("UPDATE notifications SET channel_attempts = attempts")
+    # Only unfinished ones count on (a resend starts the count again): a million finished
+    # rows are not rewritten.
+    op.execute(
+        "UPDATE notifications SET channel_attempts = attempts"
+        " WHERE attempts > 0 AND status IN ('queued', 'sending')"
+    )
     with op.batch_alter_table("delivery_attempts") as batch:
         batch.add_column(
             sa.Column("channel", sa.String(32), server_default="email", nullable=False)
