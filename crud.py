@@ -986,9 +986,9 @@ def _remember_unreachable(session: Session, outcomes: Sequence[Outcome]) -> None
     if not refused:
         return
     owners = session.execute(
-        select(Notification.id, Notification.recipient_id).where(
-            Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None)
-        )
+        select(
+            Notification.id, Notification.recipient_id, Notification.route, Notification.recipient
+        ).where(Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None))
     ).all()
     recipients = {
         r.id: r
@@ -998,9 +998,14 @@ def _remember_unreachable(session: Session, outcomes: Sequence[Outcome]) -> None
             .with_for_update()
         )
     }
-    for notification_id, recipient_id in owners:
-        recipient = recipients[cast(int, recipient_id)]
+    for notification_id, recipient_id, route, current in owners:
         outcome = refused[notification_id]
+        recipient = recipients.get(cast(int, recipient_id))
+        steps = route or [{"channel": outcome.channel, "address": current}]
+        address = next((s["address"] for s in steps if s["channel"] == outcome.channel), None)
+        if recipient is None or recipient.address(outcome.channel) != address:
+            # Deleted, or given a new address since the send: that one may work.
+            continue
         recipient.unreachable = {
             **(recipient.unreachable or {}),
             str(outcome.channel): outcome.error or "unreachable",
@@ -1034,16 +1039,11 @@ def claim_for_resend(
     if notification.text_hmac is not None:
         return False
     now = utcnow()
-    values: dict[str, Any] = {"updated_at": now}
+    # A resend has the retries of a new notification, from the first channel of its order.
+    values: dict[str, Any] = {"updated_at": now, "route_position": 0, "channel_attempts": 0}
     first = notification.step(0)
     if first is not None:
-        # From the first channel of its order again.
-        values |= {
-            "route_position": 0,
-            "channel": first[0],
-            "recipient": first[1],
-            "channel_attempts": 0,
-        }
+        values |= {"channel": first[0], "recipient": first[1]}
     if queued:
         values |= {"status": NotificationStatus.QUEUED, "next_attempt_at": now}
     else:
@@ -1092,7 +1092,11 @@ def list_notifications(
     """A page of history, newest first, and the cursor of the next page if there is one."""
     statement = select(Notification)
     if query.recipient is not None:
-        statement = statement.where(Notification.recipient == query.recipient)
+        forms = query.recipient_forms
+        if len(forms) == 1:
+            statement = statement.where(Notification.recipient == forms[0])
+        else:
+            statement = statement.where(Notification.recipient.in_(forms))
     if query.status is not None:
         statement = statement.where(Notification.status == query.status)
     if query.channel is not None:

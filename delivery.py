@@ -272,19 +272,24 @@ def plan_route(
     unreachable: Mapping[str, str] | None = None,
     subject: str | None = None,
     text: str = "",
+    requested: bool = True,
 ) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
     """The channels to try, in `order`, each with its address; and those left out, with
     why (no address for the recipient, or the address refused the channel for good).
 
-    Raises `Unroutable` for a channel of the order that is not configured, for a text
-    Telegram cannot carry (over 4,096 characters), and when no channel is left (e-mail
-    without a subject is left out).
+    Raises `Unroutable` for a channel of a `requested` order (the caller's own) that is not
+    configured, for a text Telegram cannot carry (over 4,096 characters), and when no
+    channel is left (e-mail without a subject is left out). An order that is not the
+    caller's (the recipient's, CHANNEL_ORDER) skips channels that are not configured.
     """
     route: list[tuple[Channel, str]] = []
     skipped: list[dict[str, str]] = []
     for channel in order:
         if channel not in configured:
-            raise Unroutable(f"the {channel} channel is not configured")
+            if requested:
+                raise Unroutable(f"the {channel} channel is not configured")
+            skipped.append({"channel": str(channel), "reason": "not configured"})
+            continue
         address = addresses.get(channel)
         if address is None:
             skipped.append({"channel": str(channel), "reason": "no address"})
@@ -512,8 +517,8 @@ class Deliverer:
         """The state a notification is left in after its last attempt on its channel ended
         in `error` (None: sent); `attempted` counts that attempt if it is not stored yet.
 
-        Moving on to the next channel, a `synchronous` send keeps sending (under a renewed
-        lease); a worker's is queued, due now.
+        Moving on to the next channel after a permanent failure, a `synchronous` send keeps
+        sending (under a renewed lease); otherwise it is queued, due now.
         """
         now = utcnow()
         on_channel = notification.channel_attempts + attempted
@@ -531,7 +536,9 @@ class Deliverer:
             next_attempt_at = now + timedelta(seconds=wait)
         elif error is not None and following is not None:
             next_step = (position, *following)
-            if synchronous:
+            # A request goes on at once past a refusal; a channel that has spent its
+            # retries (seconds each) leaves the next one to the queue, due now.
+            if synchronous and not isinstance(error, TransientDeliveryError):
                 status = NotificationStatus.SENDING
                 lease_expires_at = now + self.lease
             else:
@@ -698,6 +705,15 @@ class Deliverer:
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
             kept = keep or outcome
+            if kept.status == NotificationStatus.SENDING:
+                # Moving on to the next channel, but this request cannot send it any more
+                # (it answers 503): the queue does, as soon as the database is back.
+                kept = replace(
+                    kept,
+                    status=NotificationStatus.QUEUED,
+                    next_attempt_at=kept.finished_at,
+                    lease_expires_at=None,
+                )
             self.unrecorded.keep(
                 f"notification {kept.notification_id}", partial(record_late, outcome=kept)
             )

@@ -180,12 +180,13 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 
 async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:
-    """The SMTP server answered, the database did not: say so, and which notification."""
+    """The provider answered, the database did not: say so, and which notification."""
     assert isinstance(exc, OutcomeNotRecorded)
     return JSONResponse(
         {
-            "detail": "database unavailable after the SMTP server answered; the outcome is "
-            "recorded on this notification when the database is back: do not send again",
+            "detail": "database unavailable after the provider answered; the outcome is "
+            "recorded on this notification when the database is back (after a failure, the "
+            "queue goes on with the next channel of its order): do not send again",
             "id": exc.outcome.notification_id,
             "status": "sending",
         },

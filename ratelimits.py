@@ -129,9 +129,9 @@ class RateLimiter:
 
     def take_recipients(
         self, addresses: Sequence[str], limit: int, channel: str = "email"
-    ) -> tuple[set[str], float]:
-        """Count a message for each address on `channel`; those let through, and the
-        longest wait of the others."""
+    ) -> tuple[list[bool], float]:
+        """Count a message for each address on `channel` (an address given twice counts
+        twice); whether each was let through, and the longest wait of the others."""
         item = RateLimitItemPerHour(limit)
         subjects = [f"rcpt:{recipient_subject(address, channel)}" for address in addresses]
         # Plain Redis only: a cluster pipeline does not load the script on its nodes.
@@ -139,12 +139,11 @@ class RateLimiter:
             granted = self._acquire_pipelined(item, subjects)
         else:
             granted = [self.strategy.hit(item, subject) for subject in subjects]
-        allowed = {a for a, ok in zip(addresses, granted, strict=True) if ok}
         wait = 0.0
         for subject in {s for s, ok in zip(subjects, granted, strict=True) if not ok}:
             stats = self.strategy.get_window_stats(item, subject)
             wait = max(wait, stats.reset_time - time.time())
-        return allowed, wait
+        return granted, wait
 
     def _acquire_pipelined(self, item: RateLimitItem, subjects: Sequence[str]) -> list[bool]:
         """`strategy.hit` for many subjects in one round trip: the library's own atomic
@@ -173,9 +172,9 @@ def take_recipients(
     caller: ApiKey,
     recipients: Sequence[str],
     channel: str = "email",
-) -> tuple[set[str], int, float]:
-    """Count a message for each address on `channel` in the hour that ends now; the
-    addresses within the limit, the limit, and the seconds until a refused one would be
+) -> tuple[list[bool], int, float]:
+    """Count a message for each address on `channel` in the hour that ends now; whether
+    each was within the limit, the limit, and the seconds until a refused one would be
     let through."""
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
     allowed, retry_after = limiter.take_recipients(recipients, limit, channel)

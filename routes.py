@@ -303,6 +303,7 @@ def notify(
         subject=data.subject,
         parse_mode=data.parse_mode,
         recipient=recipient,
+        requested=data.channels is not None,
     )
     return send(ctx, draft=draft, body=data, endpoint="/notify")
 
@@ -316,9 +317,11 @@ def routed(
     subject: str | None = None,
     parse_mode: str | None = None,
     recipient: Recipient | None = None,
+    requested: bool = True,
 ) -> crud.Draft:
     """The notification to store for `data`, on the channels of `order` that can reach
-    the recipient; a 422 if a channel is not configured or none can."""
+    the recipient; a 422 if none can, or if the caller's own order (`requested`) names a
+    channel that is not configured."""
     try:
         route, skipped = plan_route(
             order=order,
@@ -327,6 +330,7 @@ def routed(
             unreachable=recipient.unreachable if recipient is not None else None,
             subject=subject,
             text=data.text,
+            requested=requested,
         )
     except Unroutable as exc:
         raise invalid(exc.field, None, str(exc)) from None
@@ -370,7 +374,7 @@ def send(ctx: Sending, *, draft: crud.Draft, body: MessageContent, endpoint: str
             # A repeat is answered before the rate limits are counted: it sends nothing.
             crud.raise_if_key_used(session=session, claim=claim)
             channel, address = draft.route[0]
-            allowed, limit, retry_after = ratelimits.take_recipients(
+            [allowed], limit, retry_after = ratelimits.take_recipients(
                 limiter=ctx.limiter,
                 settings=settings,
                 caller=ctx.caller,
@@ -568,6 +572,7 @@ def bulk_drafts(
                     data=data,
                     subject=data.subject,
                     recipient=recipient,
+                    requested=data.channels is not None,
                 )
                 continue
             except RequestValidationError as exc:
@@ -602,8 +607,8 @@ def within_recipient_limits(
             recipients=[address for _, address in on_channel],
             channel=channel,
         )
-        for i, address in on_channel:
-            if address in granted:
+        for (i, _), ok in zip(on_channel, granted, strict=True):
+            if ok:
                 allowed.append(i)
             else:
                 item = data.emails[i] if data.emails is not None else None

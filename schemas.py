@@ -3,6 +3,7 @@
 import base64
 import binascii
 import re
+from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -589,18 +590,28 @@ class HistoryQuery(BaseModel):
 
     @field_validator("recipient")
     @classmethod
-    def normalise_address(cls, recipient: str | None) -> str | None:
-        # Stored addresses are email-validator's normal form (lower-case domain).
-        if recipient is None:
-            return None
-        if HEADER_UNSAFE.search(recipient):
+    def printable_address(cls, recipient: str | None) -> str | None:
+        if recipient is not None and HEADER_UNSAFE.search(recipient):
             raise ValueError("must not contain control characters")
-        for normal_form in (email_address, phone_number):
-            try:
-                return normal_form(recipient)
-            except ValueError:
-                pass
         return recipient
+
+    @property
+    def recipient_forms(self) -> list[str]:
+        """The stored forms `recipient` may stand for on the channels asked about: an
+        address in email-validator's normal form (lower-case domain), a number in E.164,
+        a chat id as given. Digits alone may be a local number and a chat id alike."""
+        if self.recipient is None:
+            return []
+        normal_forms = {Channel.EMAIL: email_address, Channel.SMS: phone_number}
+        forms: list[str] = []
+        for channel, normal_form in normal_forms.items():
+            if self.channel in (None, channel):
+                with suppress(ValueError):
+                    forms.append(normal_form(self.recipient))
+        as_chat = self.channel in (None, Channel.TELEGRAM) and CHAT_ID.match(self.recipient)
+        if as_chat or not forms:
+            forms.append(self.recipient)
+        return list(dict.fromkeys(forms))
 
     @field_validator("created_from", "created_to")
     @classmethod

@@ -180,7 +180,8 @@ class SMSRu:
         try:
             response = self._client.post("/sms/send", data=form)
         except httpx.HTTPError as exc:
-            raise converted(exc, self.pool_size) from exc
+            # from None: httpx's exception (with the URL) stays out of logged tracebacks.
+            raise converted(exc, self.pool_size) from None
         return self._receipt(response, number, message.text)
 
     def close(self) -> None:

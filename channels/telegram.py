@@ -108,7 +108,8 @@ class TelegramBot:
         try:
             response = self._client.post(self._send_path, json=payload)
         except httpx.HTTPError as exc:
-            raise converted(exc, self.pool_size) from exc
+            # from None: httpx's exception (with the URL) stays out of logged tracebacks.
+            raise converted(exc, self.pool_size) from None
         return _receipt(response)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import crud
 from config import Settings
 from delivery import record_late
+from devoutbox import start_outbox
 from main import create_app
 from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
 from tests.conftest import AUTH, BOOKING, booking_draft, drain
@@ -214,6 +216,56 @@ def test_a_request_whose_commit_answer_is_lost_is_a_503_and_is_never_sent(
         stored = session.scalars(select(Notification)).one()
         assert stored.attempts == 0
         assert stored.error_message is not None and "503" in stored.error_message
+
+
+def test_a_fallback_the_database_cannot_record_is_left_to_the_queue_at_once(
+    settings: Settings,
+    link: CuttableLink,
+    smtp: ScriptedHandler,
+    make_client: Callable[..., TestClient],
+    make_worker: Callable[..., Worker],
+    tmp_path: Path,
+) -> None:
+    outbox = start_outbox(tmp_path / "outbox")
+    sms = {"sms_ru_url": outbox.url, "sms_ru_api_id": "test-api-id-0123"}
+    client = make_client(**through(link, settings, worker_in_api=False, **sms).model_dump())
+    smtp.data_replies.append("550 5.1.1 No such mailbox")
+    gate = smtp.gate = threading.Event()
+    answers: list[Any] = []
+    body = {
+        "recipient": {"email": "ivan.petrov@example.com", "phone": "+79161234567"},
+        "channels": ["email", "sms"],
+        "subject": "Код подтверждения",
+        "text": "Ваш код: 482913",
+    }
+    sender = threading.Thread(target=lambda: answers.append(client.post("/notify", json=body)))
+    sender.start()
+    assert smtp.data_started.wait(10)
+
+    link.cut()  # the database goes while the SMTP server refuses the e-mail for good
+    gate.set()
+    sender.join(30)
+    [answer] = answers
+    assert answer.status_code == 503
+    notification_id = answer.json()["id"]
+    link.restore()
+
+    def on_sms() -> bool:
+        found = client.get(f"/notifications/{notification_id}")
+        return found.status_code == 200 and found.json()["status"] == "queued"
+
+    wait_for(on_sms, 5, "the kept outcome to be recorded")
+    assert not outbox.requests, "the request that answered 503 sent no SMS"
+    # Due now, not leased: a worker sends the SMS at once, long before WORKER_LEASE.
+    drain(make_worker(**sms))
+    found = client.get(f"/notifications/{notification_id}").json()
+    outbox.stop()
+    assert (found["status"], found["channel"]) == ("sent", "sms")
+    assert [(a["channel"], a["outcome"]) for a in found["delivery_attempts"]] == [
+        ("email", "permanent_error"),
+        ("sms", "sent"),
+    ]
+    assert len(outbox.requests) == 1
 
 
 def test_the_response_needs_no_query_after_the_send(

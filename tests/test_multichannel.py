@@ -151,6 +151,31 @@ def test_a_channel_without_settings_is_a_422_naming_it(
     assert "telegram channel is not configured" in generic.json()["detail"][0]["msg"]
 
 
+def test_an_order_the_caller_did_not_give_skips_channels_without_settings(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    # E-mail only, as compose runs without SMS_RU_API_ID and TELEGRAM_BOT_TOKEN: the default
+    # order (email,sms,telegram) and a stored recipient's own order still work.
+    client = make_client()
+    client.post("/recipients", json={**MEMBER, "channels": ["telegram", "sms", "email"]})
+    letter = {"subject": BOOKING["subject"], "text": BOOKING["text"]}
+
+    default = client.post(
+        "/notify",
+        json={"recipient": {"phone": "+79161234567", "email": "anna@example.com"}, **letter},
+    )
+    own = client.post("/notify", json={"recipient": {"external_id": "user-42"}, **letter})
+
+    assert (default.status_code, own.status_code) == (201, 201), default.text
+    assert default.json()["skipped"] == [
+        {"channel": "sms", "reason": "not configured"},
+        {"channel": "telegram", "reason": "not configured"},
+    ]
+    assert [s["channel"] for s in own.json()["skipped"]] == ["telegram", "sms"]
+    assert own.json()["channel"] == "email"
+    assert len(smtp.received) == 2
+
+
 def test_recipients_are_upserted_read_changed_and_erased(client: TestClient) -> None:
     created = client.post("/recipients", json=MEMBER)
     replaced = client.post("/recipients", json={**MEMBER, "channels": ["telegram", "email"]})
@@ -435,6 +460,58 @@ def test_a_short_retry_after_is_waited_out_by_the_quick_retries(
     assert len(telegram_requests(outbox)) == 2
     # The quick retries wait 0 s here; the second try came after the second asked for.
     assert time.monotonic() - started >= 1.0
+
+
+def test_recipients_sharing_a_number_count_a_message_each_in_bulk(
+    make_client: Callable[..., TestClient], outbox: Outbox
+) -> None:
+    client = make_client(**provider_settings(outbox), rate_limit_per_recipient_per_hour=1)
+    for twin in ("twin-1", "twin-2"):
+        client.post("/recipients", json={"external_id": twin, "phone": "+79161234567"})
+
+    response = client.post(
+        "/notify/bulk", json={"recipients": ["twin-1", "twin-2"], "channels": ["sms"], "text": CODE}
+    )
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["batch"]["accepted"] == 1
+    assert [(r["index"], r["external_id"]) for r in body["rejected"]] == [(1, "twin-2")]
+
+
+def test_a_refusal_of_an_address_the_recipient_has_since_changed_marks_nothing(
+    client: TestClient, worker: Worker, outbox: Outbox
+) -> None:
+    client.post("/recipients", json={"external_id": "user-7", "telegram_chat_id": 5})
+    queued = client.post(
+        "/notify",
+        json={"recipient": {"external_id": "user-7"}, "text": "Привет"},
+        headers={"Prefer": "respond-async"},
+    )
+    # A new chat before the worker gets to it; the old one has blocked the bot.
+    client.patch("/recipients/user-7", json={"telegram_chat_id": 6})
+    outbox.plan(Reply.json(403, BLOCKED))
+
+    drain(worker)
+
+    assert client.get(f"/notifications/{queued.json()['id']}").json()["status"] == "failed"
+    assert client.get("/recipients/user-7").json()["unreachable"] is None
+
+
+def test_history_finds_a_chat_id_that_also_reads_as_a_phone_number(
+    client: TestClient, outbox: Outbox
+) -> None:
+    chat = client.post("/notify/telegram", json={"chat_id": 4951234567, "text": "Привет"})
+    sms = client.post("/notify/sms", json={"phone": "4951234567", "text": "Привет"})
+
+    def found(**query: str) -> list[int]:
+        page = client.get("/notifications", params={"recipient": "4951234567", **query})
+        return [n["id"] for n in page.json()["data"]]
+
+    assert sms.json()["recipient"] == "+74951234567"
+    assert found() == [sms.json()["id"], chat.json()["id"]]
+    assert found(channel="telegram") == [chat.json()["id"]]
+    assert found(channel="sms") == [sms.json()["id"]]
 
 
 def test_idempotency_and_rate_limits_hold_on_the_new_endpoints(

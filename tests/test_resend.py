@@ -1,6 +1,7 @@
 """POST /notifications/{id}/retry: failed ones are sent again, sent ones are refused."""
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -50,6 +51,20 @@ def test_resend_that_fails_again_is_a_502(client: TestClient, smtp: ScriptedHand
     assert response.json()["status"] == "failed"
     assert response.json()["error_message"] == "554 5.7.1 Still rejected"
     assert response.json()["attempts"] == 2
+
+
+def test_a_resend_gets_the_background_retries_of_a_new_notification(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    client = make_client(retry_attempts=1, queue_max_attempts=2)
+    failed = failed_notification(client, smtp)  # one attempt, refused for good
+    smtp.rcpt_replies.append("451 4.3.0 Try again later")
+
+    response = client.post(f"/notifications/{failed['id']}/retry")
+
+    # One of its two attempts is left after the transient failure: the queue goes on.
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
 
 
 def test_resend_of_a_sent_notification_is_a_409(client: TestClient, smtp: ScriptedHandler) -> None:
