@@ -277,10 +277,10 @@ def plan_route(
     """The channels to try, in `order`, each with its address; and those left out, with
     why (no address for the recipient, or the address refused the channel for good).
 
-    Raises `Unroutable` for a channel of a `requested` order (the caller's own) that is not
-    configured, for a text Telegram cannot carry (over 4,096 characters), and when no
-    channel is left (e-mail without a subject is left out). An order that is not the
-    caller's (the recipient's, CHANNEL_ORDER) skips channels that are not configured.
+    Raises `Unroutable` when a `requested` order (the caller's own) names a channel that is
+    not configured, or Telegram for a text over 4,096 characters; an order that is not the
+    caller's (the recipient's, CHANNEL_ORDER) skips such channels. Raises it as well when
+    no channel is left (e-mail without a subject is left out).
     """
     route: list[tuple[Channel, str]] = []
     skipped: list[dict[str, str]] = []
@@ -302,7 +302,12 @@ def plan_route(
             skipped.append({"channel": str(channel), "reason": "no subject"})
             continue
         if channel == Channel.TELEGRAM and len(text) > TELEGRAM_MAX_TEXT:
-            raise Unroutable(f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text")
+            if requested:
+                raise Unroutable(
+                    f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text"
+                )
+            skipped.append({"channel": str(channel), "reason": "text too long"})
+            continue
         route.append((channel, address))
     if not route:
         reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)

@@ -129,9 +129,28 @@ def test_a_telegram_message_is_sent_without_parse_mode_unless_asked(
 
 def test_a_telegram_text_over_4096_characters_is_a_422(client: TestClient) -> None:
     response = client.post("/notify/telegram", json={"chat_id": 1, "text": "я" * 4097})
+    asked = client.post(
+        "/notify",
+        json={"recipient": {"telegram_chat_id": 1}, "channels": ["telegram"], "text": "я" * 4097},
+    )
 
-    assert response.status_code == 422
+    assert (response.status_code, asked.status_code) == (422, 422)
     assert response.json()["detail"][0]["loc"] == ["body", "text"]
+    assert asked.json()["detail"][0]["loc"] == ["body", "text"]
+
+
+def test_a_long_text_skips_telegram_in_an_order_the_caller_did_not_give(
+    client: TestClient, smtp: ScriptedHandler, outbox: Outbox
+) -> None:
+    client.post("/recipients", json={**MEMBER, "channels": ["telegram", "email"]})
+    letter = {"subject": "Правила коворкинга", "text": "Правило. " * 600}
+
+    response = client.post("/notify", json={"recipient": {"external_id": "user-42"}, **letter})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["skipped"] == [{"channel": "telegram", "reason": "text too long"}]
+    assert response.json()["channel"] == "email"
+    assert not telegram_requests(outbox)
 
 
 def test_a_channel_without_settings_is_a_422_naming_it(
