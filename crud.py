@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     CursorResult,
+    Select,
     Table,
     and_,
     bindparam,
@@ -1090,13 +1091,26 @@ def list_notifications(
     *, session: Session, query: HistoryQuery
 ) -> tuple[list[Notification], HistoryCursor | None]:
     """A page of history, newest first, and the cursor of the next page if there is one."""
+    # One indexed, ordered scan per stored form of `recipient` (digits may be a phone number
+    # and a chat id alike), merged here: an IN list could not be read from the index in order.
+    forms: list[str | None] = [*query.recipient_forms] or [None]
+    rows: list[Notification] = []
+    for form in forms:
+        rows += session.scalars(_history_page(query, form))
+    if len(forms) > 1:
+        rows.sort(key=lambda n: (n.created_at, n.id), reverse=True)
+    page = rows[: query.limit]
+    if len(rows) <= query.limit:
+        return page, None
+    last = page[-1]
+    return page, HistoryCursor(created_at=last.created_at, id=last.id)
+
+
+def _history_page(query: HistoryQuery, recipient: str | None) -> Select[Notification]:
+    """The query for one page of history (one row more, to know if another page follows)."""
     statement = select(Notification)
-    if query.recipient is not None:
-        forms = query.recipient_forms
-        if len(forms) == 1:
-            statement = statement.where(Notification.recipient == forms[0])
-        else:
-            statement = statement.where(Notification.recipient.in_(forms))
+    if recipient is not None:
+        statement = statement.where(Notification.recipient == recipient)
     if query.status is not None:
         statement = statement.where(Notification.status == query.status)
     if query.channel is not None:
@@ -1112,12 +1126,7 @@ def list_notifications(
             tuple_(Notification.created_at, Notification.id) < (position.created_at, position.id)
         )
     statement = statement.order_by(Notification.created_at.desc(), Notification.id.desc())
-    rows = list(session.scalars(statement.limit(query.limit + 1)))
-    page = rows[: query.limit]
-    if len(rows) <= query.limit:
-        return page, None
-    last = page[-1]
-    return page, HistoryCursor(created_at=last.created_at, id=last.id)
+    return statement.limit(query.limit + 1)
 
 
 def create_api_key(

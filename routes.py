@@ -41,6 +41,7 @@ from models import (
 )
 from schemas import (
     MAX_ID,
+    TELEGRAM_MAX_TEXT,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
@@ -488,6 +489,8 @@ def notify_bulk(
     for channel in data.channels or ():
         if channel not in deliverer.channels:
             raise invalid("channels", None, f"the {channel} channel is not configured")
+    if Channel.TELEGRAM in (data.channels or ()) and len(data.text) > TELEGRAM_MAX_TEXT:
+        raise invalid("text", None, f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters")
     # Checked here, in a worker thread, rather than while the event loop parses the body.
     if data.emails is not None:
         emails, rejected = data.valid_emails()

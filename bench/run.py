@@ -1,4 +1,4 @@
-"""The benchmark: `make bench` (about 12 minutes) or `make bench-quick` (under 3).
+"""The benchmark: `make bench` (about 10 minutes) or `make bench-quick` (under 3).
 
 Starts what it needs (a PostgreSQL database on the local server, Postfix's smtp-sink, a
 STARTTLS+AUTH sink, the service, its worker processes and the naive reference), runs the

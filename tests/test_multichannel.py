@@ -134,9 +134,14 @@ def test_a_telegram_text_over_4096_characters_is_a_422(client: TestClient) -> No
         json={"recipient": {"telegram_chat_id": 1}, "channels": ["telegram"], "text": "я" * 4097},
     )
 
-    assert (response.status_code, asked.status_code) == (422, 422)
-    assert response.json()["detail"][0]["loc"] == ["body", "text"]
-    assert asked.json()["detail"][0]["loc"] == ["body", "text"]
+    bulk = client.post(
+        "/notify/bulk",
+        json={"recipients": ["user-1"], "channels": ["telegram", "email"], "text": "я" * 4097},
+    )
+
+    assert (response.status_code, asked.status_code, bulk.status_code) == (422, 422, 422)
+    for refused in (response, asked, bulk):
+        assert refused.json()["detail"][0]["loc"] == ["body", "text"]
 
 
 def test_a_long_text_skips_telegram_in_an_order_the_caller_did_not_give(
@@ -531,6 +536,37 @@ def test_history_finds_a_chat_id_that_also_reads_as_a_phone_number(
     assert found() == [sms.json()["id"], chat.json()["id"]]
     assert found(channel="telegram") == [chat.json()["id"]]
     assert found(channel="sms") == [sms.json()["id"]]
+    # Paged one by one, the two forms still come newest first, each once.
+    first = client.get("/notifications", params={"recipient": "4951234567", "limit": 1}).json()
+    second = client.get(
+        "/notifications",
+        params={"recipient": "4951234567", "limit": 1, "cursor": first["next_cursor"]},
+    ).json()
+    assert [n["id"] for n in first["data"] + second["data"]] == found()
+    assert second["next_cursor"] is None
+
+
+def test_a_request_leaves_the_next_channel_to_the_queue_after_transient_failures(
+    client: TestClient, smtp: ScriptedHandler, outbox: Outbox
+) -> None:
+    # Three quick retries, as many as FALLBACK_AFTER_ATTEMPTS: e-mail is done with.
+    smtp.rcpt_replies.extend(["451 4.3.0 Try again later"] * 3)
+
+    response = client.post(
+        "/notify",
+        json={
+            "recipient": {"email": "ivan.petrov@example.com", "phone": "+79161234567"},
+            "channels": ["email", "sms"],
+            "subject": "Напоминание",
+            "text": "Бронь через час.",
+        },
+    )
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["status"], body["channel"]) == ("queued", "sms")
+    assert [a["outcome"] for a in body["delivery_attempts"]] == ["transient_error"] * 3
+    assert not sms_requests(outbox), "the request did not wait on another channel"
 
 
 def test_idempotency_and_rate_limits_hold_on_the_new_endpoints(
