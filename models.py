@@ -69,6 +69,15 @@ class Channel(StrEnum):
     TELEGRAM = "telegram"
 
 
+# The field of a recipient's contacts (stored or given in a request) that holds each
+# channel's address.
+ADDRESS_FIELDS = {
+    Channel.EMAIL: "email",
+    Channel.SMS: "phone",
+    Channel.TELEGRAM: "telegram_chat_id",
+}
+
+
 class NotificationStatus(StrEnum):
     """Where a notification is in its life.
 
@@ -153,11 +162,8 @@ class Recipient(Base):
 
     def address(self, channel: Channel) -> str | None:
         """The recipient's address on `channel`, if any."""
-        if channel == Channel.EMAIL:
-            return self.email
-        if channel == Channel.SMS:
-            return self.phone
-        return self.telegram_chat_id
+        address: str | None = getattr(self, ADDRESS_FIELDS[channel])
+        return address
 
 
 class Notification(Base):

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from models import AttemptOutcome, Channel, NotificationStatus
+from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus
 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
@@ -309,11 +309,8 @@ class Contacts(BaseModel):
 
     def address(self, channel: Channel) -> str | None:
         """The address given for `channel`, if any."""
-        if channel == Channel.EMAIL:
-            return self.email
-        if channel == Channel.SMS:
-            return self.phone
-        return self.telegram_chat_id
+        address: str | None = getattr(self, ADDRESS_FIELDS[channel])
+        return address
 
 
 class NotifyRecipient(Contacts):

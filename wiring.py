@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -92,30 +93,21 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
     else:
         mailer = SMTPMailer.from_settings(settings)
     channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
-    outbox_url: str | None = None
     if development and (settings.sms_ru_api_id is None or settings.telegram_bot_token is None):
         outbox = start_outbox(settings.dev_outbox_dir)
         stack.callback(outbox.stop)
-        outbox_url = outbox.url
+        # The stand-in takes any key: the channels as their settings describe, pointed at it.
+        stand_in = SecretStr("development")
+        if settings.sms_ru_api_id is None:
+            dev = settings.model_copy(update={"sms_ru_api_id": stand_in})
+            channels[Channel.SMS] = SMSRu.from_settings(dev, base_url=outbox.url)
+        if settings.telegram_bot_token is None:
+            dev = settings.model_copy(update={"telegram_bot_token": stand_in})
+            channels[Channel.TELEGRAM] = TelegramBot.from_settings(dev, base_url=outbox.url)
     if settings.sms_ru_api_id is not None:
         channels[Channel.SMS] = SMSRu.from_settings(settings)
-    elif outbox_url is not None:
-        channels[Channel.SMS] = SMSRu(
-            base_url=outbox_url,
-            api_id="development",
-            sender=settings.sms_from,
-            timeout=settings.channel_timeout,
-            pool_size=settings.channel_pool_size,
-        )
     if settings.telegram_bot_token is not None:
         channels[Channel.TELEGRAM] = TelegramBot.from_settings(settings)
-    elif outbox_url is not None:
-        channels[Channel.TELEGRAM] = TelegramBot(
-            base_url=outbox_url,
-            token="development",
-            timeout=settings.channel_timeout,
-            pool_size=settings.channel_pool_size,
-        )
     for sender in channels.values():
         stack.callback(sender.close)
     return channels

@@ -14,13 +14,31 @@ from channels.base import (
 )
 
 
-def pooled_client(base_url: str, *, timeout: float, pool_size: int) -> httpx.Client:
-    """A client keeping up to `pool_size` connections to `base_url` open for reuse."""
-    return httpx.Client(
-        base_url=base_url,
-        timeout=timeout,
-        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-    )
+class HTTPSender:
+    """A channel over one provider's HTTP API: up to `pool_size` connections to `base_url`
+    kept open for reuse, and what httpx raises turned into our errors."""
+
+    def __init__(self, base_url: str, *, timeout: float, pool_size: int) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self._client = httpx.Client(
+            base_url=base_url,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+        )
+
+    def _post(self, path: str, **request: Any) -> httpx.Response:
+        """POST to `path`; a `DeliveryError` if no reply came."""
+        try:
+            return self._client.post(path, **request)
+        except httpx.HTTPError as exc:
+            # from None: httpx's exception (with the URL) stays out of logged tracebacks.
+            raise converted(exc, self.pool_size) from None
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._client.close()
 
 
 def converted(exc: httpx.HTTPError, pool_size: int) -> DeliveryError:

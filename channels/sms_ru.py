@@ -62,7 +62,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
-from channels.http import converted, json_object, pooled_client, retry_after_header
+from channels.http import HTTPSender, json_object, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def classify_status(code: int, text: str, *, balance: object | None = None) -> D
     return error_type(text or "refused by SMS.ru", code=code, retry_after=_RETRY_AFTER.get(code))
 
 
-class SMSRu:
+class SMSRu(HTTPSender):
     """Sends SMS through SMS.ru's HTTP API over one pooled httpx client."""
 
     def __init__(
@@ -148,12 +148,9 @@ class SMSRu:
     ) -> None:
         if not api_id:
             raise ValueError("api_id is empty")
-        self.base_url = base_url
+        super().__init__(base_url, timeout=timeout, pool_size=pool_size)
         self.sender = sender or None
-        self.timeout = timeout
-        self.pool_size = pool_size
         self._api_id = api_id
-        self._client = pooled_client(base_url, timeout=timeout, pool_size=pool_size)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, base_url: str | None = None) -> "SMSRu":
@@ -177,16 +174,8 @@ class SMSRu:
         form = {"api_id": self._api_id, "to": number, "msg": message.text, "json": "1"}
         if self.sender:
             form["from"] = self.sender
-        try:
-            response = self._client.post("/sms/send", data=form)
-        except httpx.HTTPError as exc:
-            # from None: httpx's exception (with the URL) stays out of logged tracebacks.
-            raise converted(exc, self.pool_size) from None
+        response = self._post("/sms/send", data=form)
         return self._receipt(response, number, message.text)
-
-    def close(self) -> None:
-        """Close pooled connections."""
-        self._client.close()
 
     def _receipt(self, response: httpx.Response, number: str, text: str) -> Receipt:
         reply = json_object(response.content)

@@ -38,7 +38,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
-from channels.http import converted, json_object, pooled_client, retry_after_header
+from channels.http import HTTPSender, json_object, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ _NO_SUCH_CHAT = (
 _NUMERIC_CHAT_ID = re.compile(r"-?[0-9]+")
 
 
-class TelegramBot:
+class TelegramBot(HTTPSender):
     """Sends Telegram messages as one bot over one pooled httpx client."""
 
     def __init__(
@@ -72,12 +72,9 @@ class TelegramBot:
     ) -> None:
         if not token or "/" in token:
             raise ValueError("the bot token is empty or malformed")
-        self.base_url = base_url
-        self.timeout = timeout
-        self.pool_size = pool_size
+        super().__init__(base_url, timeout=timeout, pool_size=pool_size)
         # The only place the token is kept.
         self._send_path = f"/bot{token}/sendMessage"
-        self._client = pooled_client(base_url, timeout=timeout, pool_size=pool_size)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, base_url: str | None = None) -> "TelegramBot":
@@ -105,16 +102,7 @@ class TelegramBot:
         payload: dict[str, Any] = {"chat_id": _chat_id(message.address), "text": message.text}
         if message.parse_mode is not None:
             payload["parse_mode"] = message.parse_mode
-        try:
-            response = self._client.post(self._send_path, json=payload)
-        except httpx.HTTPError as exc:
-            # from None: httpx's exception (with the URL) stays out of logged tracebacks.
-            raise converted(exc, self.pool_size) from None
-        return _receipt(response)
-
-    def close(self) -> None:
-        """Close pooled connections."""
-        self._client.close()
+        return _receipt(self._post(self._send_path, json=payload))
 
 
 def _chat_id(address: str) -> int | str:
