@@ -3,7 +3,7 @@
 import hashlib
 import hmac
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -95,8 +95,11 @@ class Outcome:
     next_attempt_at: datetime | None = None
     # The columns that erase a sensitive text once the notification is settled.
     erase: dict[str, Any] = field(default_factory=dict)
-    # The pending attempt this outcome fills (a worker's batch), if any.
+    # Which attempt this is: the pending row it fills (a worker's batch), or its number
+    # on the notification (a synchronous send, which writes no pending row). A write made
+    # again (its first commit's answer was lost) finds its attempt stored and adds nothing.
     attempt_id: int | None = None
+    number: int | None = None
     # A fallback: the position in the order, the channel and the address it moves on to.
     next_step: tuple[int, Channel, str] | None = None
     # `status` sending: the lease goes on until then (a synchronous send falling back).
@@ -545,16 +548,24 @@ def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, 
 
 
 def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
-    """Store an attempt and the state it leaves its notification in, in one commit.
+    """Store an attempt (numbered `outcome.number`) and the state it leaves its
+    notification in, in one commit.
 
     The state changes only while `outcome.holder` still holds the lease; the attempt is
-    stored either way, since it happened. The attempt's number, or None when the lease
-    was lost (another sender took the notification over).
+    stored either way, since it happened, and only once: made again after a commit whose
+    answer was lost, the write finds its attempt stored and counts nothing twice. The
+    notification's attempt count, or None when the lease is not held any more (another
+    sender took the notification over, or the first commit already released it).
     """
     values = _state_after(outcome)
+    number = outcome.number
     if outcome.outcome is not None:
-        values["attempts"] = Notification.attempts + 1
-        values.setdefault("channel_attempts", Notification.channel_attempts + 1)
+        assert number is not None, "a synchronous attempt is numbered"
+        counted = Notification.attempts >= number
+        values["attempts"] = case((counted, Notification.attempts), else_=number)
+        values.setdefault(
+            "channel_attempts", Notification.channel_attempts + case((counted, 0), else_=1)
+        )
     held = session.execute(
         update(Notification)
         .where(*_held(outcome))
@@ -563,17 +574,23 @@ def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
         execution_options=NO_SYNC,
     ).first()
     attempt = outcome.attempt_values()
-    if held is not None and outcome.outcome is not None:
-        session.execute(
-            insert(DeliveryAttempt).values(
-                notification_id=outcome.notification_id, number=held[0], **attempt
+    stored = False
+    if held is not None and number is not None:
+        stored = (
+            session.scalar(
+                _dialect(session)
+                .insert(DeliveryAttempt)
+                .values(notification_id=outcome.notification_id, number=number, **attempt)
+                .on_conflict_do_nothing(index_elements=["notification_id", "number"])
+                .returning(DeliveryAttempt.id)
             )
+            is not None
         )
-    elif outcome.outcome is not None:
-        # Too late for the state, but the attempt is history all the same: it is the
-        # attempt the takeover recorded as abandoned, or else a new one.
-        _record_late_attempt(session, outcome.notification_id, attempt)
-    _remember_unreachable(session, [outcome])
+    elif number is not None:
+        # Too late for the state, but the attempt is history all the same.
+        stored = _record_late_attempt(session, outcome.notification_id, number, attempt)
+    if stored:
+        _remember_unreachable(session, [outcome])
     session.commit()
     return held[0] if held is not None else None
 
@@ -587,39 +604,38 @@ def _held(outcome: Outcome) -> tuple[Any, ...]:
     )
 
 
-def _record_late_attempt(session: Session, notification_id: int, attempt: dict[str, Any]) -> None:
-    abandoned = (
-        select(DeliveryAttempt.id)
-        .where(
-            DeliveryAttempt.notification_id == notification_id,
-            DeliveryAttempt.outcome == AttemptOutcome.ABANDONED,
-        )
-        .order_by(DeliveryAttempt.number)
-        .limit(1)
-        .scalar_subquery()
-    )
+def _record_late_attempt(
+    session: Session, notification_id: int, number: int, attempt: dict[str, Any]
+) -> bool:
+    """Store attempt `number` of a notification its sender no longer holds; whether it
+    was stored now (False: its first commit, whose answer was lost, stored it)."""
+    same = (DeliveryAttempt.notification_id == notification_id, DeliveryAttempt.number == number)
+    # The takeover recorded it as abandoned: now its outcome is known.
     filled = session.scalar(
         update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == abandoned)
+        .where(*same, DeliveryAttempt.outcome == AttemptOutcome.ABANDONED)
         .values(**attempt)
         .returning(DeliveryAttempt.id),
         execution_options=NO_SYNC,
     )
     if filled is not None:
-        return
-    number = session.scalar(
+        return True
+    if session.scalar(select(DeliveryAttempt.id).where(*same)) is not None:
+        return False
+    # No trace of it at all: a new attempt at the end of the history.
+    last = session.scalar(
         update(Notification)
         .where(Notification.id == notification_id)
         .values(attempts=Notification.attempts + 1)
         .returning(Notification.attempts),
         execution_options=NO_SYNC,
     )
-    if number is not None:  # None: the notification was deleted meanwhile
-        session.execute(
-            insert(DeliveryAttempt).values(
-                notification_id=notification_id, number=number, **attempt
-            )
-        )
+    if last is None:  # the notification was deleted meanwhile
+        return False
+    session.execute(
+        insert(DeliveryAttempt).values(notification_id=notification_id, number=last, **attempt)
+    )
+    return True
 
 
 def _state_after(outcome: Outcome) -> dict[str, Any]:
@@ -679,9 +695,16 @@ class Leased:
     attempt_id: int
 
 
-def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int) -> list[Leased]:
+def claim_due(
+    *,
+    session: Session,
+    worker_id: str,
+    lease: timedelta,
+    limit: int,
+    now: Callable[[], datetime] = utcnow,
+) -> list[Leased]:
     """Lease up to `limit` due notifications to `worker_id`, oldest due first, and write
-    a pending attempt for each, in one transaction.
+    a pending attempt for each, in one transaction; due and leased by the clock `now`.
 
     Due: queued with `next_attempt_at` passed, or sending under an expired lease (its
     sender died). A taken-over send's lost attempt becomes `abandoned`: its sender's
@@ -690,12 +713,12 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
     workers get the same notification (on SQLite, which has no row locks, the UPDATE's
     check is what decides).
     """
-    now = utcnow()
+    at = now()
     taken_over = and_(
-        Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < now
+        Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < at
     )
     is_due = or_(
-        and_(Notification.status == NotificationStatus.QUEUED, Notification.next_attempt_at <= now),
+        and_(Notification.status == NotificationStatus.QUEUED, Notification.next_attempt_at <= at),
         taken_over,
     )
     due = session.execute(
@@ -727,11 +750,11 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
         .values(
             status=NotificationStatus.SENDING,
             leased_by=worker_id,
-            lease_expires_at=now + lease,
+            lease_expires_at=at + lease,
             # This claim's attempt, plus the lost one of a synchronous send taken over.
             attempts=Notification.attempts + 1 + lost_sync,
             channel_attempts=Notification.channel_attempts + 1 + lost_sync,
-            updated_at=now,
+            updated_at=at,
             version=Notification.version + 1,
         )
         .returning(Notification),
@@ -745,7 +768,7 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
         if row.status == NotificationStatus.SENDING and row.id in claimed_ids
     }
     if lost:
-        _abandon(session, claimed, lost, now)
+        _abandon(session, claimed, lost, at)
     # On the table, not the entity: no ORM bulk machinery for rows nobody loads.
     attempts = cast(Table, DeliveryAttempt.__table__)
     attempt_ids = session.scalars(
@@ -754,7 +777,7 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
             {
                 "notification_id": n.id,
                 "number": n.attempts,
-                "started_at": now,
+                "started_at": at,
                 "channel": n.channel,
                 "outcome": AttemptOutcome.PENDING,
             }
@@ -764,7 +787,7 @@ def claim_due(*, session: Session, worker_id: str, lease: timedelta, limit: int)
     session.commit()
     leased = [Leased(n, a) for n, a in zip(claimed, attempt_ids, strict=True)]
     return sorted(
-        leased, key=lambda item: (item.notification.next_attempt_at or now, item.notification.id)
+        leased, key=lambda item: (item.notification.next_attempt_at or at, item.notification.id)
     )
 
 
@@ -804,10 +827,15 @@ def _abandon(
 
 
 def renew_leases(
-    *, session: Session, worker_id: str, notification_ids: Sequence[int], lease: timedelta
+    *,
+    session: Session,
+    worker_id: str,
+    notification_ids: Sequence[int],
+    lease: timedelta,
+    now: Callable[[], datetime] = utcnow,
 ) -> set[int]:
-    """Extend our lease on a batch's notifications; the ids still ours (the others were
-    taken over: our lease on them had run out)."""
+    """Extend our lease on a batch's notifications to `lease` from `now()`; the ids still
+    ours (the others were taken over: our lease on them had run out)."""
     kept = session.scalars(
         update(Notification)
         .where(
@@ -815,7 +843,7 @@ def renew_leases(
             Notification.status == NotificationStatus.SENDING,
             Notification.leased_by == worker_id,
         )
-        .values(lease_expires_at=utcnow() + lease, version=Notification.version + 1)
+        .values(lease_expires_at=now() + lease, version=Notification.version + 1)
         .returning(Notification.id),
         execution_options=NO_SYNC,
     ).all()
@@ -860,8 +888,11 @@ def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> in
     return len(released)
 
 
-# One statement for a whole batch: each row's outcome fills its pending attempt, and its
-# notification's state changes only while this worker still holds it.
+# One statement for a whole batch: each row's outcome fills its pending attempt (or the
+# one a takeover marked abandoned; never one already settled, so a batch stored again after
+# a commit whose answer was lost changes nothing), and its notification's state changes
+# only while this worker still holds it. Each id, whether its state was settled, and
+# whether its attempt was filled now.
 _SETTLE_BATCH = sql(
     """
 WITH v AS (
@@ -909,9 +940,11 @@ WITH v AS (
         segments = v.segments,
         cost = v.cost
     FROM v
-    WHERE a.id = v.attempt_id
+    WHERE a.id = v.attempt_id AND a.outcome IN ('pending', 'abandoned')
+    RETURNING a.notification_id
 )
-SELECT id FROM settled
+SELECT v.id, v.id IN (SELECT id FROM settled), v.id IN (SELECT notification_id FROM recorded)
+FROM v
 """
 )
 
@@ -920,16 +953,18 @@ def settle_batch(*, session: Session, outcomes: Sequence[Outcome]) -> set[int]:
     """Store a batch's outcomes in one commit: each fills its pending attempt, and leaves
     its notification settled (sent, queued for a retry, or failed) while its holder still
     holds it. The ids whose state was stored; the others were taken over, and only their
-    attempt is stored (it happened all the same)."""
+    attempt is stored (it happened all the same), or were stored already (a commit whose
+    answer was lost), and nothing is stored again."""
     if not outcomes:
         return set()
     if session.get_bind().dialect.name == "postgresql":
-        settled = set(session.scalars(_SETTLE_BATCH, _settle_columns(outcomes)))
+        rows = [tuple(row) for row in session.execute(_SETTLE_BATCH, _settle_columns(outcomes))]
     else:
-        settled = {o.notification_id for o in outcomes if _settle_one(session, o)}
-    _remember_unreachable(session, outcomes)
+        rows = [(o.notification_id, *_settle_one(session, o)) for o in outcomes]
+    recorded = {notification_id for notification_id, _, filled in rows if filled}
+    _remember_unreachable(session, [o for o in outcomes if o.notification_id in recorded])
     session.commit()
-    return settled
+    return {notification_id for notification_id, held, _ in rows if held}
 
 
 def _settle_columns(outcomes: Sequence[Outcome]) -> dict[str, list[Any]]:
@@ -961,9 +996,9 @@ def _settle_columns(outcomes: Sequence[Outcome]) -> dict[str, list[Any]]:
     }
 
 
-def _settle_one(session: Session, outcome: Outcome) -> bool:
+def _settle_one(session: Session, outcome: Outcome) -> tuple[bool, bool]:
     """`settle_batch` for one outcome, in the open transaction (SQLite: local, no round
-    trips to save). Whether the notification's state was stored."""
+    trips to save). Whether the notification's state was stored, and its attempt."""
     held = session.execute(
         update(Notification)
         .where(*_held(outcome))
@@ -971,13 +1006,17 @@ def _settle_one(session: Session, outcome: Outcome) -> bool:
         .returning(Notification.id),
         execution_options=NO_SYNC,
     ).first()
-    session.execute(
+    filled = session.execute(
         update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == outcome.attempt_id)
-        .values(outcome.attempt_values()),
+        .where(
+            DeliveryAttempt.id == outcome.attempt_id,
+            DeliveryAttempt.outcome.in_([AttemptOutcome.PENDING, AttemptOutcome.ABANDONED]),
+        )
+        .values(outcome.attempt_values())
+        .returning(DeliveryAttempt.id),
         execution_options=NO_SYNC,
-    )
-    return held is not None
+    ).first()
+    return held is not None, filled is not None
 
 
 def _remember_unreachable(session: Session, outcomes: Sequence[Outcome]) -> None:

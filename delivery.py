@@ -12,8 +12,11 @@ commit, and only while the sender still holds the notification's lease. When the
 database fails after the SMTP server has answered, the outcome is not dropped: it is
 kept in memory (`Unrecorded`) and stored as soon as the database answers again, well
 within the lease, so no other sender takes the notification over and sends it again.
-Likewise a request answered 503 because its COMMIT failed may still have stored its
-notification: it is failed, unsent, once the database is back, so it is never sent later.
+A failed COMMIT may have been made all the same (only its answer was lost): a kept
+outcome names its attempt (a worker's pending row, a synchronous send's attempt number),
+and storing it again finds that attempt stored and changes nothing twice. Likewise a
+request answered 503 because its COMMIT failed may still have stored its notification:
+it is failed, unsent, once the database is back, so it is never sent later.
 Only a process that dies while it still holds unrecorded outcomes leaves them to the
 takeover (see README: "Database outages").
 """
@@ -145,10 +148,13 @@ class Unrecorded:
 
 
 def record_late(session: Session, outcome: Outcome) -> None:
-    """Store an outcome kept through an outage."""
+    """Store an outcome kept through an outage (once, if its first commit was made after
+    all and only its answer was lost)."""
     if crud.record_outcome(session=session, outcome=outcome) is None:
         logger.warning(
-            "notification %d: outcome recorded after its lease was lost", outcome.notification_id
+            "notification %d: no longer held when its outcome was recorded (taken over, or "
+            "already stored by a commit whose answer was lost)",
+            outcome.notification_id,
         )
 
 
@@ -181,7 +187,9 @@ def settle_late(session: Session, outcomes: list[Outcome]) -> None:
     settled = settle(session, outcomes)
     if len(settled) < len(outcomes):
         logger.warning(
-            "%d outcomes recorded after their lease was lost", len(outcomes) - len(settled)
+            "%d outcomes no longer held when recorded (taken over, or already stored by a "
+            "commit whose answer was lost)",
+            len(outcomes) - len(settled),
         )
 
 
@@ -597,15 +605,18 @@ class Deliverer:
         started_at: datetime,
         attempted: int = 0,
         attempt_id: int | None = None,
+        number: int | None = None,
         synchronous: bool = False,
     ) -> Outcome:
         """An attempt's outcome, settling the notification (sent, queued, failed, or on to
-        its next channel); `attempted` counts the attempt if the notification does not yet."""
+        its next channel); `attempted` counts the attempt if the notification does not yet.
+        The attempt is named by its pending row (`attempt_id`) or its `number`."""
         error = result if isinstance(result, DeliveryError) else None
         settled = replace(
             self.settlement(notification, error, attempted=attempted, synchronous=synchronous),
             started_at=started_at,
             attempt_id=attempt_id,
+            number=number,
         )
         if isinstance(result, Receipt):
             return replace(
@@ -637,7 +648,13 @@ class Deliverer:
         started_at = utcnow()
         result = self.transmit(notification)
         final_outcome = self.concluded(
-            notification, result, started_at=started_at, attempted=1, synchronous=True
+            notification,
+            result,
+            started_at=started_at,
+            attempted=1,
+            # Its identity: stored late, it is stored once however often the write is made.
+            number=notification.attempts + 1,
+            synchronous=True,
         )
         if isinstance(result, Receipt) or final:
             outcome = final_outcome

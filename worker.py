@@ -34,8 +34,9 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,7 +54,8 @@ HOUSEKEEPING_INTERVAL = 60.0
 
 
 class Worker:
-    """Claims due notifications in batches and sends each with one attempt."""
+    """Claims due notifications in batches and sends each with one attempt; what is due,
+    leases and their renewal go by the clock `now`."""
 
     def __init__(
         self,
@@ -63,8 +65,10 @@ class Worker:
         settings: Settings,
         worker_id: str | None = None,
         threads: int | None = None,
+        now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.session_factory = session_factory
+        self.now = now
         self.deliverer = deliverer
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -126,6 +130,7 @@ class Worker:
                 worker_id=self.worker_id,
                 lease=lease,
                 limit=self.settings.worker_batch_size,
+                now=self.now,
             )
         if not batch:
             return 0
@@ -159,14 +164,17 @@ class Worker:
         attempted = 0
         # Futures of the messages being sent, and their notification ids.
         in_flight: dict[Future[Outcome], int] = {}
-        half = lease.total_seconds() / 2
-        renew_at = time.monotonic() + half
+        half = lease / 2
+        renew_at = self.now() + half
         pool = self._pool()
         try:
             while True:
-                if time.monotonic() >= renew_at:
+                # The next renewal counts from a time read before this one is written, so
+                # it is due half a lease before the lease written runs out, or sooner.
+                now = self.now()
+                if now >= renew_at:
                     self._renew(waiting, [*in_flight.values()], outcomes, lease)
-                    renew_at = time.monotonic() + half
+                    renew_at = now + half
                 dispatching = waiting and not self.stopping.is_set()
                 if dispatching and len(in_flight) < self.threads:
                     item = waiting.popleft()
@@ -175,10 +183,10 @@ class Worker:
                     continue
                 if not in_flight:
                     break
+                # Never longer than half a lease: the clock is read again on waking.
+                until_renewal = min(renew_at - self.now(), half).total_seconds()
                 done, _ = wait(
-                    in_flight,
-                    timeout=max(0.0, renew_at - time.monotonic()),
-                    return_when=FIRST_COMPLETED,
+                    in_flight, timeout=max(0.0, until_renewal), return_when=FIRST_COMPLETED
                 )
                 for future in done:
                     del in_flight[future]
@@ -211,6 +219,7 @@ class Worker:
                 worker_id=self.worker_id,
                 notification_ids=[item.notification.id for item in waiting] + sending,
                 lease=lease,
+                now=self.now,
             )
         lost = [item for item in waiting if item.notification.id not in kept]
         if lost:

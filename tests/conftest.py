@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -181,11 +182,11 @@ def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Calla
     """Workers on the test database and SMTP server, `settings` changed by keyword."""
     made: list[tuple[Worker, Callable[[], None]]] = []
 
-    def make(**changes: object) -> Worker:
+    def make(now: Callable[[], datetime] = utcnow, **changes: object) -> Worker:
         base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
         changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
         deliverer, stop_deliverer = build_deliverer(changed)
-        worker = Worker(session_factory=db, deliverer=deliverer, settings=changed)
+        worker = Worker(session_factory=db, deliverer=deliverer, settings=changed, now=now)
         made.append((worker, stop_deliverer))
         return worker
 
@@ -193,6 +194,23 @@ def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Calla
     for worker, stop_deliverer in made:
         worker.close()
         stop_deliverer()
+
+
+class Clock:
+    """A clock for leases that moves only when told: `clock()` is its time."""
+
+    def __init__(self) -> None:
+        # Started after the rows a test queues: what is due now is due by this clock.
+        self.time = utcnow()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.time
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.time += timedelta(seconds=seconds)
 
 
 @pytest.fixture

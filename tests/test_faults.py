@@ -1,11 +1,13 @@
 """Fault runs as tests: PostgreSQL cut away under load, and an SMTP server that never
 answers, against the service served by a real uvicorn."""
 
+import itertools
 import statistics
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -14,19 +16,22 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, make_url, select
+from sqlalchemy import Engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from config import Settings
-from delivery import record_late
-from devoutbox import start_outbox
+from delivery import Unrecorded, record_late, start_recorder
+from devoutbox import Reply, start_outbox
 from main import create_app
 from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
-from tests.conftest import AUTH, BOOKING, booking_draft, drain
+from tests.conftest import AUTH, BOOKING, booking_draft, drain, queue_messages
 from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
 from tests.smtpd import ScriptedHandler
+from wiring import Database, build_database, build_deliverer
 from worker import Worker
+
+BLOCKED = {"ok": False, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}
 
 
 @pytest.fixture
@@ -218,6 +223,150 @@ def test_a_request_whose_commit_answer_is_lost_is_a_503_and_is_never_sent(
         assert stored.error_message is not None and "503" in stored.error_message
 
 
+def lose_the_answer_of_a_commit(engine: Engine, link: CuttableLink, *, after: int = 0) -> None:
+    """The COMMIT on `engine` that follows `after` others is made, and its answer never
+    reaches the client."""
+    commits = itertools.count()
+
+    def commit(_: Any) -> None:
+        if next(commits) == after:
+            link.lose_replies(0.3)
+
+    event.listen(engine, "commit", commit)
+
+
+@contextmanager
+def worker_through(
+    link: CuttableLink, settings: Settings, **changes: Any
+) -> Iterator[tuple[Worker, Database]]:
+    """A worker reaching the database through `link`, and its database."""
+    changed = through(link, settings, **changes)
+    database = build_database(changed)
+    deliverer, stop_deliverer = build_deliverer(changed)
+    worker = Worker(session_factory=database.session_factory, deliverer=deliverer, settings=changed)
+    try:
+        yield worker, database
+    finally:
+        worker.close()
+        stop_deliverer()
+        database.close()
+
+
+def record_what_was_kept(unrecorded: Unrecorded, session_factory: sessionmaker[Session]) -> None:
+    """Run the recorder until it has written every kept write."""
+    stop_recorder = start_recorder(unrecorded, session_factory)
+    try:
+        wait_for(lambda: len(unrecorded) == 0, 10, "the recorder to write what was kept")
+    finally:
+        stop_recorder()
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome", "status"),
+    [
+        (None, AttemptOutcome.SENT, NotificationStatus.SENT),
+        # A quick retry was to follow: the commit left it sending, the kept outcome queues it.
+        ("451 4.3.0 Try again later", AttemptOutcome.TRANSIENT_ERROR, NotificationStatus.QUEUED),
+    ],
+)
+def test_a_synchronous_outcome_whose_commit_answer_was_lost_is_stored_once(
+    settings: Settings,
+    link: CuttableLink,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    make_client: Callable[..., TestClient],
+    reply: str | None,
+    outcome: AttemptOutcome,
+    status: NotificationStatus,
+) -> None:
+    client = make_client(**through(link, settings, worker_in_api=False).model_dump())
+    if reply is not None:
+        smtp.data_replies.append(reply)
+    sender, answers, gate = send_in_the_middle_of_data(client, smtp)
+    state = client.app.state  # type: ignore[attr-defined]
+    # The notification is stored; the next commit is the attempt's.
+    lose_the_answer_of_a_commit(state.session_factory.kw["bind"], link)
+
+    gate.set()
+    sender.join(30)
+    [answer] = answers
+    assert answer.status_code == 503
+    link.restore()
+    wait_for(lambda: len(state.deliverer.unrecorded) == 0, 10, "the kept outcome to be written")
+
+    with db() as session:
+        stored = session.scalars(select(Notification)).one()
+        assert (stored.status, stored.attempts) == (status, 1)
+        assert [(a.number, a.outcome) for a in stored.delivery_attempts] == [(1, outcome)]
+    assert len(smtp.received) == (1 if outcome == AttemptOutcome.SENT else 0)
+
+
+def test_a_worker_outcome_whose_commit_answer_was_lost_is_stored_once(
+    settings: Settings, link: CuttableLink, smtp: ScriptedHandler, db: sessionmaker[Session]
+) -> None:
+    [message_id] = queue_messages(db, 1)
+    with worker_through(link, settings) as (worker, database):
+        # The claim's commit is answered; the batch's settlement's is lost.
+        lose_the_answer_of_a_commit(database.engine, link, after=1)
+        assert worker.run_once() == 1
+        assert len(worker.deliverer.unrecorded) == 1
+        link.restore()
+        record_what_was_kept(worker.deliverer.unrecorded, database.session_factory)
+        assert worker.run_once() == 0
+
+    with db() as session:
+        stored = session.scalars(select(Notification)).one()
+        assert (stored.status, stored.attempts) == (NotificationStatus.SENT, 1)
+        assert [(a.number, a.outcome) for a in stored.delivery_attempts] == [
+            (1, AttemptOutcome.SENT)
+        ]
+    assert [r.message["Message-ID"] for r in smtp.received] == [message_id]
+
+
+def test_a_late_worker_outcome_does_not_mark_again_a_recipient_updated_since(
+    settings: Settings,
+    link: CuttableLink,
+    make_client: Callable[..., TestClient],
+    tmp_path: Path,
+) -> None:
+    outbox = start_outbox(tmp_path / "outbox")
+    providers = {
+        "sms_ru_url": outbox.url,
+        "sms_ru_api_id": "test-api-id-0123",
+        "telegram_api_url": outbox.url,
+        "telegram_bot_token": "123456:test-bot-token",
+    }
+    client = make_client(worker_in_api=False, **providers)
+    member = {"external_id": "user-42", "phone": "+79161234567", "telegram_chat_id": 123456789}
+    client.post("/recipients", json={**member, "channels": ["telegram", "sms"]})
+    queued = client.post(
+        "/notify",
+        json={"recipient": {"external_id": "user-42"}, "text": "Ваш код: 482913"},
+        headers={"Prefer": "respond-async"},
+    ).json()
+    outbox.plan(Reply.json(403, BLOCKED))
+
+    with worker_through(link, settings, **providers) as (worker, database):
+        lose_the_answer_of_a_commit(database.engine, link, after=1)
+        assert worker.run_once() == 1
+        assert len(worker.deliverer.unrecorded) == 1
+        # The refusal is stored (its answer lost); then the member says the chat works again.
+        assert client.patch("/recipients/user-42", json={"locale": "ru"}).status_code == 200
+        link.restore()
+        record_what_was_kept(worker.deliverer.unrecorded, database.session_factory)
+        drain(worker)
+
+    recipient = client.get("/recipients/user-42").json()
+    found = client.get(f"/notifications/{queued['id']}").json()
+    outbox.stop()
+    assert recipient["unreachable"] is None
+    assert (found["status"], found["channel"], found["attempts"]) == ("sent", "sms", 2)
+    assert [(a["channel"], a["outcome"]) for a in found["delivery_attempts"]] == [
+        ("telegram", "permanent_error"),
+        ("sms", "sent"),
+    ]
+
+
 def test_a_fallback_the_database_cannot_record_is_left_to_the_queue_at_once(
     settings: Settings,
     link: CuttableLink,
@@ -386,6 +535,7 @@ def test_a_kept_outcome_is_stored_once_however_many_threads_flush(
         holder=notification.leased_by or "",
         finished_at=utcnow(),
         outcome=AttemptOutcome.SENT,
+        number=1,
         code=250,
         status=NotificationStatus.SENT,
     )

@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from models import Notification, NotificationStatus
-from tests.conftest import BOOKING, booking_draft, drain, drain_in_parallel, queue_messages
+from tests.conftest import (
+    BOOKING,
+    Clock,
+    booking_draft,
+    drain,
+    drain_in_parallel,
+    queue_messages,
+)
+from tests.faults import wait_for
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -166,16 +174,17 @@ def test_expired_lease_is_taken_over(
     make_worker: Callable[..., Worker],
 ) -> None:
     queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+    clock = Clock()
     with db() as session:
         # A worker claims it and dies before sending.
         [claimed] = crud.claim_due(
-            session=session, worker_id="dead", lease=timedelta(seconds=0.2), limit=10
+            session=session, worker_id="dead", lease=timedelta(seconds=0.2), limit=10, now=clock
         )
-    survivor = make_worker()
+    survivor = make_worker(now=clock)
     assert claimed.notification.id == queued["id"]
     assert survivor.run_once() == 0, "a live lease must be respected"
 
-    time.sleep(0.3)
+    clock.advance(0.3)
 
     assert survivor.run_once() == 1
     stored = status_of(queue_client, queued["id"])
@@ -346,25 +355,65 @@ def test_smtp_down_for_a_while_then_back_delivers_everything(
             assert notification.status == NotificationStatus.SENT
 
 
+def leases(db: sessionmaker[Session], worker_id: str) -> list[datetime | None]:
+    """When the leases `worker_id` holds run out."""
+    with db() as session:
+        return list(
+            session.scalars(
+                select(Notification.lease_expires_at).where(Notification.leased_by == worker_id)
+            )
+        )
+
+
+def renewed(db: sessionmaker[Session], worker: Worker, lease: timedelta) -> Callable[[], bool]:
+    """Whether `worker` holds leases and has renewed them all from its clock's time now."""
+
+    def condition() -> bool:
+        ends = leases(db, worker.worker_id)
+        return bool(ends) and all(end is not None and end >= worker.now() + lease for end in ends)
+
+    return condition
+
+
 def test_a_slow_batch_outliving_its_lease_is_not_sent_twice(
     smtp: ScriptedHandler, db: sessionmaker[Session], make_worker: Callable[..., Worker]
 ) -> None:
-    # Ten messages at 0.15 s each, one at a time, take 1.5 s; the lease is 0.5 s. The
-    # lease on the rest of the batch is renewed once half of it has passed, so a second
-    # worker only gets what was not renewed in time, and the first skips what was taken.
+    # A batch of ten sent one at a time outlives its lease: the lease on the rest is
+    # renewed once half of it has passed, so no other worker gets any of it, and what was
+    # taken over before the renewal (as if the first worker had stalled) is skipped.
     message_ids = queue_messages(db, 10)
-    smtp.data_delay = 0.15
-    first, second = (
-        make_worker(worker_lease=0.5, worker_batch_size=10, smtp_pool_size=1) for _ in range(2)
+    clock = Clock()
+    lease = timedelta(seconds=0.5)
+    smtp.gate = threading.Event()
+    # A send held at the gate must not time out first.
+    first = make_worker(
+        worker_lease=0.5, worker_batch_size=10, smtp_pool_size=1, smtp_timeout=30, now=clock
     )
-    early = threading.Thread(target=drain, args=(first,))
-    early.start()
-    time.sleep(0.6)
-    drain(second)
-    early.join(10)
+    runner = threading.Thread(target=drain, args=(first,))
+    runner.start()
+    assert smtp.data_started.wait(5)  # the first message is being sent, nine wait
+    taken = message_ids[-3:]
+    with db() as session:
+        session.execute(
+            update(Notification)
+            .where(Notification.message_id.in_(taken))
+            .values(lease_expires_at=clock() - timedelta(seconds=1))
+        )
+        session.commit()
+        other = crud.claim_due(
+            session=session, worker_id="other", lease=timedelta(minutes=1), limit=10, now=clock
+        )
+    assert sorted(item.notification.message_id or "" for item in other) == sorted(taken)
+
+    clock.advance(0.3)  # past half the lease
+    wait_for(renewed(db, first, lease), 10, "the first worker to renew its leases")
+    clock.advance(0.3)  # past the claim's lease: only the renewal holds the batch
+    assert make_worker(now=clock).run_once() == 0, "taken from a live worker"
+    smtp.gate.set()
+    runner.join(10)
 
     delivered = Counter(r.message["Message-ID"] for r in smtp.received)
-    assert set(delivered) == set(message_ids)
+    assert set(delivered) == set(message_ids) - set(taken)
     assert max(delivered.values()) == 1
 
 
@@ -374,17 +423,20 @@ def test_a_send_longer_than_the_lease_keeps_it_while_the_worker_lives(
     # One message held by the server for three leases: the worker renews its lease while
     # it waits for the send, so a second worker never takes the message over.
     [message_id] = queue_messages(db, 1)
+    clock = Clock()
+    lease = timedelta(seconds=0.4)
     smtp.gate = threading.Event()
-    slow = make_worker(worker_lease=0.4)
+    # A send held at the gate must not time out first.
+    slow = make_worker(worker_lease=0.4, smtp_timeout=30, now=clock)
     runner = threading.Thread(target=slow.run_once)
     runner.start()
     assert smtp.data_started.wait(5)
 
-    other = make_worker(worker_lease=0.4)
-    deadline = time.monotonic() + 1.2
-    while time.monotonic() < deadline:
+    other = make_worker(worker_lease=0.4, now=clock)
+    for _ in range(4):
+        clock.advance(0.3)  # past half the lease; from the second time on, past the claim's
         assert other.run_once() == 0, "taken over from a live worker"
-        time.sleep(0.05)
+        wait_for(renewed(db, slow, lease), 10, "the lease to be renewed")
     smtp.gate.set()
     runner.join(10)
 
