@@ -38,7 +38,7 @@ import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE
 from models import ApiKey
-from ratelimits import RateLimiter, too_many
+from ratelimits import STORAGE_UNAVAILABLE, RateLimiter, too_many
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +213,15 @@ class RequireApiKey:
                 cache.put(presented, api_key)
             limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
             revoked, retry_after = await limiter.admit(api_key, limit)
-        except (*DATABASE_UNAVAILABLE, StorageError):
+        except (*DATABASE_UNAVAILABLE, StorageError) as exc:
             logger.exception("storage unavailable while checking an API key")
+            detail = (
+                STORAGE_UNAVAILABLE
+                if isinstance(exc, StorageError)
+                else "database unavailable, try again later"
+            )
             response = JSONResponse(
-                {"detail": "database unavailable, try again later"},
+                {"detail": detail},
                 status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
                 headers={"Retry-After": "5"},
             )

@@ -41,7 +41,7 @@ def make_engine(
             # No pre-ping (a round trip per checkout): a connection dropped by a database
             # restart fails its request (a 503), and that error invalidates every older
             # connection of the pool, so the next requests connect afresh.
-            connect_args={"connect_timeout": 5},
+            connect_args=_postgresql_timeouts(settings),
             # Errors are logged; their parameters would carry message texts and codes.
             hide_parameters=True,
         )
@@ -55,6 +55,16 @@ def make_engine(
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _postgresql_timeouts(settings: Settings) -> dict[str, Any]:
+    """psycopg2's arguments for DATABASE_CONNECT_TIMEOUT and DATABASE_STATEMENT_TIMEOUT."""
+    timeouts: dict[str, Any] = {"connect_timeout": settings.database_connect_timeout}
+    if settings.database_statement_timeout:
+        # Set at connect time, so no statement of any session runs without it.
+        milliseconds = max(1, round(settings.database_statement_timeout * 1000))
+        timeouts["options"] = f"-c statement_timeout={milliseconds}"
+    return timeouts
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -103,9 +113,10 @@ async def _closing(session: Session) -> AsyncIterator[Session]:
 
 
 class ReadinessProbe:
-    """`SELECT 1` on a connection of its own (and a ping of the rate-limit storage), in a
-    thread of its own, with a timeout: the answer never waits for request threads or the
-    request pool."""
+    """`SELECT 1` on a connection of its own and a ping of the rate-limit storage, each in
+    a thread of its own with a timeout, side by side: the answer never waits for request
+    threads or the request pool, and names the dependency that did not answer (one that
+    stalls holds its own thread, never the other's)."""
 
     def __init__(
         self,
@@ -116,32 +127,42 @@ class ReadinessProbe:
     ) -> None:
         self.engine = engine
         self.timeout = timeout
-        self.storage_check = storage_check
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readiness")
+        # In the order a failure is named when more than one fails.
+        self._checks: dict[str, Callable[[], bool]] = {"database": self._select_one}
+        if storage_check is not None:
+            self._checks["rate-limit storage"] = storage_check
+        self._threads = {
+            name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"readiness-{name}")
+            for name in self._checks
+        }
 
-    def _check(self) -> str | None:
+    def _select_one(self) -> bool:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-        if self.storage_check is not None and not self.storage_check():
-            return "rate-limit storage"
-        return None
+        return True
+
+    async def _answers(self, name: str) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            answered = await asyncio.wait_for(
+                loop.run_in_executor(self._threads[name], self._checks[name]), self.timeout
+            )
+        except (TimeoutError, *DATABASE_UNAVAILABLE) as exc:
+            logger.warning("not ready: %s unavailable (%s)", name, type(exc).__name__)
+            return False
+        if not answered:
+            logger.warning("not ready: %s unavailable", name)
+        return answered
 
     async def unavailable(self) -> str | None:
         """What is not answering ("database", "rate-limit storage"), or None: ready."""
-        loop = asyncio.get_running_loop()
-        try:
-            down = await asyncio.wait_for(
-                loop.run_in_executor(self._thread, self._check), self.timeout
-            )
-        except (TimeoutError, *DATABASE_UNAVAILABLE) as exc:
-            logger.warning("not ready: database unavailable (%s)", type(exc).__name__)
-            return "database"
-        if down is not None:
-            logger.warning("not ready: %s unavailable", down)
-        return down
+        names = list(self._checks)
+        answers = await asyncio.gather(*(self._answers(name) for name in names))
+        return next((name for name, ok in zip(names, answers, strict=True) if not ok), None)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        for thread in self._threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
 
@@ -153,9 +174,11 @@ def alembic_config() -> Config:
 def migration_connection(engine: Engine) -> Iterator[Connection]:
     """A connection to migrate on, in one transaction.
 
-    On SQLite, foreign keys are off meanwhile: Alembic's batch mode rebuilds a table by
-    copying it and dropping the original, and with them on that DROP would cascade into
-    the tables that reference it (delivery attempts). They are checked before commit.
+    On PostgreSQL, without DATABASE_STATEMENT_TIMEOUT (a migration may rewrite a big
+    table, and replicas starting at once wait for each other's migration lock). On SQLite,
+    foreign keys are off meanwhile: Alembic's batch mode rebuilds a table by copying it and
+    dropping the original, and with them on that DROP would cascade into the tables that
+    reference it (delivery attempts). They are checked before commit.
     """
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -164,6 +187,9 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
             connection.commit()
         try:
             with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    # LOCAL: the pooled connection gets its timeout back at commit.
+                    connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 yield connection
                 if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
                     raise RuntimeError("a migration left rows with dangling foreign keys")

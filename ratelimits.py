@@ -8,26 +8,38 @@ in the storage). Requests per key per minute; messages per recipient per hour, w
 recipient is the address folded to lower case without its sub-address (`+tag`), so
 `Ivan+1@example.org` and `ivan@example.org` share one count. RATE_LIMIT_STORAGE says
 where the windows live: `memory://` (one process) or `redis://…` (every process and
-replica shares them).
+replica shares them). In memory, `MemoryWindowStorage` keeps them.
 """
 
+import bisect
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from anyio import to_thread
 from fastapi import HTTPException, status
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.errors import StorageError
-from limits.storage import MemoryStorage, RedisStorage, storage_from_string
+from limits.storage import (
+    MovingWindowSupport,
+    RedisStorage,
+    Storage,
+    StorageTypes,
+    storage_from_string,
+)
 from limits.strategies import MovingWindowRateLimiter
 
 from config import Settings
 from models import ApiKey
 
 RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
+# The 503 of a request the rate-limit storage did not answer.
+STORAGE_UNAVAILABLE = "rate-limit storage unavailable, try again later"
 
 
 def too_many(detail: str, retry_after: float) -> HTTPException:
@@ -50,9 +62,31 @@ def recipient_subject(address: str, channel: str = "email") -> str:
 class RateLimiter:
     """Moving-window limits on requests per key and messages per recipient."""
 
-    def __init__(self, storage_uri: str, *, prefix: str = "notify") -> None:
-        # wrap_exceptions: a storage outage raises limits.errors.StorageError (a 503).
-        self.storage = storage_from_string(storage_uri, key_prefix=prefix, wrap_exceptions=True)
+    def __init__(
+        self,
+        storage_uri: str,
+        *,
+        prefix: str = "notify",
+        connect_timeout: float | None = None,
+        socket_timeout: float | None = None,
+    ) -> None:
+        """Limits kept in `storage_uri`; on Redis, each connection and each answer waited
+        for at most `connect_timeout` and `socket_timeout` seconds (None: for ever)."""
+        scheme = urlsplit(storage_uri).scheme
+        timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout}
+        # Only Redis clients take these; the library passes them to `redis.from_url`.
+        options = {
+            name: value
+            for name, value in timeouts.items()
+            if value is not None and scheme.startswith(("redis", "valkey"))
+        }
+        if scheme == "memory":
+            self.storage: StorageTypes = MemoryWindowStorage()
+        else:
+            # wrap_exceptions: a storage outage raises limits.errors.StorageError (a 503).
+            self.storage = storage_from_string(
+                storage_uri, key_prefix=prefix, wrap_exceptions=True, **options
+            )
         self.strategy = MovingWindowRateLimiter(self.storage)
         # The per-key count of a request runs on the event loop, without a thread: on
         # Redis through an asyncio client and the library's own moving-window script (the
@@ -64,7 +98,9 @@ class RateLimiter:
         # Plain Redis only: a cluster would need its own client.
         if isinstance(self.storage, RedisStorage) and type(self.storage) is RedisStorage:
             self._redis = self.storage
-            self._async = aioredis.Redis.from_url(storage_uri)
+            self._async = aioredis.Redis.from_url(
+                storage_uri, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
+            )
             self._acquire = self._async.register_script(RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
 
     async def admit(self, api_key: ApiKey, limit: int) -> tuple[bool, float | None]:
@@ -76,7 +112,7 @@ class RateLimiter:
         if self._async is None or self._redis is None:
             if self._revoked.get(api_key.id, 0.0) > time.monotonic():
                 return True, None
-            if isinstance(self.storage, MemoryStorage):
+            if isinstance(self.storage, MemoryWindowStorage):
                 return False, self.hit(item, subject)  # in memory: no I/O
             # Another storage (a Redis cluster or sentinel): blocking, so in a thread.
             return False, await to_thread.run_sync(self.hit, item, subject)
@@ -179,3 +215,115 @@ def take_recipients(
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
     allowed, retry_after = limiter.take_recipients(recipients, limit, channel)
     return allowed, limit, retry_after
+
+
+class MemoryWindowStorage(Storage, MovingWindowSupport):
+    """Moving windows in this process's memory (`memory://`), with the answers of the
+    library's MemoryStorage and a cost per call that stays flat however many keys come
+    and go.
+
+    MemoryStorage expires keys on a thread that walks every key every 10 ms. Here a key's
+    hits are trimmed when the key is used, and each call drops up to `sweep` keys whose
+    window has passed: keys are kept per window length in the order of their last hit,
+    which is the order they expire in, so the expired ones are first. Only moving windows
+    (all RateLimiter counts); the fixed-window methods raise NotImplementedError.
+    """
+
+    # Built by RateLimiter; `memory://` stays registered to the library's MemoryStorage.
+    STORAGE_SCHEME = None
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        wrap_exceptions: bool = False,
+        *,
+        clock: Callable[[], float] = time.time,
+        sweep: int = 4,
+        **options: float | str | bool,
+    ) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.clock = clock
+        self.sweep = sweep
+        # Window length → key → its hits' times, oldest first, keys by their last hit.
+        # A key never holds more than its limit: an older hit cannot matter any more.
+        self._hits: dict[int, OrderedDict[str, list[float]]] = {}
+        # One lock for every key: a call holds it for microseconds (sync routes run in
+        # threads, the per-key count on the event loop).
+        self._lock = threading.Lock()
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return ValueError
+
+    def key_count(self) -> int:
+        """How many keys are kept (expired ones included, until swept)."""
+        with self._lock:
+            return sum(len(keys) for keys in self._hits.values())
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Count `amount` hits on `key` if the window of `expiry` seconds that ends now
+        holds at most `limit` with them (a hit exactly `expiry` ago is still in it)."""
+        if amount > limit:
+            return False
+        with self._lock:
+            now = self.clock()
+            self._sweep(now)
+            keys = self._hits.setdefault(expiry, OrderedDict())
+            times = keys.get(key)
+            if times is None:
+                times = keys[key] = []
+            else:
+                del times[: bisect.bisect_left(times, now - expiry)]
+            if len(times) + amount > limit:
+                return False
+            times.extend([now] * amount)
+            keys.move_to_end(key)
+            return True
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        """The time of the oldest hit in the window of `expiry` seconds that ends now
+        (now, if none) and how many hits it holds (one exactly `expiry` ago is not
+        counted, as MemoryStorage does not)."""
+        with self._lock:
+            now = self.clock()
+            self._sweep(now)
+            keys = self._hits.get(expiry)
+            times = keys.get(key, []) if keys is not None else []
+            first = bisect.bisect_right(times, now - expiry)
+            if first == len(times):
+                return now, 0
+            return times[first], len(times) - first
+
+    def _sweep(self, now: float) -> None:
+        """Drop up to `sweep` keys whose last hit is out of their window."""
+        budget = self.sweep
+        for expiry, keys in self._hits.items():
+            while budget and keys:
+                times = keys[next(iter(keys))]
+                if times and times[-1] >= now - expiry:
+                    break
+                keys.popitem(last=False)
+                budget -= 1
+
+    def check(self) -> bool:
+        return True
+
+    def reset(self) -> int | None:
+        with self._lock:
+            count = sum(len(keys) for keys in self._hits.values())
+            self._hits.clear()
+        return count
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            for keys in self._hits.values():
+                keys.pop(key, None)
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        raise NotImplementedError("MemoryWindowStorage keeps moving windows only")
+
+    def get(self, key: str) -> int:
+        raise NotImplementedError("MemoryWindowStorage keeps moving windows only")
+
+    def get_expiry(self, key: str) -> float:
+        raise NotImplementedError("MemoryWindowStorage keeps moving windows only")

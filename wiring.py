@@ -114,5 +114,11 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
 
 
 def build_limiter(settings: Settings) -> RateLimiter:
-    """The rate limiter on RATE_LIMIT_STORAGE, its keys under RATE_LIMIT_PREFIX."""
-    return RateLimiter(settings.rate_limit_storage, prefix=settings.rate_limit_prefix)
+    """The rate limiter on RATE_LIMIT_STORAGE, its keys under RATE_LIMIT_PREFIX, with the
+    Redis timeouts."""
+    return RateLimiter(
+        settings.rate_limit_storage,
+        prefix=settings.rate_limit_prefix,
+        connect_timeout=settings.redis_connect_timeout,
+        socket_timeout=settings.redis_socket_timeout,
+    )

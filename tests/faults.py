@@ -1,11 +1,12 @@
-"""Real faults for tests: a TCP link to PostgreSQL that can be cut, an SMTP server that
-never answers, and the app served by a real uvicorn on a local port."""
+"""Real faults for tests: a TCP link to PostgreSQL that can be cut, servers that accept
+and never answer, and the app served by a real uvicorn on a local port."""
 
 import socket
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -97,14 +98,18 @@ def _drop(sock: socket.socket) -> None:
     sock.close()
 
 
-class SilentSMTPServer:
-    """Accepts TCP connections and never says a word (not even its greeting)."""
+class StallingListener:
+    """Accepts TCP connections and never says a word: a stalled server (Redis, PostgreSQL,
+    SMTP) as its clients see it. With `hang_up_after`, each connection is dropped that many
+    seconds after it was accepted, so a client without a timeout of its own fails late
+    instead of never."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hang_up_after: float | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
         self.port: int = self.listener.getsockname()[1]
+        self.hang_up_after = hang_up_after
         self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="silent-smtp", daemon=True).start()
+        threading.Thread(target=self._accept, name="stalling-listener", daemon=True).start()
 
     def _accept(self) -> None:
         while True:
@@ -113,6 +118,10 @@ class SilentSMTPServer:
             except OSError:
                 return
             self.connections.append(connection)
+            if self.hang_up_after is not None:
+                hang_up = threading.Timer(self.hang_up_after, _drop, (connection,))
+                hang_up.daemon = True
+                hang_up.start()
 
     def close(self) -> None:
         self.listener.close()
@@ -120,12 +129,16 @@ class SilentSMTPServer:
             _drop(connection)
 
 
+class SilentSMTPServer(StallingListener):
+    """Accepts TCP connections and never says a word (not even its greeting)."""
+
+
 class LiveServer:
     """`app` served by uvicorn in a thread, lifespan included."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **options: Any) -> None:
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on"
+            app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on", **options
         )
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{config.port}"
