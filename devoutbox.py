@@ -9,6 +9,15 @@ received_at), one per number; a Telegram message `<directory>/telegram/...` (cha
 text, parse_mode, message_id, received_at). The api_id and the token are checked (present,
 and equal to the expected ones when those are given) and never written or logged.
 
+Documented test values are refused as the real providers refuse them, so that a fallback
+can be seen under `make run`; nothing is saved for them:
+
+    SMS to a number ending in seven zeros   SMS.ru's per-number status_code 207, "this number
+    (+7 900 000-00-00, +7 916 000-00-00)    cannot be sent messages", in a reply otherwise OK
+    Telegram to chat id -1                  HTTP 403, {"ok": false, "error_code": 403,
+                                            "description": "Forbidden: bot was blocked by
+                                            the user"}
+
 Tests make faults with `Outbox.plan`: each planned `Reply` answers one coming request to
 either API, in order, in place of the normal answer. The faults are the server's real
 replies, so the client code under test runs unchanged:
@@ -46,7 +55,15 @@ SMS_RU_TEXTS = {
     200: "Неправильный api_id",
     202: "Неправильно указан номер телефона получателя, либо на него нет маршрута",
     203: "Нет текста сообщения",
+    207: (
+        "На этот номер (или один из номеров) нельзя отправлять сообщения, либо указано более"
+        " 100 номеров в списке получателей"
+    ),
 }
+# The test values of the module's docstring. Seven zeros, not four: the benchmark numbers
+# its recipients +7916<seven digits>, and every ten-thousandth of those ends in 0000.
+REFUSED_NUMBER_ENDING = "0000000"
+REFUSED_CHATS = {-1: (403, "Forbidden: bot was blocked by the user")}
 MAX_TELEGRAM_TEXT = 4096
 PARSE_MODES = {"html", "markdown", "markdownv2"}
 _MAX_BODY = 1024 * 1024
@@ -220,6 +237,9 @@ class Outbox:
             if not re.fullmatch(r"[1-9][0-9]{9,14}", number):
                 entries[number] = _sms_error(202)
                 continue
+            if number.endswith(REFUSED_NUMBER_ENDING):
+                entries[number] = _sms_error(207)
+                continue
             sms_id = f"{self._next_id():06d}-{zlib.crc32(number.encode()) % 10**8:08d}"
             entries[number] = {"status": "OK", "status_code": 100, "sms_id": sms_id}
             record = {"to": number, "text": text, "from": fields.get("from"), "sms_id": sms_id}
@@ -256,6 +276,9 @@ class Outbox:
         chat = _chat(chat_id)
         if chat is None:
             return _Accepted(400, _bot_error(400, "Bad Request: chat not found"))
+        if chat["id"] in REFUSED_CHATS:
+            code, description = REFUSED_CHATS[chat["id"]]
+            return _Accepted(code, _bot_error(code, description))
         message_id = self._next_id()
         result = {"message_id": message_id, "date": int(time.time()), "chat": chat, "text": text}
         record = {

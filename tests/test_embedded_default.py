@@ -200,3 +200,70 @@ def test_ids_out_of_range_are_a_422_on_sqlite(
         response = client.request(method, path, params=params)
 
     assert response.status_code == 422, response.text
+
+
+def embedded(tmp_path: Path) -> Settings:
+    """What `make run` runs on: SQLite, the mail catcher and the SMS/Telegram stand-in."""
+    return Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'notifications.db'}",
+        smtp_host="",
+        dev_mail_dir=tmp_path / "mail",
+        dev_outbox_dir=tmp_path / "outbox",
+        dev_api_key_file=tmp_path / "dev-api-key",
+        dev_secret_key_file=tmp_path / "secret-key",
+        bootstrap_api_key=ADMIN_KEY,
+        worker_in_api=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("contact", "refusal"),
+    [
+        (
+            {"phone": "+7 900 000-00-00"},
+            ("sms", 207, "На этот номер (или один из номеров) нельзя отправлять сообщения"),
+        ),
+        (
+            {"telegram_chat_id": "-1"},
+            ("telegram", 403, "Forbidden: bot was blocked by the user"),
+        ),
+    ],
+    ids=["sms-number-ending-in-seven-zeros", "telegram-chat-minus-one"],
+)
+def test_the_stand_ins_test_values_show_a_fallback_to_email(
+    tmp_path: Path, contact: dict[str, str], refusal: tuple[str, int, str]
+) -> None:
+    channel, code, text = refusal
+    body = {
+        "recipient": {"email": BOOKING["email"], **contact},
+        "channels": [channel, "email"],
+        "subject": BOOKING["subject"],
+        "text": BOOKING["text"],
+    }
+
+    with TestClient(create_app(embedded(tmp_path)), headers=AUTH) as client:
+        response = client.post("/notify", json=body)
+
+    assert response.status_code == 201, response.text
+    sent = response.json()
+    assert (sent["status"], sent["channel"], sent["recipient"]) == (
+        "sent",
+        "email",
+        BOOKING["email"],
+    )
+    attempts = [(a["channel"], a["outcome"], a["code"]) for a in sent["delivery_attempts"]]
+    assert attempts == [(channel, "permanent_error", code), ("email", "sent", 250)]
+    assert text in sent["delivery_attempts"][0]["error"]
+    assert not list((tmp_path / "outbox").glob(f"{channel}/*.json"))
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == 1
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_answers_options_with_the_methods_it_allows(tmp_path: Path, path: str) -> None:
+    with TestClient(create_app(embedded(tmp_path))) as client:
+        response = client.options(path)
+
+    assert response.status_code == 204
+    assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert response.content == b""
