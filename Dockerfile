@@ -5,6 +5,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The email package of 3.11.10 and later quotes what it decodes (CVE-2024-6923); headers.py
+# refuses such input on any interpreter, and this makes sure the image never goes below it.
+RUN python -c "import sys; sys.exit(sys.version_info < (3, 11, 10))"
+
 WORKDIR /app
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
@@ -24,7 +28,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
 
 # One uvicorn process per core when the rate limits are shared (RATE_LIMIT_STORAGE=redis://…,
 # as compose sets it), one otherwise (memory:// counts per process); WEB_CONCURRENCY
-# overrides. Each process runs its own worker thread when WORKER_IN_API=true. Migrations run
-# at start-up (AUTO_MIGRATE=true); on PostgreSQL processes and replicas serialise on an
-# advisory lock.
-CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --workers \"${WEB_CONCURRENCY:-$n}\""]
+# overrides. Request headers must arrive within HTTP_HEADER_TIMEOUT (serving.py) and idle
+# keep-alive connections close after 5 s. Each process runs its own worker thread when
+# WORKER_IN_API=true. Migrations run at start-up (AUTO_MIGRATE=true); on PostgreSQL
+# processes and replicas serialise on an advisory lock.
+CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --http serving:GuardedHTTP --timeout-keep-alive 5 --workers \"${WEB_CONCURRENCY:-$n}\""]

@@ -23,7 +23,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
-	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) \
+		--http serving:GuardedHTTP --timeout-keep-alive 5
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -1,12 +1,15 @@
 """Service settings, read once from the environment and `.env`."""
 
 import secrets
+from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from headers import ENCODED_WORD, header_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -116,9 +119,52 @@ class Settings(BaseSettings):
     # Keys in that storage start with this: deployments sharing one Redis keep apart.
     rate_limit_prefix: str = "notify"
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    http_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers, from its start "
+        "(or a request's first byte) on; then it is closed (serving.py). Idle keep-alive "
+        "connections close after uvicorn's --timeout-keep-alive (5 s).",
+    )
+
+    # A dependency that accepts connections and never answers costs a request this long,
+    # then a 503 naming it: without them a request waits until the dependency comes back.
+    database_connect_timeout: int = Field(
+        default=5,
+        ge=1,
+        description="Seconds to wait for a PostgreSQL connection, its start-up included "
+        "(libpq's connect_timeout: whole seconds).",
+    )
+    database_statement_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a PostgreSQL statement may run before the server cancels it "
+        "(0: no limit). Migrations run without it.",
+    )
+    redis_connect_timeout: float = Field(
+        default=0.5,
+        gt=0,
+        description="Seconds to wait for a TCP connection to the Redis of RATE_LIMIT_STORAGE.",
+    )
+    redis_socket_timeout: float = Field(
+        default=0.5,
+        gt=0,
+        description="Seconds to wait for each answer of the Redis of RATE_LIMIT_STORAGE; a "
+        "request that meets it is a 503 naming the rate-limit storage.",
+    )
 
     dev_mail_dir: Path = PROJECT_DIR / "var" / "mail"
     dev_api_key_file: Path = PROJECT_DIR / "var" / "dev-api-key"
+
+    @field_validator("email_from")
+    @classmethod
+    def safe_sender(cls, sender: str) -> str:
+        problem = header_problem(sender)
+        if problem is None and ENCODED_WORD.search(parseaddr(sender)[1]):
+            problem = "must not hold an encoded word (RFC 2047) in its address"
+        if problem is not None:
+            raise ValueError(problem)
+        return sender
 
     @field_validator("database_url")
     @classmethod

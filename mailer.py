@@ -42,6 +42,7 @@ from channels.base import (
     TransientDeliveryError,
 )
 from config import Settings, SMTPSecurity
+from headers import fold_unstructured
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,12 @@ def build_message(
     message = EmailMessage()
     message["From"] = sender
     message["To"] = recipient
-    message["Subject"] = subject
+    folded = fold_unstructured("Subject", subject)
+    if folded is None:
+        message["Subject"] = subject
+    else:
+        # Folded already: the email package writes it as it is, never decoding it.
+        message.set_raw("Subject", folded)
     message["Date"] = format_datetime(date)
     message["Message-ID"] = message_id
     # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
@@ -177,8 +183,12 @@ class MessageRenderer:
 
     @staticmethod
     def _fold_subject(subject: str) -> bytes:
-        # The email package's own folding and RFC 2047 encoded words, once per subject.
-        return _header_line("Subject", subject)
+        # Ours when the subject could be read as encoded words (see headers.py), else the
+        # email package's folding and encoded words; once per subject.
+        folded = fold_unstructured("Subject", subject)
+        if folded is None:
+            return _header_line("Subject", subject)
+        return b"Subject: " + folded.encode("ascii") + b"\r\n"
 
     def _date_line(self, date: datetime) -> bytes:
         value = format_datetime(date)

@@ -5,6 +5,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI, HTTPException, Request, status
@@ -21,6 +22,7 @@ from auth import KeyCache, RequireApiKey, ensure_development_key
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import OutcomeNotRecorded, start_recorder
+from ratelimits import STORAGE_UNAVAILABLE
 from routes import health, router
 from schemas import printable
 from wiring import build_database, build_deliverer, build_limiter, configure_logging
@@ -82,7 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Swagger UI and ReDoc from files shipped in a package: the docs work offline.
     app = FastAPIOffline(
         title="Notification service",
-        summary="E-mail notifications for the coworking booking system, with their history.",
+        summary="E-mail, SMS and Telegram notifications for the coworking booking system,"
+        " falling back from one channel to the next, with their history.",
         version="1.0.0",
         lifespan=lifespan,
     )
@@ -93,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequireApiKey, protected=router.routes)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
-    app.add_exception_handler(StorageError, database_unavailable)
+    app.add_exception_handler(StorageError, storage_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -163,17 +166,36 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
             "loc": [
                 printable(str(part)) if isinstance(part, str) else part for part in error["loc"]
             ],
-            "msg": printable(error["msg"]),
+            "msg": printable(_message(error)),
         }
         for error in exc.errors()
     ]
     return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+def _message(error: Any) -> str:
+    # A body that is not JSON as we read it (strictjson.py) says why, not only that.
+    if error["type"] == "json_invalid" and "error" in error.get("ctx", {}):
+        return f"{error['msg']}: {error['ctx']['error']}"
+    return str(error["msg"])
+
+
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.error("storage unavailable during %s %s: %s", request.method, request.url.path, exc)
     return JSONResponse(
         {"detail": "database unavailable, try again later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A 503 naming the rate-limit storage, which did not answer (or refused)."""
+    logger.error(
+        "rate-limit storage unavailable during %s %s: %s", request.method, request.url.path, exc
+    )
+    return JSONResponse(
+        {"detail": STORAGE_UNAVAILABLE},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )

@@ -63,6 +63,7 @@ from schemas import (
     TelegramNotificationCreate,
     printable,
 )
+from strictjson import StrictJSONRoute
 
 
 # async: a plain `def` dependency would cost a thread hop each.
@@ -144,10 +145,11 @@ IDEMPOTENCY: dict[int | str, dict[str, Any]] = {
 }
 DATABASE_DOWN: dict[int | str, dict[str, Any]] = {
     status.HTTP_503_SERVICE_UNAVAILABLE: {
-        "description": "The database (or the rate-limit storage) is unavailable; see "
-        "Retry-After. Nothing was sent, unless the body has an `id` and `status: sending`: "
-        "then the SMTP server answered before the database failed, and the outcome is "
-        "recorded on that notification as soon as the database is back; do not send again."
+        "description": "The database or the rate-limit storage (the detail names which) is "
+        "unavailable; see Retry-After. Nothing was sent, unless the body has an `id` and "
+        "`status: sending`: then the SMTP server answered before the database failed, and the "
+        "outcome is recorded on that notification as soon as the database is back; do not "
+        "send again."
     }
 }
 
@@ -158,8 +160,9 @@ TOO_LARGE: dict[int | str, dict[str, Any]] = {
     status.HTTP_413_CONTENT_TOO_LARGE: {"description": "The body is over MAX_BODY_BYTES."}
 }
 
-router = APIRouter(responses={**AUTH, **TOO_LARGE, **DATABASE_DOWN})
+router = APIRouter(route_class=StrictJSONRoute, responses={**AUTH, **TOO_LARGE, **DATABASE_DOWN})
 health = APIRouter(tags=["health"])
+HEALTH_METHODS = "GET, HEAD, OPTIONS"
 
 
 PreferHeader = Annotated[
@@ -820,11 +823,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@health.options("/healthz", include_in_schema=False)
+@health.options("/readyz", include_in_schema=False)
+async def health_options() -> Response:
+    """The methods a health check answers (RFC 9110 OPTIONS: 204 with Allow)."""
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers={"Allow": HEALTH_METHODS})
+
+
 @health.get("/readyz", responses=DATABASE_DOWN)
 @health.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Any:
-    """The database and the rate-limit storage answer, checked on a connection and thread
-    of the probe's own (1 s at most)."""
+    """The database and the rate-limit storage answer, each checked side by side on a
+    thread of its own (1 s at most); a 503 names the one that did not."""
     probe: ReadinessProbe = request.app.state.readiness
     down = await probe.unavailable()
     if down is None:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from headers import ENCODED_WORD, HEADER_UNSAFE, header_problem
 from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus
 
 MAX_TEXT_LENGTH = 100_000
@@ -39,11 +40,11 @@ TELEGRAM_MAX_TEXT = 4096
 PHONE_REGION = "RU"
 # Ids are BIGINT: a larger one names nothing, on SQLite as on PostgreSQL.
 MAX_ID = 2**63 - 1
+# RFC 5321 section 4.5.3.1.1, in octets: a UTF-8 local part counts its bytes.
+MAX_LOCAL_PART_OCTETS = 64
 # An ISO 8601 date and time; the offset is checked by AwareDatetime.
 ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
-# C0 and C1 controls and DEL. Any of them in a header could start a new header line.
-HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # In a body, line breaks and tabs are content; other controls (C0, DEL, C1) are not.
 BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
@@ -68,10 +69,18 @@ def email_address(value: str) -> str:
     take it; a non-ASCII one normalised (it needs a relay with SMTPUTF8)."""
     if HEADER_UNSAFE.search(value):
         raise ValueError("value is not a valid email address: control characters")
+    if ENCODED_WORD.search(value):
+        # RFC 2047 section 5: an encoded word must not appear in any part of an addr-spec.
+        raise ValueError("value is not a valid email address: an RFC 2047 encoded word")
     try:
         address = validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ValueError(f"value is not a valid email address: {exc}") from None
+    if len(address.local_part.encode()) > MAX_LOCAL_PART_OCTETS:
+        raise ValueError(
+            "value is not a valid email address: the part before the @-sign is longer "
+            f"than {MAX_LOCAL_PART_OCTETS} octets"
+        )
     if value.isascii() and address.ascii_email:
         return address.ascii_email
     return address.normalized
@@ -135,10 +144,19 @@ TelegramChatId = Annotated[
 
 
 def iso_8601(value: object) -> object:
+    """A string that starts with an ISO 8601 date and time; anything else (a number would
+    be read as seconds since 1970) is refused before pydantic reads it."""
     if value is not None and not (isinstance(value, str) and ISO_DATETIME.match(value)):
-        raise ValueError("must be an ISO 8601 string with a UTC offset: 2026-11-25T18:00:00+03:00")
+        raise ValueError("must be an ISO 8601 date and time string: 2026-11-25T18:00:00+03:00")
     return value
 
+
+# A time to filter by; without an offset it is UTC.
+HistoryTime = Annotated[
+    datetime | None,
+    BeforeValidator(iso_8601),
+    WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}),
+]
 
 SendAt = Annotated[
     AwareDatetime | None,
@@ -148,11 +166,11 @@ SendAt = Annotated[
 
 
 def subject_line(subject: str | None) -> str | None:
-    # splitlines() also breaks on U+2028/U+2029, which the email package refuses.
     if subject is None:
         return None
-    if HEADER_UNSAFE.search(subject) or len(subject.splitlines()) > 1:
-        raise ValueError("must not contain line breaks or other control characters")
+    problem = header_problem(subject)
+    if problem is not None:
+        raise ValueError(problem)
     if not subject.strip():
         raise ValueError("must not be blank")
     return subject
@@ -238,7 +256,7 @@ class BulkEmailCreate(MessageContent):
         default=None, min_length=1, max_length=998, description="Required with `emails`."
     )
     emails: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BULK_RECIPIENTS)
-    recipients: list[str] | None = Field(
+    recipients: list[ExternalId] | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_BULK_RECIPIENTS,
@@ -580,8 +598,8 @@ class HistoryQuery(BaseModel):
         default=None, description="The channel tried last (or that delivered)."
     )
     batch_id: int | None = Field(default=None, ge=1, le=MAX_ID)
-    created_from: datetime | None = Field(default=None, description="Inclusive; UTC if no offset.")
-    created_to: datetime | None = Field(default=None, description="Exclusive; UTC if no offset.")
+    created_from: HistoryTime = Field(default=None, description="Inclusive; UTC if no offset.")
+    created_to: HistoryTime = Field(default=None, description="Exclusive; UTC if no offset.")
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
     cursor: str | None = None
 

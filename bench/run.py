@@ -235,6 +235,7 @@ class Bench:
                 "--log-level",
                 "warning",
                 "--no-access-log",
+                *(["--http", "serving:GuardedHTTP"] if app == "main:app" else []),
             ],
             env | {"PORT": str(port)},
         )

@@ -62,7 +62,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
-from channels.http import HTTPSender, json_object, retry_after_header
+from channels.http import HTTPSender, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class SMSRu(HTTPSender):
     ) -> None:
         if not api_id:
             raise ValueError("api_id is empty")
-        super().__init__(base_url, timeout=timeout, pool_size=pool_size)
+        super().__init__(base_url, timeout=timeout, pool_size=pool_size, secrets=[api_id])
         self.sender = sender or None
         self._api_id = api_id
 
@@ -178,7 +178,7 @@ class SMSRu(HTTPSender):
         return self._receipt(response, number, message.text)
 
     def _receipt(self, response: httpx.Response, number: str, text: str) -> Receipt:
-        reply = json_object(response.content)
+        reply = self.reply(response)
         if not response.is_success:
             raise _http_error(response, reply)
         if reply is None:
@@ -267,7 +267,8 @@ def _http_error(response: httpx.Response, reply: dict[str, Any] | None) -> Deliv
     code = _int(reply.get("status_code")) if reply else None
     text = reply.get("status_text") if reply else None
     if not isinstance(text, str) or not text:
-        text = f"SMS.ru answered HTTP {status} {response.reason_phrase}".rstrip()
+        # The standard phrase, not the server's: that is the provider's text too.
+        text = f"SMS.ru answered HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
     error_type: type[DeliveryError]
     if status == 429 or status >= 500:
         error_type = TransientDeliveryError

@@ -38,7 +38,7 @@ from channels.base import (
     RecipientUnreachable,
     TransientDeliveryError,
 )
-from channels.http import HTTPSender, json_object, retry_after_header
+from channels.http import HTTPSender, retry_after_header
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ class TelegramBot(HTTPSender):
     ) -> None:
         if not token or "/" in token:
             raise ValueError("the bot token is empty or malformed")
-        super().__init__(base_url, timeout=timeout, pool_size=pool_size)
-        # The only place the token is kept.
+        super().__init__(base_url, timeout=timeout, pool_size=pool_size, secrets=[token])
+        # The only place the token is kept, but for the forms `reply` scrubs.
         self._send_path = f"/bot{token}/sendMessage"
 
     @classmethod
@@ -102,7 +102,8 @@ class TelegramBot(HTTPSender):
         payload: dict[str, Any] = {"chat_id": _chat_id(message.address), "text": message.text}
         if message.parse_mode is not None:
             payload["parse_mode"] = message.parse_mode
-        return _receipt(self._post(self._send_path, json=payload))
+        response = self._post(self._send_path, json=payload)
+        return _receipt(response, self.reply(response))
 
 
 def _chat_id(address: str) -> int | str:
@@ -114,8 +115,7 @@ def _chat_id(address: str) -> int | str:
     raise PermanentDeliveryError("the address is neither a chat id nor an @username")
 
 
-def _receipt(response: httpx.Response) -> Receipt:
-    reply = json_object(response.content)
+def _receipt(response: httpx.Response, reply: dict[str, Any] | None) -> Receipt:
     if reply is None:
         status = response.status_code
         # A proxy's error page, a reply cut short: worth another try. A 3xx or 4xx page

@@ -1,5 +1,6 @@
 """Bad input is a 422 naming the field, and nothing is stored or sent."""
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Notification
 from tests.conftest import BOOKING
-from tests.smtpd import ScriptedHandler
+from tests.smtpd import ScriptedHandler, start_server
 
 
 def stored_count(db: sessionmaker[Session]) -> int:
@@ -97,3 +98,133 @@ def test_malformed_json_is_a_422(client: TestClient, smtp: ScriptedHandler) -> N
 
     assert response.status_code == 422
     assert smtp.received == []
+
+
+CONTROL = "must not contain control characters"
+
+
+def json_operations(client: TestClient) -> list[tuple[str, str]]:
+    """(method, path) of every operation that takes a JSON body, from the OpenAPI."""
+    spec = client.get("/openapi.json").json()
+    return [
+        (method, path)
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if "application/json" in operation.get("requestBody", {}).get("content", {})
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "reason"),
+    [
+        (b'{"text": "\xff\xfe"}', "application/json", "not valid UTF-8"),
+        ('{"text": "Привет"}'.encode("cp1251"), "application/json", "not valid UTF-8"),
+        (
+            b'{"text": "x"}',
+            "application/json; charset=latin-1",
+            "JSON must be UTF-8, not charset latin-1",
+        ),
+        (b"[" * 1000 + b"]" * 1000, "application/json", "nested deeper than 32 levels"),
+        (b'{"text": "a\\u0000b"}', "application/json", CONTROL),
+        (b'{"a\\u001bb": 1}', "application/json", CONTROL),
+        (
+            '{"text": "a\u0085b"}'.encode(),
+            "application/json",
+            "must not contain control characters",
+        ),
+    ],
+    ids=["bad-utf8", "cp1251", "latin-1", "deep", "nul", "escape-in-key", "raw-c1"],
+)
+def test_a_body_that_cannot_be_read_is_a_documented_422_on_every_operation(
+    client: TestClient,
+    smtp: ScriptedHandler,
+    db: sessionmaker[Session],
+    content: bytes,
+    content_type: str,
+    reason: str,
+) -> None:
+    spec = client.get("/openapi.json").json()
+    operations = json_operations(client)
+    assert len(operations) >= 8
+
+    for method, path in operations:
+        url = path.replace("{external_id}", "user-1").replace("{key_id}", "1")
+        url = url.replace("{notification_id}", "1").replace("{batch_id}", "1")
+        response = client.request(
+            method, url, content=content, headers={"content-type": content_type}
+        )
+
+        assert response.status_code == 422, (method, path, response.text)
+        (error,) = response.json()["detail"]
+        assert error["type"] in ("json_invalid", "string_control")
+        assert reason in error["msg"], (path, error)
+        if error["type"] == "string_control":  # the field is named
+            assert error["loc"] in (["body", "text"], ["body", "a\x1bb"]), error
+        assert "422" in spec["paths"][path][method]["responses"]
+    assert smtp.received == []
+    assert stored_count(db) == 0
+
+
+def test_escaped_tabs_and_line_breaks_are_content(
+    client: TestClient, smtp: ScriptedHandler
+) -> None:
+    # The last is an escaped backslash, then the letters u0000.
+    text = b'"a\\u0009b\\u000a\\r\\nc\\\\u0000"'
+    body = b'{"email": "ivan@example.com", "subject": "s", "text": ' + text + b"}"
+
+    response = client.post(
+        "/notify/email", content=body, headers={"content-type": "application/json; charset=UTF-8"}
+    )
+
+    assert response.status_code == 201, response.text
+    assert smtp.received[0].message.get_content().splitlines() == ["a\tb", "", "c\\u0000"]
+
+
+@pytest.mark.parametrize("item", ["a\u0000b", "a b", "x" * 129, "", "ivan/../x"])
+def test_bulk_recipients_are_validated_like_every_external_id(
+    client: TestClient, db: sessionmaker[Session], item: str
+) -> None:
+    response = client.post(
+        "/notify/bulk", json={"recipients": ["user-1", item], "subject": "s", "text": "t"}
+    )
+
+    assert response.status_code == 422, response.text
+    assert ["body", "recipients", 1] in [error["loc"] for error in response.json()["detail"]]
+    assert stored_count(db) == 0
+
+
+@pytest.mark.parametrize(
+    "value", ["0.5", "1700000000", "yesterday", "2026-11-25", "25.11.2026 10:00"]
+)
+def test_history_times_are_iso_8601_datetimes_only(client: TestClient, value: str) -> None:
+    for name in ("created_from", "created_to"):
+        response = client.get("/notifications", params={name: value})
+
+        assert response.status_code == 422, (name, value, response.text)
+        assert response.json()["detail"][0]["loc"] == ["query", name]
+
+
+@pytest.mark.parametrize(
+    ("local", "status"),
+    [("a" * 64, 201), ("a" * 65, 422), ("я" * 32, 201), ("я" * 32 + "a", 422)],
+    ids=["64-ascii", "65-ascii", "64-octets-utf8", "65-octets-utf8"],
+)
+def test_a_local_part_holds_at_most_64_octets(
+    make_client: Callable[..., TestClient], local: str, status: int
+) -> None:
+    # A relay that takes SMTPUTF8, for the Cyrillic ones.
+    international = ScriptedHandler()
+    start_server(international, smtputf8=True)
+    try:
+        response = make_client(smtp_port=international.port).post(
+            "/notify/email", json={**BOOKING, "email": f"{local}@example.com"}
+        )
+    finally:
+        international.stop()
+
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert "64 octets" in response.json()["detail"][0]["msg"]
+        assert international.received == []
+    else:
+        assert international.received[0].rcpt_tos == [f"{local}@example.com"]
