@@ -142,12 +142,12 @@ class Settings(BaseSettings):
         "(0: no limit). Migrations run without it.",
     )
     redis_connect_timeout: float = Field(
-        default=0.5,
+        default=1.0,
         gt=0,
         description="Seconds to wait for a TCP connection to the Redis of RATE_LIMIT_STORAGE.",
     )
     redis_socket_timeout: float = Field(
-        default=0.5,
+        default=1.0,
         gt=0,
         description="Seconds to wait for each answer of the Redis of RATE_LIMIT_STORAGE; a "
         "request that meets it is a 503 naming the rate-limit storage.",

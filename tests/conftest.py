@@ -149,6 +149,10 @@ def settings(database_url: str, smtp: ScriptedHandler) -> Settings:
         bootstrap_api_key=ADMIN_KEY,
         secret_key=SECRET_KEY,
         rate_limit_storage=REDIS_URL,
+        # Generous: 12 sends at once on two busy cores can keep the event loop from a
+        # Redis connect for over 0.5 s. The timeout tests set their own.
+        redis_connect_timeout=5,
+        redis_socket_timeout=5,
         # Each test counts from zero; the apps of one test share their counts.
         rate_limit_prefix=f"notify-test-{uuid.uuid4().hex[:12]}",
         # Tests send many messages to one address; the limit tests lower it again.

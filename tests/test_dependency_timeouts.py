@@ -27,6 +27,8 @@ from wiring import build_limiter
 PROMPT = 3.0
 HANG_UP_AFTER = 10.0
 T = TypeVar("T")
+# The rest of the suite waits longer for Redis (conftest), so a busy event loop is no fault.
+QUICK_REDIS = {"redis_connect_timeout": 0.5, "redis_socket_timeout": 0.5}
 STORAGE_DOWN = "rate-limit storage unavailable, try again later"
 DATABASE_DOWN = "database unavailable, try again later"
 
@@ -56,7 +58,7 @@ def test_a_stalled_rate_limit_storage_is_a_prompt_503_naming_it_and_nothing_is_s
     db: sessionmaker[Session],
     smtp: ScriptedHandler,
 ) -> None:
-    client = make_client(rate_limit_storage=f"redis://127.0.0.1:{stalled.port}/0")
+    client = make_client(rate_limit_storage=f"redis://127.0.0.1:{stalled.port}/0", **QUICK_REDIS)
 
     response, took = timed(lambda: client.post("/notify/email", json=BOOKING))
     ready, ready_took = timed(lambda: client.get("/readyz"))
@@ -81,7 +83,7 @@ def test_a_rate_limit_storage_that_stops_answering_is_a_prompt_503_naming_it(
     hang_up = threading.Timer(HANG_UP_AFTER, link.cut)
     hang_up.daemon = True
     try:
-        client = make_client(rate_limit_storage=f"redis://127.0.0.1:{link.port}/0")
+        client = make_client(rate_limit_storage=f"redis://127.0.0.1:{link.port}/0", **QUICK_REDIS)
         assert client.post("/notify/email", json=BOOKING).status_code == 201
         link.deaf.set()
         hang_up.start()
@@ -102,7 +104,7 @@ def test_a_rate_limit_storage_that_stops_answering_is_a_prompt_503_naming_it(
 def test_a_refused_rate_limit_storage_is_a_503_naming_it(
     make_client: Callable[..., TestClient], db: sessionmaker[Session], smtp: ScriptedHandler
 ) -> None:
-    client = make_client(rate_limit_storage=f"redis://127.0.0.1:{free_port()}/0")
+    client = make_client(rate_limit_storage=f"redis://127.0.0.1:{free_port()}/0", **QUICK_REDIS)
 
     response = client.post("/notify/email", json=BOOKING)
     ready = client.get("/readyz")
@@ -117,7 +119,9 @@ def test_every_call_of_the_limiter_on_a_stalled_redis_gives_up_promptly(
     settings: Settings, stalled: StallingListener
 ) -> None:
     limiter = build_limiter(
-        settings.model_copy(update={"rate_limit_storage": f"redis://127.0.0.1:{stalled.port}/0"})
+        settings.model_copy(
+            update={"rate_limit_storage": f"redis://127.0.0.1:{stalled.port}/0", **QUICK_REDIS}
+        )
     )
     one = ["ivan@example.com"]
     many = ["ivan@example.com", "anna@example.com"]
