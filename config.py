@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from headers import ENCODED_WORD, header_problem
+from headers import header_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     @classmethod
     def safe_sender(cls, sender: str) -> str:
         problem = header_problem(sender)
-        if problem is None and ENCODED_WORD.search(parseaddr(sender)[1]):
+        if problem is None and "=?" in parseaddr(sender)[1]:
             problem = "must not hold an encoded word (RFC 2047) in its address"
         if problem is not None:
             raise ValueError(problem)

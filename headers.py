@@ -17,8 +17,9 @@ from email.header import decode_header
 # C0 and C1 controls and DEL. Any of them in a header could start a new header line.
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Anything a decoder could take for an encoded word (RFC 2047 section 2), charset and
-# encoding unchecked: a reader may be more lenient than the standard.
-ENCODED_WORD = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
+# encoding unchecked and "?" allowed in the text, as `decode_header` allows it: a reader may
+# be more lenient than the standard.
+ENCODED_WORD = re.compile(r"=\?[^?]*\?[^?]*\?.*?\?=", re.DOTALL)
 # The CVE-2024-6923 fix: from these versions on the email package quotes what it decodes.
 FIXED_PYTHON = {(3, 11): (3, 11, 10), (3, 12): (3, 12, 5)}
 # Decoding an encoded word can give another; a reader may decode that too.

@@ -39,6 +39,7 @@ from channels.base import (
     ConnectionLostError,
     DeliveryError,
     PermanentDeliveryError,
+    Scrubber,
     TransientDeliveryError,
 )
 from config import Settings, SMTPSecurity
@@ -307,6 +308,7 @@ class SMTPMailer:
         self.security = security
         self.username = username
         self._password = password
+        self._scrub = Scrubber([password] if password else [])
         self.timeout = timeout
         self.ssl_context = ssl_context or ssl.create_default_context()
         self.pool_size = pool_size
@@ -350,6 +352,12 @@ class SMTPMailer:
             )
         try:
             self._send(message)
+        except DeliveryError as exc:
+            # A server's reply may echo what it was sent, the AUTH exchange included.
+            clean = self._scrub.error(exc)
+            if clean is exc:
+                raise
+            raise clean from None
         finally:
             self._slots.release()
 

@@ -274,6 +274,8 @@ class MemoryWindowStorage(Storage, MovingWindowSupport):
                 times = keys[key] = []
             else:
                 del times[: bisect.bisect_left(times, now - expiry)]
+                # A clock stepped back must not unsort the hits (bisect relies on it).
+                now = max(now, times[-1]) if times else now
             if len(times) + amount > limit:
                 return False
             times.extend([now] * amount)

@@ -4,7 +4,8 @@ uvicorn closes a keep-alive connection that stays idle `--timeout-keep-alive` se
 a response, but it waits forever for the first request on a new connection and for the rest
 of a request's headers: 1,000 idle or slow-loris connections were still held after 45 s.
 `GuardedHTTP` gives each request `HTTP_HEADER_TIMEOUT` seconds from its connection (or its
-first byte, after a keep-alive pause) to the end of its headers, then closes the connection.
+first byte, after a keep-alive pause) to the end of its headers, then closes the connection;
+while earlier requests of a pipelined connection are answered, the time does not run out.
 The Makefile and the Dockerfile run `uvicorn --http serving:GuardedHTTP`.
 """
 
@@ -60,6 +61,11 @@ class GuardedHTTP(HttpToolsProtocol):
 
     def _headers_too_late(self) -> None:
         self._header_deadline = None
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            # Requests ahead of it are still being answered, and uvicorn reads no more
+            # meanwhile: the headers' time starts again when they are done.
+            self._arm_header_deadline()
+            return
         if not self.transport.is_closing():
             logger.debug("closing a connection whose request headers did not arrive in time")
             self.transport.close()

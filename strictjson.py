@@ -29,7 +29,6 @@ _RAW_CONTROL = re.compile(r"[\x7f-\x9f]")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # Far deeper than any body of ours; well inside the interpreter's recursion limit.
 MAX_DEPTH = 32
-_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class UnreadableBody(ValueError):
@@ -76,13 +75,17 @@ def parse_json(body: bytes, content_type: str | None = None) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UnreadableBody(f"not valid UTF-8 (byte {exc.start})", ()) from None
-    _check_depth(text)
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UnreadableBody(f"JSON decode error: {exc.msg}", (exc.pos,)) from None
     except RecursionError:
         raise UnreadableBody(f"nested deeper than {MAX_DEPTH} levels", ()) from None
+    except ValueError as exc:  # an integer past the interpreter's digit limit, NaN
+        raise UnreadableBody(f"JSON decode error: {str(exc)[:80]}", ()) from None
+    # Only a body with this many brackets can be nested this deep (a count is cheap).
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise UnreadableBody(f"nested deeper than {MAX_DEPTH} levels", ())
     if _has_control(text):
         # Rare: find the string, to name the field.
         raise UnreadableBody(
@@ -100,18 +103,24 @@ def _has_control(text: str) -> bool:
     return _RAW_CONTROL.search(text) is not None
 
 
-def _check_depth(text: str) -> None:
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return  # cannot be nested deeper
-    depth = 0
-    for token in _BRACKETS.finditer(text):
-        bracket = token.group()
-        if bracket in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise UnreadableBody(f"nested deeper than {MAX_DEPTH} levels", ())
-        elif bracket in "]}":
-            depth -= 1
+def _no_constant(name: str) -> Any:
+    # Python's json takes NaN and Infinity; RFC 8259 has no such values.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _depth(value: Any) -> int:
+    """How deep `value`'s arrays and objects nest (a scalar is 0), without recursion."""
+    deepest = 0
+    pending: list[tuple[int, Any]] = [(0, value)]
+    while pending:
+        depth, item = pending.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth + 1)
+        pending.extend((depth + 1, child) for child in item)
+    return deepest
 
 
 def _control_path(value: Any) -> tuple[str | int, ...]:

@@ -16,12 +16,15 @@ converted in the channel's own module, so the rest of the service only sees:
                                     exist): later sends skip it until the address changes
 
 Every error carries the provider's `code` (an SMTP reply code, an SMS.ru `status_code`, a
-Bot API `error_code`) and text.
+Bot API `error_code`) and text; a provider's text passes a channel's `Scrubber` first, so
+none of our secrets it may echo goes any further.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, TypeVar
+from urllib.parse import unquote
 
 
 class DeliveryError(Exception):
@@ -93,3 +96,65 @@ class Sender(Protocol):
     def close(self) -> None:
         """Close pooled connections."""
         ...
+
+
+E = TypeVar("E", bound=DeliveryError)
+
+
+class Scrubber:
+    """Takes our secrets out of a provider's text: each secret in any letter case, also
+    percent-encoded, and any run of `fragment` or more of its characters (an echo cut
+    short), replaced by `[secret]`."""
+
+    MARK = "[secret]"
+
+    def __init__(self, secrets: Iterable[str], *, fragment: int = 12) -> None:
+        self._secrets = tuple({secret.lower() for secret in secrets if secret})
+        self.fragment = fragment
+
+    def __call__(self, text: str) -> str:
+        """`text` without our secrets (`text` itself when it holds none)."""
+        if not self._secrets:
+            return text
+        for candidate in (text, unquote(text)) if "%" in text else (text,):
+            spans = self._spans(candidate.lower())
+            if spans:
+                return self._marked(candidate, spans)
+        return text
+
+    def error(self, error: E) -> E:
+        """`error` with its text scrubbed: the same error if it held no secret."""
+        text = Exception.__str__(error)
+        clean = self(text)
+        if clean == text:
+            return error
+        return type(error)(clean, code=error.code, retry_after=error.retry_after)
+
+    def _spans(self, lowered: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        for secret in self._secrets:
+            size = min(self.fragment, len(secret))
+            start = 0
+            while start + size <= len(lowered):
+                if lowered[start : start + size] not in secret:
+                    start += 1
+                    continue
+                end = start + size
+                # As far as it goes on in the secret.
+                while end < len(lowered) and lowered[start : end + 1] in secret:
+                    end += 1
+                spans.append((start, end))
+                start = end
+        return spans
+
+    def _marked(self, text: str, spans: list[tuple[int, int]]) -> str:
+        parts: list[str] = []
+        position = 0
+        for start, end in sorted(spans):
+            if end <= position:
+                continue
+            parts.append(text[position : max(start, position)])
+            parts.append(self.MARK)
+            position = end
+        parts.append(text[position:])
+        return "".join(parts)

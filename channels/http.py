@@ -4,14 +4,13 @@ reply's JSON with our secrets scrubbed out of it.
 
 A provider's error text may echo the request (SMS.ru's `status_text`, the Bot API's
 `description`), and with it the api_id or the bot token. Every reply is read through
-`HTTPSender.reply`, which replaces each secret the channel holds (as given, and as it is
-written in a URL or a form) before anything stores, logs or returns a word of it.
+`HTTPSender.reply`, whose `Scrubber` replaces each secret the channel holds (in any case,
+percent-encoded, or cut short) before anything stores, logs or returns a word of it.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import httpx
 
@@ -19,6 +18,7 @@ from channels.base import (
     ConnectionLostError,
     DeliveryError,
     PermanentDeliveryError,
+    Scrubber,
     TransientDeliveryError,
 )
 
@@ -31,7 +31,7 @@ class HTTPSender:
         self, base_url: str, *, timeout: float, pool_size: int, secrets: Iterable[str] = ()
     ) -> None:
         self.base_url = base_url
-        self._secrets = secret_forms(secrets)
+        self.scrub = Scrubber(secrets)
         self.timeout = timeout
         self.pool_size = pool_size
         self._client = httpx.Client(
@@ -48,49 +48,33 @@ class HTTPSender:
             # from None: httpx's exception (with the URL) stays out of logged tracebacks.
             raise converted(exc, self.pool_size) from None
 
-    def reply(self, response: httpx.Response) -> dict[str, Any] | None:
-        """The reply's JSON object, every secret of ours scrubbed from it; None if it is
-        not one."""
-        return scrubbed(json_object(response.content), self._secrets)
+    def reply(
+        self, response: httpx.Response, *, ours: Collection[str] = ()
+    ) -> dict[str, Any] | None:
+        """The reply's JSON object, every secret of ours scrubbed from it but for the
+        members named in `ours` (what we sent, echoed back: the Bot API's `result`, up to
+        4,096 characters that scrubbing would cost a millisecond); None if it is not one."""
+        reply = json_object(response.content)
+        if reply is None:
+            return None
+        return {
+            self.scrub(key): value if key in ours else scrubbed(value, self.scrub)
+            for key, value in reply.items()
+        }
 
     def close(self) -> None:
         """Close pooled connections."""
         self._client.close()
 
 
-SCRUBBED = "[secret]"
-
-
-def secret_forms(secrets: Iterable[str]) -> tuple[str, ...]:
-    """Each secret as given, percent-encoded and form-encoded; the longest first, so a
-    form holding another is replaced whole."""
-    forms = {
-        form
-        for secret in secrets
-        if secret
-        for form in (secret, quote(secret, safe=""), quote_plus(secret))
-    }
-    return tuple(sorted(forms, key=len, reverse=True))
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` with each of `secrets` replaced by a marker."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, SCRUBBED)
-    return text
-
-
-def scrubbed(value: Any, secrets: tuple[str, ...]) -> Any:
+def scrubbed(value: Any, scrub: Scrubber) -> Any:
     """`value` (a parsed JSON value) with `scrub` applied to every string in it."""
-    if not secrets:
-        return value
     if isinstance(value, str):
-        return scrub(value, secrets)
+        return scrub(value)
     if isinstance(value, dict):
-        return {scrub(key, secrets): scrubbed(item, secrets) for key, item in value.items()}
+        return {scrub(key): scrubbed(item, scrub) for key, item in value.items()}
     if isinstance(value, list):
-        return [scrubbed(item, secrets) for item in value]
+        return [scrubbed(item, scrub) for item in value]
     return value
 
 

@@ -103,7 +103,8 @@ class TelegramBot(HTTPSender):
         if message.parse_mode is not None:
             payload["parse_mode"] = message.parse_mode
         response = self._post(self._send_path, json=payload)
-        return _receipt(response, self.reply(response))
+        # `result` is the message we sent, and only its message_id is read.
+        return _receipt(response, self.reply(response, ours={"result"}))
 
 
 def _chat_id(address: str) -> int | str:

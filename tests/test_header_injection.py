@@ -34,11 +34,14 @@ SMUGGLING_SUBJECTS = [
     b_word("=?utf-8?q?x=0D=0AReply-To:_attacker@evil.example?="),
     "=?x-unknown?q?a=00b?=",
     "=?utf-8?q?a=E2=80=A8Reply-To:_x@evil.example?=",
+    # A "?" inside the text: decode_header still reads it as one word.
+    "=?utf-8?q?a?b=0D=0AReply-To:_x@evil.example?=",
 ]
 SMUGGLING_ADDRESSES = [
     "=?utf-8?q?a=0D=0ABcc:_x?=@example.com",
     "=?utf-8?q?ivan?=@example.com",
     "ivan@=?utf-8?q?example.com?=",
+    "=?utf-8?q?a?b=0D=0ABcc=3A_x?=@example.com",
 ]
 # Harmless, but a reader would take it for an encoded word: it must arrive as written.
 LOOKS_ENCODED = "=?utf-8?q?Invoice_=E2=84=96_5?= for =?utf-8?b?0JHQsNC50LrQsNC7?="

@@ -2,7 +2,10 @@
 HTTP_HEADER_TIMEOUT before a request's headers are in, after --timeout-keep-alive once a
 response is sent (a real uvicorn serving the app with serving.GuardedHTTP)."""
 
+import json
+import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -11,7 +14,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serving import GuardedHTTP
-from tests.faults import LiveServer
+from tests.conftest import AUTH, BOOKING
+from tests.faults import LiveServer, wait_for
+from tests.smtpd import ScriptedHandler
 
 IDLE = 200
 HEADER_TIMEOUT = 0.5
@@ -20,6 +25,12 @@ KEEP_ALIVE = 1
 
 class QuickGuardedHTTP(GuardedHTTP):
     header_timeout = HEADER_TIMEOUT
+    # Set each time a request's header deadline is reached (whatever then happens).
+    deadline_reached = threading.Event()
+
+    def _headers_too_late(self) -> None:
+        self.deadline_reached.set()
+        super()._headers_too_late()
 
 
 @pytest.fixture
@@ -73,3 +84,32 @@ def test_a_request_in_time_is_answered_and_kept_alive(server: LiveServer) -> Non
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     sock.close()
+
+
+def test_a_pipelined_request_waiting_behind_a_slow_one_is_not_cut_off(
+    server: LiveServer, smtp: ScriptedHandler
+) -> None:
+    body = json.dumps(BOOKING).encode()
+    slow = (
+        b"POST /notify/email HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    quick = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    smtp.gate = threading.Event()  # the first request's mail is held at DATA
+    QuickGuardedHTTP.deadline_reached.clear()
+    sock = connect(server)
+
+    sock.sendall(slow + quick + b"GET /healthz HTTP/1.1\r\n")  # the third: headers begun
+    wait_for(smtp.data_started.is_set, 10, "the first request to reach SMTP")
+    wait_for(QuickGuardedHTTP.deadline_reached.is_set, 10, "a header deadline to pass")
+    sock.sendall(b"Host: x\r\n\r\n")
+    smtp.gate.set()
+
+    received = b""
+    sock.settimeout(10)
+    while received.count(b"HTTP/1.1 ") < 3 and (data := sock.recv(65536)):
+        received += data
+    sock.close()
+    # Each response's status line; a body is not followed by a line break.
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"201", b"200", b"200"]

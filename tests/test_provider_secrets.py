@@ -54,6 +54,22 @@ def echoes() -> list[tuple[str, dict[str, object], list[Reply]]]:
             ],
         ),
         (
+            "/notify/sms",
+            {"phone": "+79161234567", "text": "Hello"},
+            [sms_request_refusal(202, f"bad request for API_ID={API_ID.upper()}")],
+        ),
+        (
+            "/notify/telegram",
+            {"chat_id": "42", "text": "Hello"},
+            # Lower-case percent-encoding; and an echo cut short.
+            [bot_api_error(400, f"Bad Request: /bot{quote(TOKEN, safe='').lower()}/x")],
+        ),
+        (
+            "/notify/telegram",
+            {"chat_id": "42", "text": "Hello"},
+            [bot_api_error(400, f"Bad Request: POST /bot{TOKEN[:24]}…")],
+        ),
+        (
             "/notify/telegram",
             {"chat_id": "42", "text": "Hello"},
             [
@@ -92,6 +108,14 @@ def test_a_provider_echoing_our_secrets_has_them_scrubbed_everywhere(
     texts += [record.getMessage() for record in caplog.records]
 
     assert any("[secret]" in t for t in texts[-len(caplog.records) :])  # logged, scrubbed
-    for secret in SECRETS:
-        assert not [t for t in texts if secret in t], secret
-        assert not [t for t in texts if quote(secret, safe="") in t], secret
+    assert_no_secret(texts, SECRETS)
+
+
+def assert_no_secret(texts: list[str], secrets: tuple[str, ...]) -> None:
+    """No secret in `texts`, in any letter case or encoding, nor 12 characters of one."""
+    lowered = [text.lower() for text in texts]
+    for secret in secrets:
+        for form in (secret, quote(secret, safe="")):
+            assert not [t for t in lowered if form.lower() in t], secret
+        pieces = {secret[i : i + 12].lower() for i in range(len(secret) - 11)}
+        assert not [t for t in lowered for piece in pieces if piece in t], secret

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import BOOKING, SMTP_PASSWORD, SMTP_USER
 from tests.smtpd import Credentials, ScriptedHandler, start_server
+from tests.test_provider_secrets import assert_no_secret
 
 TLS = tuple[ssl.SSLContext, Path]
 
@@ -134,3 +137,26 @@ def test_starttls_required_but_not_offered_is_permanent(
     assert response.json()["attempts"] == 1
     assert "STARTTLS" in response.json()["error_message"]
     assert smtp.received == []
+
+
+def test_a_reply_echoing_the_password_has_it_scrubbed_everywhere(
+    starttls_server: ScriptedHandler,
+    make_client: Callable[..., TestClient],
+    tls: TLS,
+    db: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = secure_client(make_client, starttls_server, tls, smtp_security="starttls")
+    starttls_server.rcpt_replies.append(
+        f"550 5.7.1 refused: AUTH PLAIN {SMTP_USER} {SMTP_PASSWORD.upper()}"
+    )
+
+    response = client.post("/notify/email", json=BOOKING)
+
+    assert response.status_code == 502, response.text
+    assert "[secret]" in response.json()["error_message"]
+    texts = [response.text, client.get(f"/notifications/{response.json()['id']}").text]
+    with db() as session:
+        texts.append(repr(session.execute(text("SELECT * FROM delivery_attempts")).all()))
+    texts += [record.getMessage() for record in caplog.records]
+    assert_no_secret(texts, (SMTP_PASSWORD,))

@@ -132,8 +132,23 @@ def json_operations(client: TestClient) -> list[tuple[str, str]]:
             "application/json",
             "must not contain control characters",
         ),
+        (b'{"text": ' + b"1" * 5000 + b"}", "application/json", "digits"),
+        (b'{"text": NaN}', "application/json", "NaN is not a JSON value"),
+        # Was read in time quadratic in its length (minutes for this one) on the event loop.
+        (b'"' + b'\\"' * 100_000 + b"[" * 33, "application/json", "Unterminated string"),
     ],
-    ids=["bad-utf8", "cp1251", "latin-1", "deep", "nul", "escape-in-key", "raw-c1"],
+    ids=[
+        "bad-utf8",
+        "cp1251",
+        "latin-1",
+        "deep",
+        "nul",
+        "escape-in-key",
+        "raw-c1",
+        "long-integer",
+        "nan",
+        "unterminated-with-brackets",
+    ],
 )
 def test_a_body_that_cannot_be_read_is_a_documented_422_on_every_operation(
     client: TestClient,
