@@ -170,6 +170,20 @@ def identify(*, session: Session, key_hash: str) -> ApiKey | None:
     return api_key
 
 
+DATABASE_DOWN = "database unavailable, try again later"
+
+
+def unavailable(exc: BaseException) -> JSONResponse:
+    """The 503 of a request a dependency did not answer: the rate-limit storage (a
+    `StorageError`) or the database, named in `detail`."""
+    detail = STORAGE_UNAVAILABLE if isinstance(exc, StorageError) else DATABASE_DOWN
+    return JSONResponse(
+        {"detail": detail},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
 class RequireApiKey:
     """ASGI middleware: a request without a valid key is a 401 before its body is read,
     and one over its key's request rate a 429.
@@ -215,17 +229,7 @@ class RequireApiKey:
             revoked, retry_after = await limiter.admit(api_key, limit)
         except (*DATABASE_UNAVAILABLE, StorageError) as exc:
             logger.exception("storage unavailable while checking an API key")
-            detail = (
-                STORAGE_UNAVAILABLE
-                if isinstance(exc, StorageError)
-                else "database unavailable, try again later"
-            )
-            response = JSONResponse(
-                {"detail": detail},
-                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-                headers={"Retry-After": "5"},
-            )
-            await response(scope, receive, send)
+            await unavailable(exc)(scope, receive, send)
             return
         if revoked:
             cache.forget(api_key.id)

@@ -18,11 +18,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import KeyCache, RequireApiKey, ensure_development_key
+from auth import KeyCache, RequireApiKey, ensure_development_key, unavailable
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import OutcomeNotRecorded, start_recorder
-from ratelimits import STORAGE_UNAVAILABLE
 from routes import health, router
 from schemas import printable
 from wiring import build_database, build_deliverer, build_limiter, configure_logging
@@ -94,9 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so it runs first: no key, no body read, whatever its size.
     app.add_middleware(RequireApiKey, protected=router.routes)
-    for error in DATABASE_UNAVAILABLE:
-        app.add_exception_handler(error, database_unavailable)
-    app.add_exception_handler(StorageError, storage_unavailable)
+    for error in (*DATABASE_UNAVAILABLE, StorageError):
+        app.add_exception_handler(error, dependency_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -180,25 +178,10 @@ def _message(error: Any) -> str:
     return str(error["msg"])
 
 
-async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("storage unavailable during %s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse(
-        {"detail": "database unavailable, try again later"},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
-    )
-
-
-async def storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """A 503 naming the rate-limit storage, which did not answer (or refused)."""
-    logger.error(
-        "rate-limit storage unavailable during %s %s: %s", request.method, request.url.path, exc
-    )
-    return JSONResponse(
-        {"detail": STORAGE_UNAVAILABLE},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
-    )
+async def dependency_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A 503 naming the database or the rate-limit storage, whichever failed."""
+    logger.error("%s during %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+    return unavailable(exc)
 
 
 async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:

@@ -19,6 +19,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from schemas import BODY_UNSAFE
+
 # C0 controls but tab, LF and CR; DEL; C1. As a JSON escape (\u0000, after an even number of
 # backslashes) or as a character (DEL and C1 may be written raw; raw C0 json refuses itself).
 # Tab and line breaks are content in a text; the fields that refuse them say so themselves.
@@ -26,7 +28,6 @@ _ESCAPED_CONTROL = re.compile(
     r"(?<!\\)(?:\\\\)*\\u00(?:0[0-8bBcCeEfF]|1[0-9a-fA-F]|7[fF]|[89][0-9a-fA-F])"
 )
 _RAW_CONTROL = re.compile(r"[\x7f-\x9f]")
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # Far deeper than any body of ours; well inside the interpreter's recursion limit.
 MAX_DEPTH = 32
 
@@ -128,11 +129,11 @@ def _control_path(value: Any) -> tuple[str | int, ...]:
     pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while pending:
         path, item = pending.pop()
-        if isinstance(item, str) and _CONTROL_CHARACTER.search(item):
+        if isinstance(item, str) and BODY_UNSAFE.search(item):
             return path
         if isinstance(item, dict):
             for key, child in item.items():
-                if _CONTROL_CHARACTER.search(key):
+                if BODY_UNSAFE.search(key):
                     return (*path, key)
                 pending.append(((*path, key), child))
         elif isinstance(item, list):

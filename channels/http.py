@@ -57,10 +57,8 @@ class HTTPSender:
         reply = json_object(response.content)
         if reply is None:
             return None
-        return {
-            self.scrub(key): value if key in ours else scrubbed(value, self.scrub)
-            for key, value in reply.items()
-        }
+        kept = {key: reply.pop(key) for key in ours if key in reply}
+        return scrubbed(reply, self.scrub) | kept
 
     def close(self) -> None:
         """Close pooled connections."""
