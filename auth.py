@@ -19,7 +19,6 @@ import secrets
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +36,7 @@ from starlette.types import Scope as Scope_
 import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE
-from models import ApiKey
+from models import ApiKey, Scope
 from ratelimits import STORAGE_UNAVAILABLE, RateLimiter, too_many
 
 logger = logging.getLogger(__name__)
@@ -45,13 +44,6 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "ntf_"
 # last_used_at is written at most this often per key.
 TOUCH_EVERY = timedelta(seconds=60)
-
-
-class Scope(StrEnum):
-    SEND = "send"
-    READ = "read"
-    RECIPIENTS = "recipients"
-    ADMIN = "admin"
 
 
 def new_key() -> str:

@@ -22,6 +22,15 @@ class SMTPSecurity(StrEnum):
     SSL = "ssl"
 
 
+class Environment(StrEnum):
+    """Where the service runs. Development starts local stand-ins for what is not
+    configured (a mail catcher, SMS.ru and Bot API stand-ins), generates SECRET_KEY and a
+    development API key; production starts none of them and requires SECRET_KEY."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
 class Settings(BaseSettings):
     """Every knob of the service; field names double as environment variables."""
 
@@ -35,7 +44,11 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(default=5.0, gt=0)
     auto_migrate: bool = True
 
-    # An empty SMTP_HOST starts the embedded development mail catcher instead.
+    # Unset: development when SMTP_HOST is empty, production otherwise (the rule before
+    # ENVIRONMENT existed). An SMS- or Telegram-only deployment sets production.
+    environment: Environment | None = None
+
+    # Empty: in development, the embedded mail catcher; in production, no e-mail channel.
     smtp_host: str = ""
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_user: str | None = None
@@ -199,16 +212,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def secret_key_in_production(self) -> "Settings":
-        if not self.uses_dev_mail_catcher and self.secret_key is None:
-            raise ValueError("SECRET_KEY is required when SMTP_HOST is set")
+        if not self.development and self.secret_key is None:
+            raise ValueError("SECRET_KEY is required in production (ENVIRONMENT, SMTP_HOST)")
         # An empty or short key would make the HMACs guessable.
         if self.secret_key is not None and len(self.secret_key.get_secret_value()) < 16:
             raise ValueError("SECRET_KEY must be at least 16 characters")
         return self
 
     @property
+    def development(self) -> bool:
+        """ENVIRONMENT=development, or ENVIRONMENT unset and SMTP_HOST empty."""
+        if self.environment is None:
+            return not self.smtp_host
+        return self.environment == Environment.DEVELOPMENT
+
+    @property
     def uses_dev_mail_catcher(self) -> bool:
-        return not self.smtp_host
+        return self.development and not self.smtp_host
 
     def hmac_key(self) -> bytes:
         """SECRET_KEY, or in development a random key kept in DEV_SECRET_KEY_FILE."""

@@ -1,21 +1,27 @@
-"""Reading and writing notifications; each write function is one committed unit of work."""
+"""SQL: notifications and their attempts, batches, claims and leases, history,
+recipients and API keys. Each write function is one committed unit of work.
 
-import hashlib
-import hmac
+`apply_transitions` is the one writer of a notification's state: every change after
+the INSERT that creates it (an attempt's outcome, a claim, a release, a cancel, a
+resend, a withdrawal) is a `lifecycle.Transition` it makes where its guard holds.
+"""
+
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import (
-    CursorResult,
+    BigInteger,
+    Boolean,
+    Row,
     Select,
     Table,
     and_,
     bindparam,
     case,
+    column,
     delete,
     func,
     insert,
@@ -26,18 +32,26 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import text as sql  # `text` is also a column name
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from db import DATABASE_UNAVAILABLE
+import idempotency as idempotency_keys
+from db import DATABASE_UNAVAILABLE, dialect_insert
+from idempotency import IdempotencyClaim
+from lifecycle import (
+    Draft,
+    Guard,
+    Transition,
+    claimed,
+    released,
+    withdrawn,
+)
 from models import (
     ApiKey,
     AttemptOutcome,
     Batch,
     Channel,
     DeliveryAttempt,
-    IdempotencyKey,
     Notification,
     NotificationStatus,
     Recipient,
@@ -59,111 +73,6 @@ NO_SYNC = {"synchronize_session": False}
 def request_holder() -> str:
     """A lease holder name for one synchronous send inside an API request."""
     return f"api:{uuid.uuid4().hex}"
-
-
-def text_hmac(key: bytes, text: str) -> str:
-    """Keyed evidence of a text: without the key, trying every six-digit code finds nothing."""
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-def erased(text: str, key: bytes) -> dict[str, Any]:
-    """The column values that erase a sensitive text, keeping its length and HMAC."""
-    return {"text": "", "text_length": len(text), "text_hmac": text_hmac(key, text)}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One attempt's result, and the state it leaves its notification in, ready to store.
-
-    `outcome` None stores no attempt (a settlement after attempts already stored);
-    `status` None leaves the notification sending (a quick retry follows).
-    """
-
-    notification_id: int
-    holder: str
-    finished_at: datetime
-    outcome: AttemptOutcome | None = None
-    started_at: datetime | None = None
-    # The attempt's channel, and what its provider answered.
-    channel: Channel = Channel.EMAIL
-    code: int | None = None
-    error: str | None = None
-    provider_message_id: str | None = None
-    segments: int | None = None
-    cost: Decimal | None = None
-    status: NotificationStatus | None = None
-    next_attempt_at: datetime | None = None
-    # The columns that erase a sensitive text once the notification is settled.
-    erase: dict[str, Any] = field(default_factory=dict)
-    # Which attempt this is: the pending row it fills (a worker's batch), or its number
-    # on the notification (a synchronous send, which writes no pending row). A write made
-    # again (its first commit's answer was lost) finds its attempt stored and adds nothing.
-    attempt_id: int | None = None
-    number: int | None = None
-    # A fallback: the position in the order, the channel and the address it moves on to.
-    next_step: tuple[int, Channel, str] | None = None
-    # `status` sending: the lease goes on until then (a synchronous send falling back).
-    lease_expires_at: datetime | None = None
-    # The address refused the channel for good: remembered on the recipient.
-    unreachable: bool = False
-
-    def attempt_values(self) -> dict[str, Any]:
-        """The attempt's columns."""
-        return {
-            "started_at": self.started_at or self.finished_at,
-            "finished_at": self.finished_at,
-            "channel": self.channel,
-            "outcome": self.outcome,
-            "code": self.code,
-            "error": self.error,
-            "provider_message_id": self.provider_message_id,
-            "segments": self.segments,
-            "cost": self.cost,
-        }
-
-
-@dataclass(frozen=True)
-class Draft:
-    """A notification to store: its channels in order, each with its address, and what
-    to send on them."""
-
-    route: Sequence[tuple[Channel, str]]
-    text: str
-    subject: str | None = None
-    sensitive: bool = False
-    send_at: datetime | None = None
-    parse_mode: str | None = None
-    recipient_id: int | None = None
-    # Channels of the order left out, and why.
-    skipped: Sequence[dict[str, str]] = ()
-
-    def columns(self) -> dict[str, Any]:
-        """The notification's columns that say what to send where."""
-        channel, address = self.route[0]
-        return {
-            "channel": channel,
-            "recipient": address,
-            "route": [{"channel": str(c), "address": a} for c, a in self.route]
-            if len(self.route) > 1
-            else None,
-            "skipped": list(self.skipped) or None,
-            "recipient_id": self.recipient_id,
-            "subject": self.subject,
-            "text": self.text,
-            "sensitive": self.sensitive,
-            "parse_mode": self.parse_mode,
-            "send_at": self.send_at,
-        }
-
-
-@dataclass(frozen=True)
-class IdempotencyClaim:
-    """An `Idempotency-Key` to store with what its request creates."""
-
-    scope: str
-    key: str
-    fingerprint: str
-    ttl: timedelta
 
 
 class CommitUnconfirmed(Exception):
@@ -210,90 +119,41 @@ def withdraw_unconfirmed(
     answer was lost), so that nothing is sent that its caller was told was not; rows a
     worker has claimed meanwhile are left to it. How many rows were failed."""
     if unconfirmed.batch_id is not None:
-        target = Notification.batch_id == unconfirmed.batch_id
+        ids = list(
+            session.scalars(
+                select(Notification.id).where(Notification.batch_id == unconfirmed.batch_id)
+            )
+        )
     else:
-        target = Notification.id == unconfirmed.notification_id
-    unsent = or_(
-        Notification.status == NotificationStatus.QUEUED,
-        and_(
-            Notification.status == NotificationStatus.SENDING,
-            Notification.leased_by == unconfirmed.holder,
-        ),
-    )
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        update(Notification)
-        .where(target, unsent, Notification.attempts == 0)
-        .values(
-            status=NotificationStatus.FAILED,
-            error_message=UNCONFIRMED_ERROR,
-            next_attempt_at=None,
-            leased_by=None,
-            lease_expires_at=None,
-            updated_at=utcnow(),
-            version=Notification.version + 1,
-            **erase,
-        ),
-        execution_options=NO_SYNC,
+        assert unconfirmed.notification_id is not None
+        ids = [unconfirmed.notification_id]
+    at = utcnow()
+    applied = apply_transitions(
+        session=session,
+        transitions=[
+            withdrawn(i, at=at, holder=unconfirmed.holder, erase=erase, reason=UNCONFIRMED_ERROR)
+            for i in ids
+        ],
+        commit=False,
     )
     # A retry with the same Idempotency-Key is a new request: its first was answered 503.
-    if unconfirmed.batch_id is not None:
-        session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.batch_id == unconfirmed.batch_id)
-        )
-    else:
-        session.execute(
-            delete(IdempotencyKey).where(
-                IdempotencyKey.notification_id == unconfirmed.notification_id
-            )
-        )
+    idempotency_keys.forget_keys_of(
+        session, notification_id=unconfirmed.notification_id, batch_id=unconfirmed.batch_id
+    )
     session.commit()
-    return result.rowcount
+    return len(applied.held)
 
 
-class IdempotencyKeyUsed(Exception):
-    """The key is already stored (and unexpired); `record` is its first request's."""
-
-    def __init__(self, record: IdempotencyKey) -> None:
-        super().__init__(f"idempotency key {record.key!r} already used")
-        self.record = record
-
-
-def _dialect(session: Session) -> Any:
-    """The dialect module whose insert() has ON CONFLICT: PostgreSQL's, or SQLite's."""
-    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-
-
-def _claim_key(session: Session, claim: IdempotencyClaim, now: datetime) -> int:
-    """Insert the key in the open transaction, or raise `IdempotencyKeyUsed`.
-
-    INSERT … ON CONFLICT DO NOTHING on the unique (scope, key): a simultaneous request
-    with the same key waits for this transaction and then finds the key taken.
-    """
-    same_key = (IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key)
-    dialect = _dialect(session)
-    while True:
-        # An expired key is free again.
-        session.execute(delete(IdempotencyKey).where(*same_key, IdempotencyKey.expires_at <= now))
-        key_id = session.scalar(
-            dialect.insert(IdempotencyKey)
-            .values(
-                scope=claim.scope,
-                key=claim.key,
-                fingerprint=claim.fingerprint,
-                created_at=now,
-                expires_at=now + claim.ttl,
-            )
-            .on_conflict_do_nothing(index_elements=["scope", "key"])
-            .returning(IdempotencyKey.id)
-        )
-        if key_id is not None:
-            return key_id
-        session.rollback()
-        record = session.scalars(select(IdempotencyKey).where(*same_key)).one_or_none()
-        session.commit()
-        if record is not None:
-            raise IdempotencyKeyUsed(record)
-        # It expired and was purged in between: try again.
+def change(*, session: Session, notification: Notification, transition: Transition) -> bool:
+    """Make one transition (a cancel, a resend) and commit. The object shows the change
+    only if the row changed; otherwise it is reloaded to show the row as is."""
+    applied = apply_transitions(
+        session=session, transitions=[transition], show={notification.id: notification}
+    )
+    if notification.id not in applied.held:
+        session.refresh(notification)
+        return False
+    return True
 
 
 def create_notification(
@@ -314,7 +174,7 @@ def create_notification(
     in the same transaction, or `IdempotencyKeyUsed` is raised and nothing is stored.
     """
     now = utcnow()
-    key_id = _claim_key(session, idempotency, now) if idempotency else None
+    key_id = idempotency_keys.claim_key(session, idempotency, now) if idempotency else None
     notification = Notification(
         **draft.columns(),
         status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
@@ -333,18 +193,13 @@ def create_notification(
     if key_id is not None:
         # A queued request's answer is known now; a synchronous one's after the send.
         status_code = 202 if queued else None
-        _link_key(session, key_id, notification_id=notification.id, status_code=status_code)
+        idempotency_keys.link_key(
+            session, key_id, notification_id=notification.id, status_code=status_code
+        )
     _commit_new(session, notification_id=notification.id, holder=notification.leased_by)
     # It has no attempts yet: a response can show them without a query.
     set_committed_value(notification, "delivery_attempts", [])
     return notification
-
-
-def _link_key(session: Session, key_id: int, **values: Any) -> None:
-    session.execute(
-        update(IdempotencyKey).where(IdempotencyKey.id == key_id).values(**values),
-        execution_options=NO_SYNC,
-    )
 
 
 def create_batch(
@@ -361,7 +216,7 @@ def create_batch(
     of `emails`, or one notification per draft (each with its own order and addresses),
     all with the `content` (subject, text, sensitive, send_at) of `content`."""
     now = utcnow()
-    key_id = _claim_key(session, idempotency, now) if idempotency else None
+    key_id = idempotency_keys.claim_key(session, idempotency, now) if idempotency else None
     batch = Batch(
         channel=drafts[0].route[0][0] if drafts else Channel.EMAIL,
         subject=content.subject,
@@ -407,7 +262,7 @@ def create_batch(
             ],
         )
     if key_id is not None:
-        _link_key(session, key_id, batch_id=batch.id, status_code=202)
+        idempotency_keys.link_key(session, key_id, batch_id=batch.id, status_code=202)
     _commit_new(session, batch_id=batch.id)
     return batch
 
@@ -460,76 +315,6 @@ def _insert_batch_rows(
     )
 
 
-def raise_if_key_used(*, session: Session, claim: IdempotencyClaim | None) -> None:
-    """Raise `IdempotencyKeyUsed` if the claim's key is stored and unexpired."""
-    if claim is None:
-        return
-    record = session.scalars(
-        select(IdempotencyKey).where(
-            IdempotencyKey.scope == claim.scope,
-            IdempotencyKey.key == claim.key,
-            IdempotencyKey.expires_at > utcnow(),
-        )
-    ).one_or_none()
-    session.commit()
-    if record is not None:
-        raise IdempotencyKeyUsed(record)
-
-
-def finish_idempotency_key(*, session: Session, claim: IdempotencyClaim, status_code: int) -> None:
-    """Record the status code a key's first request answered with."""
-    session.execute(
-        update(IdempotencyKey)
-        .where(
-            IdempotencyKey.scope == claim.scope,
-            IdempotencyKey.key == claim.key,
-            # Not a newer request's: this key may have expired and been reused meanwhile.
-            IdempotencyKey.fingerprint == claim.fingerprint,
-            IdempotencyKey.status_code.is_(None),
-        )
-        .values(status_code=status_code),
-        execution_options=NO_SYNC,
-    )
-    session.commit()
-
-
-def settle_idempotency_key(*, session: Session, record_id: int, status_code: int) -> None:
-    """Fix the answer of a key whose first request died before answering."""
-    session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.id == record_id, IdempotencyKey.status_code.is_(None))
-        .values(status_code=status_code),
-        execution_options=NO_SYNC,
-    )
-    session.commit()
-
-
-def get_idempotency_key(*, session: Session, record_id: int) -> IdempotencyKey | None:
-    """A fresh read of a stored key (no connection is held afterwards)."""
-    record = session.scalars(
-        select(IdempotencyKey)
-        .where(IdempotencyKey.id == record_id)
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    session.commit()
-    return record
-
-
-def purge_expired_idempotency_keys(*, session: Session, limit: int = 1000) -> int:
-    """Delete up to `limit` expired keys; how many went."""
-    expired = (
-        select(IdempotencyKey.id)
-        .where(IdempotencyKey.expires_at <= utcnow())
-        .limit(limit)
-        .scalar_subquery()
-    )
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        delete(IdempotencyKey).where(IdempotencyKey.id.in_(expired))
-    )
-    session.commit()
-    return result.rowcount
-
-
 def get_batch(*, session: Session, batch_id: int) -> Batch | None:
     return session.get(Batch, batch_id)
 
@@ -547,61 +332,344 @@ def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, 
     return counts
 
 
-def record_outcome(*, session: Session, outcome: Outcome) -> int | None:
-    """Store an attempt (numbered `outcome.number`) and the state it leaves its
-    notification in, in one commit.
+@dataclass(frozen=True)
+class Applied:
+    """What `apply_transitions` stored: the rows whose guard held, as they are now (by
+    notification id), and the notifications whose attempt was stored by this write."""
 
-    The state changes only while `outcome.holder` still holds the lease; the attempt is
-    stored either way, since it happened, and only once: made again after a commit whose
-    answer was lost, the write finds its attempt stored and counts nothing twice. The
-    notification's attempt count, or None when the lease is not held any more (another
-    sender took the notification over, or the first commit already released it).
+    held: dict[int, Row[Any]]
+    recorded: set[int]
+
+
+_TABLE = cast(Table, Notification.__table__)
+_COLUMNS = list(_TABLE.c)
+
+# Every transition of a list in one statement: what each row may leave (its guard) and
+# what it becomes, one array per column. Each attempt fills its pending row (or the one a
+# takeover marked abandoned; never one already settled, so a list stored again after a
+# commit whose answer was lost changes nothing), or is inserted under its number where
+# the guard held (ON CONFLICT: once). For each transition: whether its guard held, whether
+# its attempt was stored now, and the row as it is now.
+_APPLY = sql(
+    f"""
+WITH v AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:guards AS varchar[]), CAST(:holders AS varchar[]),
+        CAST(:ats AS timestamptz[]), CAST(:statuses AS varchar[]),
+        CAST(:next_attempts AS timestamptz[]), CAST(:leased_bys AS varchar[]),
+        CAST(:lease_ends AS timestamptz[]), CAST(:sets_errors AS boolean[]),
+        CAST(:error_messages AS text[]), CAST(:text_lengths AS integer[]),
+        CAST(:text_hmacs AS varchar[]), CAST(:next_positions AS integer[]),
+        CAST(:next_channels AS varchar[]), CAST(:next_addresses AS varchar[]),
+        CAST(:counted AS integer[]), CAST(:attempt_ids AS bigint[]),
+        CAST(:numbers AS integer[]), CAST(:attempt_channels AS varchar[]),
+        CAST(:outcomes AS varchar[]), CAST(:started AS timestamptz[]),
+        CAST(:finished AS timestamptz[]), CAST(:codes AS integer[]),
+        CAST(:errors AS text[]), CAST(:provider_ids AS varchar[]),
+        CAST(:segments AS integer[]), CAST(:costs AS numeric[])
+    ) AS v(id, guard, holder, at, status, next_attempt_at, leased_by, lease_expires_at,
+           sets_error, error_message, text_length, text_hmac, next_position, next_channel,
+           next_address, counted, attempt_id, number, attempt_channel, outcome, started_at,
+           finished_at, code, error, provider_message_id, segments, cost)
+), changed AS (
+    UPDATE notifications AS n SET
+        status = COALESCE(v.status, n.status),
+        next_attempt_at = CASE WHEN v.status IS NULL THEN n.next_attempt_at
+                               ELSE v.next_attempt_at END,
+        leased_by = CASE WHEN v.status IS NULL THEN n.leased_by ELSE v.leased_by END,
+        lease_expires_at = CASE WHEN v.status IS NULL THEN n.lease_expires_at
+                                ELSE v.lease_expires_at END,
+        error_message = CASE WHEN v.sets_error THEN v.error_message ELSE n.error_message END,
+        sent_at = CASE WHEN v.status = 'sent' THEN v.at ELSE n.sent_at END,
+        updated_at = v.at,
+        text = CASE WHEN v.text_hmac IS NULL THEN n.text ELSE '' END,
+        text_length = COALESCE(v.text_length, n.text_length),
+        text_hmac = COALESCE(v.text_hmac, n.text_hmac),
+        route_position = COALESCE(v.next_position, n.route_position),
+        channel = COALESCE(v.next_channel, n.channel),
+        recipient = COALESCE(v.next_address, n.recipient),
+        attempts = CASE WHEN v.number IS NULL THEN n.attempts + v.counted
+                        ELSE GREATEST(n.attempts, v.number) END,
+        channel_attempts = CASE
+            WHEN v.next_position IS NOT NULL THEN 0
+            WHEN v.number IS NULL THEN n.channel_attempts + v.counted
+            WHEN n.attempts >= v.number THEN n.channel_attempts
+            ELSE n.channel_attempts + 1 END,
+        version = n.version + 1
+    FROM v
+    WHERE n.id = v.id AND CASE v.guard
+        WHEN 'held' THEN n.status = 'sending' AND n.leased_by = v.holder
+        WHEN 'queued' THEN n.status = 'queued'
+        WHEN 'failed' THEN n.status = 'failed' AND n.text_hmac IS NULL
+        WHEN 'due' THEN (n.status = 'queued' AND n.next_attempt_at <= v.at)
+                     OR (n.status = 'sending' AND n.lease_expires_at < v.at)
+        WHEN 'unsent' THEN n.attempts = 0 AND (n.status = 'queued'
+                     OR (n.status = 'sending' AND n.leased_by = v.holder))
+        ELSE false END
+    RETURNING n.*
+), filled AS (
+    UPDATE delivery_attempts AS a SET
+        outcome = v.outcome,
+        started_at = v.started_at,
+        finished_at = v.finished_at,
+        code = v.code,
+        error = v.error,
+        provider_message_id = v.provider_message_id,
+        segments = v.segments,
+        cost = v.cost
+    FROM v
+    WHERE a.id = v.attempt_id AND a.outcome IN ('pending', 'abandoned')
+    RETURNING a.notification_id
+), inserted AS (
+    INSERT INTO delivery_attempts (notification_id, number, started_at, finished_at, channel,
+                                   outcome, code, error, provider_message_id, segments, cost)
+    SELECT v.id, v.number, v.started_at, v.finished_at, v.attempt_channel, v.outcome, v.code,
+           v.error, v.provider_message_id, v.segments, v.cost
+    FROM v JOIN changed ON changed.id = v.id
+    WHERE v.number IS NOT NULL AND v.outcome IS NOT NULL
+    ON CONFLICT (notification_id, number) DO NOTHING
+    RETURNING notification_id
+)
+SELECT v.id, changed.id IS NOT NULL,
+       v.id IN (SELECT notification_id FROM filled UNION ALL
+                SELECT notification_id FROM inserted),
+       {", ".join(f"changed.{c.name}" for c in _COLUMNS)}
+FROM v LEFT JOIN changed ON changed.id = v.id
+"""
+).columns(
+    column("transition_id", BigInteger),
+    column("held", Boolean),
+    column("recorded", Boolean),
+    *_COLUMNS,
+)
+
+
+def apply_transitions(
+    *,
+    session: Session,
+    transitions: Sequence[Transition],
+    show: Mapping[int, Notification] | None = None,
+    commit: bool = True,
+) -> Applied:
+    """Make each transition where its guard holds, and store each attempt, in one commit
+    (or in the open transaction: `commit` False): the one writer of a notification's state.
+
+    On PostgreSQL one statement makes them all; SQLite (local, no round trips to save)
+    takes them one by one. The notifications of `show` are shown the rows as stored. An
+    attempt of a transition whose guard failed is stored all the same, since it happened:
+    a worker's fills its pending row, a synchronous one is added to the history (or found
+    there, stored by a commit whose answer was lost). A channel that refused its address
+    for good is remembered on the recipient.
     """
-    values = _state_after(outcome)
-    number = outcome.number
-    if outcome.outcome is not None:
-        assert number is not None, "a synchronous attempt is numbered"
-        counted = Notification.attempts >= number
-        values["attempts"] = case((counted, Notification.attempts), else_=number)
-        values.setdefault(
-            "channel_attempts", Notification.channel_attempts + case((counted, 0), else_=1)
+    if not transitions:
+        return Applied({}, set())
+    if session.get_bind().dialect.name == "postgresql":
+        held: dict[int, Row[Any]] = {}
+        recorded: set[int] = set()
+        for row in session.execute(_APPLY, _transition_columns(transitions)):
+            if row.held:
+                held[row.transition_id] = row
+            if row.recorded:
+                recorded.add(row.transition_id)
+    else:
+        held, recorded = _apply_one_by_one(session, transitions)
+    for t in transitions:
+        attempt = t.attempt
+        if (
+            attempt is not None
+            and attempt.number is not None
+            and t.notification_id not in held
+            and _record_late_attempt(session, t.notification_id, attempt.number, attempt.values())
+        ):
+            # Too late for the state, but the attempt is history all the same.
+            recorded.add(t.notification_id)
+    _remember_unreachable(session, [t for t in transitions if t.notification_id in recorded])
+    if commit:
+        session.commit()
+    for notification_id, notification in (show or {}).items():
+        if notification_id in held:
+            _show(notification, held[notification_id], transitions, recorded)
+    return Applied(held, recorded)
+
+
+def _transition_columns(transitions: Sequence[Transition]) -> dict[str, list[Any]]:
+    """The transitions as one array per column, for `_APPLY`."""
+    columns: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            "ids guards holders ats statuses next_attempts leased_bys lease_ends sets_errors "
+            "error_messages text_lengths text_hmacs next_positions next_channels "
+            "next_addresses counted attempt_ids numbers attempt_channels outcomes started "
+            "finished codes errors provider_ids segments costs"
+        ).split()
+    }
+    for t in transitions:
+        sets_error, error_message = t.error_message
+        step, attempt = t.step, t.attempt
+        values = [
+            t.notification_id,
+            str(t.guard),
+            t.holder,
+            t.at,
+            str(t.status) if t.status is not None else None,
+            t.next_attempt_at,
+            t.leased_by,
+            t.lease_expires_at,
+            sets_error,
+            error_message,
+            t.erase.get("text_length"),
+            t.erase.get("text_hmac"),
+            step.position if step else None,
+            str(step.channel) if step else None,
+            step.address if step else None,
+            t.counted,
+            attempt.attempt_id if attempt else None,
+            attempt.number if attempt else None,
+            str(attempt.channel) if attempt else None,
+            str(attempt.outcome) if attempt else None,
+            attempt.started_at if attempt else None,
+            attempt.finished_at if attempt else None,
+            attempt.code if attempt else None,
+            attempt.error if attempt else None,
+            attempt.provider_message_id if attempt else None,
+            attempt.segments if attempt else None,
+            attempt.cost if attempt else None,
+        ]
+        for values_of, value in zip(columns.values(), values, strict=True):
+            values_of.append(value)
+    return columns
+
+
+def _guard(t: Transition) -> Any:
+    """`t.guard` as a condition on its row (as `_APPLY` reads it)."""
+    n = Notification
+    status = n.status
+    if t.guard == Guard.HELD:
+        return and_(status == NotificationStatus.SENDING, n.leased_by == t.holder)
+    if t.guard == Guard.QUEUED:
+        return status == NotificationStatus.QUEUED
+    if t.guard == Guard.FAILED:
+        return and_(status == NotificationStatus.FAILED, n.text_hmac.is_(None))
+    if t.guard == Guard.DUE:
+        return or_(
+            and_(status == NotificationStatus.QUEUED, n.next_attempt_at <= t.at),
+            and_(status == NotificationStatus.SENDING, n.lease_expires_at < t.at),
         )
-    held = session.execute(
-        update(Notification)
-        .where(*_held(outcome))
-        .values(**values, version=Notification.version + 1)
-        .returning(Notification.attempts),
-        execution_options=NO_SYNC,
-    ).first()
-    attempt = outcome.attempt_values()
-    stored = False
-    if held is not None and number is not None:
-        stored = (
-            session.scalar(
-                _dialect(session)
-                .insert(DeliveryAttempt)
-                .values(notification_id=outcome.notification_id, number=number, **attempt)
+    return and_(
+        n.attempts == 0,
+        or_(
+            status == NotificationStatus.QUEUED,
+            and_(status == NotificationStatus.SENDING, n.leased_by == t.holder),
+        ),
+    )
+
+
+def _values(t: Transition) -> dict[str, Any]:
+    """The columns `t` sets (as `_APPLY` sets them)."""
+    n = Notification
+    values: dict[str, Any] = {"updated_at": t.at, "version": n.version + 1, **t.erase}
+    if t.status is not None:
+        values |= {
+            "status": t.status,
+            "next_attempt_at": t.next_attempt_at,
+            "leased_by": t.leased_by,
+            "lease_expires_at": t.lease_expires_at,
+        }
+        if t.status == NotificationStatus.SENT:
+            values["sent_at"] = t.at
+    sets_error, error_message = t.error_message
+    if sets_error:
+        values["error_message"] = error_message
+    number = t.attempt.number if t.attempt is not None else None
+    if number is not None:
+        counted = n.attempts >= number
+        values["attempts"] = case((counted, n.attempts), else_=number)
+        values["channel_attempts"] = n.channel_attempts + case((counted, 0), else_=1)
+    elif t.counted:
+        values["attempts"] = n.attempts + t.counted
+        values["channel_attempts"] = n.channel_attempts + t.counted
+    if t.step is not None:
+        values |= {
+            "route_position": t.step.position,
+            "channel": t.step.channel,
+            "recipient": t.step.address,
+            "channel_attempts": 0,
+        }
+    return values
+
+
+def _apply_one_by_one(
+    session: Session, transitions: Sequence[Transition]
+) -> tuple[dict[int, Row[Any]], set[int]]:
+    """`_APPLY` one transition at a time, in the open transaction."""
+    held: dict[int, Row[Any]] = {}
+    recorded: set[int] = set()
+    attempts = cast(Table, DeliveryAttempt.__table__)
+    for t in transitions:
+        row = session.execute(
+            update(_TABLE)
+            .where(_TABLE.c.id == t.notification_id, _guard(t))
+            .values(_values(t))
+            .returning(*_COLUMNS)
+        ).first()
+        if row is not None:
+            held[t.notification_id] = row
+        attempt = t.attempt
+        if attempt is None:
+            continue
+        if attempt.attempt_id is not None:
+            filled = session.execute(
+                update(attempts)
+                .where(
+                    attempts.c.id == attempt.attempt_id,
+                    attempts.c.outcome.in_([AttemptOutcome.PENDING, AttemptOutcome.ABANDONED]),
+                )
+                .values(attempt.values())
+                .returning(attempts.c.id)
+            ).first()
+        elif row is not None and attempt.number is not None:
+            filled = session.execute(
+                dialect_insert(session, DeliveryAttempt)
+                .values(
+                    notification_id=t.notification_id, number=attempt.number, **attempt.values()
+                )
                 .on_conflict_do_nothing(index_elements=["notification_id", "number"])
                 .returning(DeliveryAttempt.id)
+            ).first()
+        else:
+            continue
+        if filled is not None:
+            recorded.add(t.notification_id)
+    return held, recorded
+
+
+_MAPPED = {c.key: inspect(Notification).get_property_by_column(c).key for c in _COLUMNS}
+
+
+def _show(
+    notification: Notification,
+    row: Row[Any],
+    transitions: Sequence[Transition],
+    recorded: set[int],
+) -> None:
+    """Show the stored row on the in-memory notification, and the attempt stored with it
+    (no query)."""
+    stored = row._mapping
+    for stored_column in _COLUMNS:
+        set_committed_value(notification, _MAPPED[stored_column.key], stored[stored_column])
+    if notification.id not in recorded or "delivery_attempts" in inspect(notification).unloaded:
+        return
+    for t in transitions:
+        if t.notification_id == notification.id and t.attempt is not None:
+            number = t.attempt.number
+            if number is None:
+                continue
+            attempt = DeliveryAttempt(
+                notification_id=notification.id, number=number, **t.attempt.values()
             )
-            is not None
-        )
-    elif number is not None:
-        # Too late for the state, but the attempt is history all the same.
-        stored = _record_late_attempt(session, outcome.notification_id, number, attempt)
-    if stored:
-        _remember_unreachable(session, [outcome])
-    session.commit()
-    return held[0] if held is not None else None
-
-
-def _held(outcome: Outcome) -> tuple[Any, ...]:
-    """The condition that `outcome`'s notification is still sending under its holder."""
-    return (
-        Notification.id == outcome.notification_id,
-        Notification.status == NotificationStatus.SENDING,
-        Notification.leased_by == outcome.holder,
-    )
+            set_committed_value(
+                notification, "delivery_attempts", [*notification.delivery_attempts, attempt]
+            )
 
 
 def _record_late_attempt(
@@ -638,53 +706,43 @@ def _record_late_attempt(
     return True
 
 
-def _state_after(outcome: Outcome) -> dict[str, Any]:
-    """The notification's columns as `outcome` leaves them (but its attempt count)."""
-    values: dict[str, Any] = {"updated_at": outcome.finished_at}
-    if outcome.outcome is not None:
-        values["error_message"] = outcome.error
-    if outcome.status is not None:
-        values |= {
-            "status": outcome.status,
-            "next_attempt_at": outcome.next_attempt_at,
-            "leased_by": None,
-            "lease_expires_at": None,
-            **outcome.erase,
+def _remember_unreachable(session: Session, transitions: Sequence[Transition]) -> None:
+    """Note on their recipients the channels that refused them for good (a blocked bot),
+    so later sends skip those channels until the recipient is updated."""
+    refused = {
+        t.notification_id: t.attempt
+        for t in transitions
+        if t.attempt is not None and t.attempt.unreachable
+    }
+    if not refused:
+        return
+    owners = session.execute(
+        select(
+            Notification.id, Notification.recipient_id, Notification.route, Notification.recipient
+        ).where(Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None))
+    ).all()
+    recipients = {
+        r.id: r
+        for r in session.scalars(
+            select(Recipient)
+            .where(Recipient.id.in_([owner.recipient_id for owner in owners]))
+            .with_for_update()
+        )
+    }
+    for notification_id, recipient_id, route, current in owners:
+        outcome = refused[notification_id]
+        assert outcome is not None
+        recipient = recipients.get(cast(int, recipient_id))
+        steps = route or [{"channel": outcome.channel, "address": current}]
+        address = next((s["address"] for s in steps if s["channel"] == outcome.channel), None)
+        if recipient is None or recipient.address(outcome.channel) != address:
+            # Deleted, or given a new address since the send: that one may work.
+            continue
+        recipient.unreachable = {
+            **(recipient.unreachable or {}),
+            str(outcome.channel): outcome.error or "unreachable",
         }
-        if outcome.status == NotificationStatus.SENDING:
-            # A synchronous send going on to its next channel keeps its lease.
-            values.pop("leased_by")
-            values["lease_expires_at"] = outcome.lease_expires_at
-        if outcome.status == NotificationStatus.SENT:
-            values["sent_at"] = outcome.finished_at
-    if outcome.next_step is not None:
-        position, channel, address = outcome.next_step
-        values |= {
-            "route_position": position,
-            "channel": channel,
-            "recipient": address,
-            "channel_attempts": 0,
-        }
-    return values
-
-
-def apply_outcome(notification: Notification, outcome: Outcome, number: int) -> None:
-    """Show a stored outcome on the in-memory notification, as committed (no query)."""
-    changes: dict[str, Any] = {}
-    if outcome.outcome is not None:
-        changes["attempts"] = number
-        changes["channel_attempts"] = notification.channel_attempts + 1
-        if "delivery_attempts" not in inspect(notification).unloaded:
-            attempt = DeliveryAttempt(
-                notification_id=outcome.notification_id,
-                number=number,
-                **outcome.attempt_values(),
-            )
-            changes["delivery_attempts"] = [*notification.delivery_attempts, attempt]
-    changes |= _state_after(outcome)
-    changes["version"] = notification.version + 1
-    for name, value in changes.items():
-        set_committed_value(notification, name, value)
+    session.flush()
 
 
 @dataclass(frozen=True)
@@ -714,24 +772,10 @@ def claim_due(
     check is what decides).
     """
     at = now()
-    taken_over = and_(
-        Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < at
-    )
     is_due = or_(
         and_(Notification.status == NotificationStatus.QUEUED, Notification.next_attempt_at <= at),
-        taken_over,
+        and_(Notification.status == NotificationStatus.SENDING, Notification.lease_expires_at < at),
     )
-    due = session.execute(
-        select(Notification.id, Notification.status, Notification.updated_at)
-        .where(is_due)
-        # A taken-over send has no next_attempt_at: it is due since its lease ran out.
-        .order_by(func.coalesce(Notification.next_attempt_at, Notification.lease_expires_at))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    if not due:
-        session.commit()
-        return []
     has_pending = (
         select(DeliveryAttempt.id)
         .where(
@@ -740,35 +784,54 @@ def claim_due(
         )
         .exists()
     )
-    # A synchronous send taken over has no pending attempt: its lost attempt counts too.
-    lost_sync = case(
-        (and_(Notification.status == NotificationStatus.SENDING, ~has_pending), 1), else_=0
-    )
-    claimed = session.scalars(
-        update(Notification)
-        .where(Notification.id.in_([row.id for row in due]), is_due)
-        .values(
-            status=NotificationStatus.SENDING,
-            leased_by=worker_id,
-            lease_expires_at=at + lease,
-            # This claim's attempt, plus the lost one of a synchronous send taken over.
-            attempts=Notification.attempts + 1 + lost_sync,
-            channel_attempts=Notification.channel_attempts + 1 + lost_sync,
-            updated_at=at,
-            version=Notification.version + 1,
+    due = session.execute(
+        select(
+            Notification.id,
+            Notification.status,
+            Notification.updated_at,
+            Notification.next_attempt_at,
+            has_pending.label("has_pending"),
         )
-        .returning(Notification),
-        # Objects of these rows already in the session show the claimed row, not their own.
-        execution_options=NO_SYNC | {"populate_existing": True},
+        .where(is_due)
+        # A taken-over send has no next_attempt_at: it is due since its lease ran out.
+        .order_by(func.coalesce(Notification.next_attempt_at, Notification.lease_expires_at))
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=Notification)
     ).all()
-    claimed_ids = {n.id for n in claimed}
+    if not due:
+        session.commit()
+        return []
+    applied = apply_transitions(
+        session=session,
+        transitions=[
+            claimed(
+                row.id,
+                at=at,
+                worker_id=worker_id,
+                lease=lease,
+                next_attempt_at=row.next_attempt_at,
+                # A synchronous send taken over has no pending attempt: its lost attempt
+                # counts too.
+                lost=row.status == NotificationStatus.SENDING and not row.has_pending,
+            )
+            for row in due
+        ],
+        commit=False,
+    )
+    claimed_ids = set(applied.held)
+    # Objects of these rows already in the session show the claimed row, not their own.
+    leased_rows = session.scalars(
+        select(Notification)
+        .where(Notification.id.in_(claimed_ids))
+        .execution_options(populate_existing=True)
+    ).all()
     lost = {
         row.id: row.updated_at
         for row in due
         if row.status == NotificationStatus.SENDING and row.id in claimed_ids
     }
     if lost:
-        _abandon(session, claimed, lost, at)
+        _abandon(session, leased_rows, lost, at)
     # On the table, not the entity: no ORM bulk machinery for rows nobody loads.
     attempts = cast(Table, DeliveryAttempt.__table__)
     attempt_ids = session.scalars(
@@ -781,11 +844,11 @@ def claim_due(
                 "channel": n.channel,
                 "outcome": AttemptOutcome.PENDING,
             }
-            for n in claimed
+            for n in leased_rows
         ],
     ).all()
     session.commit()
-    leased = [Leased(n, a) for n, a in zip(claimed, attempt_ids, strict=True)]
+    leased = [Leased(n, a) for n, a in zip(leased_rows, attempt_ids, strict=True)]
     return sorted(
         leased, key=lambda item: (item.notification.next_attempt_at or at, item.notification.id)
     )
@@ -854,28 +917,15 @@ def renew_leases(
 def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> int:
     """Give leased, unattempted notifications back to the queue (a worker stopping), with
     their pending attempts withdrawn; how many went back."""
-    released = session.scalars(
-        update(Notification)
-        .where(
-            Notification.id.in_([item.notification.id for item in leased]),
-            Notification.status == NotificationStatus.SENDING,
-            Notification.leased_by == worker_id,
-        )
-        .values(
-            status=NotificationStatus.QUEUED,
-            # A taken-over synchronous send has none: due at once.
-            next_attempt_at=func.coalesce(Notification.next_attempt_at, utcnow()),
-            leased_by=None,
-            lease_expires_at=None,
-            attempts=Notification.attempts - 1,
-            channel_attempts=Notification.channel_attempts - 1,
-            version=Notification.version + 1,
-        )
-        .returning(Notification.id),
-        execution_options=NO_SYNC,
-    ).all()
-    if released:
-        back = set(released)
+    at = utcnow()
+    applied = apply_transitions(
+        session=session,
+        transitions=[released(item.notification, at=at, worker_id=worker_id) for item in leased],
+        commit=False,
+    )
+    released_ids = set(applied.held)
+    if released_ids:
+        back = released_ids
         session.execute(
             delete(DeliveryAttempt).where(
                 DeliveryAttempt.id.in_(
@@ -885,238 +935,7 @@ def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> in
             )
         )
     session.commit()
-    return len(released)
-
-
-# One statement for a whole batch: each row's outcome fills its pending attempt (or the
-# one a takeover marked abandoned; never one already settled, so a batch stored again after
-# a commit whose answer was lost changes nothing), and its notification's state changes
-# only while this worker still holds it. Each id, whether its state was settled, and
-# whether its attempt was filled now.
-_SETTLE_BATCH = sql(
-    """
-WITH v AS (
-    SELECT * FROM unnest(
-        CAST(:ids AS bigint[]), CAST(:holders AS varchar[]), CAST(:statuses AS varchar[]),
-        CAST(:next_attempts AS timestamptz[]), CAST(:errors AS text[]),
-        CAST(:finished AS timestamptz[]), CAST(:sent_at AS timestamptz[]),
-        CAST(:text_lengths AS integer[]), CAST(:text_hmacs AS varchar[]),
-        CAST(:attempt_ids AS bigint[]), CAST(:outcomes AS varchar[]),
-        CAST(:started AS timestamptz[]), CAST(:codes AS integer[]),
-        CAST(:provider_ids AS varchar[]), CAST(:segments AS integer[]),
-        CAST(:costs AS numeric[]), CAST(:next_positions AS integer[]),
-        CAST(:next_channels AS varchar[]), CAST(:next_addresses AS varchar[])
-    ) AS v(id, holder, status, next_attempt_at, error, finished_at, sent_at, text_length,
-           text_hmac, attempt_id, outcome, started_at, code, provider_message_id, segments,
-           cost, next_position, next_channel, next_address)
-), settled AS (
-    UPDATE notifications AS n SET
-        status = v.status,
-        next_attempt_at = v.next_attempt_at,
-        error_message = v.error,
-        sent_at = COALESCE(v.sent_at, n.sent_at),
-        updated_at = v.finished_at,
-        leased_by = NULL,
-        lease_expires_at = NULL,
-        text = CASE WHEN v.text_hmac IS NULL THEN n.text ELSE '' END,
-        text_length = COALESCE(v.text_length, n.text_length),
-        text_hmac = COALESCE(v.text_hmac, n.text_hmac),
-        route_position = COALESCE(v.next_position, n.route_position),
-        channel = COALESCE(v.next_channel, n.channel),
-        recipient = COALESCE(v.next_address, n.recipient),
-        channel_attempts = CASE WHEN v.next_position IS NULL THEN n.channel_attempts ELSE 0 END,
-        version = n.version + 1
-    FROM v
-    WHERE n.id = v.id AND n.status = 'sending' AND n.leased_by = v.holder
-    RETURNING n.id
-), recorded AS (
-    UPDATE delivery_attempts AS a SET
-        outcome = v.outcome,
-        started_at = v.started_at,
-        finished_at = v.finished_at,
-        code = v.code,
-        error = v.error,
-        provider_message_id = v.provider_message_id,
-        segments = v.segments,
-        cost = v.cost
-    FROM v
-    WHERE a.id = v.attempt_id AND a.outcome IN ('pending', 'abandoned')
-    RETURNING a.notification_id
-)
-SELECT v.id, v.id IN (SELECT id FROM settled), v.id IN (SELECT notification_id FROM recorded)
-FROM v
-"""
-)
-
-
-def settle_batch(*, session: Session, outcomes: Sequence[Outcome]) -> set[int]:
-    """Store a batch's outcomes in one commit: each fills its pending attempt, and leaves
-    its notification settled (sent, queued for a retry, or failed) while its holder still
-    holds it. The ids whose state was stored; the others were taken over, and only their
-    attempt is stored (it happened all the same), or were stored already (a commit whose
-    answer was lost), and nothing is stored again."""
-    if not outcomes:
-        return set()
-    if session.get_bind().dialect.name == "postgresql":
-        rows = [tuple(row) for row in session.execute(_SETTLE_BATCH, _settle_columns(outcomes))]
-    else:
-        rows = [(o.notification_id, *_settle_one(session, o)) for o in outcomes]
-    recorded = {notification_id for notification_id, _, filled in rows if filled}
-    _remember_unreachable(session, [o for o in outcomes if o.notification_id in recorded])
-    session.commit()
-    return {notification_id for notification_id, held, _ in rows if held}
-
-
-def _settle_columns(outcomes: Sequence[Outcome]) -> dict[str, list[Any]]:
-    """The batch's outcomes as one array per column, for `_SETTLE_BATCH`."""
-    for o in outcomes:
-        assert o.status is not None and o.attempt_id is not None, "a batch outcome is final"
-    return {
-        "ids": [o.notification_id for o in outcomes],
-        "holders": [o.holder for o in outcomes],
-        "statuses": [str(o.status) for o in outcomes],
-        "next_attempts": [o.next_attempt_at for o in outcomes],
-        "errors": [o.error for o in outcomes],
-        "finished": [o.finished_at for o in outcomes],
-        "sent_at": [
-            o.finished_at if o.status == NotificationStatus.SENT else None for o in outcomes
-        ],
-        "text_lengths": [o.erase.get("text_length") for o in outcomes],
-        "text_hmacs": [o.erase.get("text_hmac") for o in outcomes],
-        "attempt_ids": [o.attempt_id for o in outcomes],
-        "outcomes": [str(o.outcome) for o in outcomes],
-        "started": [o.started_at or o.finished_at for o in outcomes],
-        "codes": [o.code for o in outcomes],
-        "provider_ids": [o.provider_message_id for o in outcomes],
-        "segments": [o.segments for o in outcomes],
-        "costs": [o.cost for o in outcomes],
-        "next_positions": [o.next_step[0] if o.next_step else None for o in outcomes],
-        "next_channels": [str(o.next_step[1]) if o.next_step else None for o in outcomes],
-        "next_addresses": [o.next_step[2] if o.next_step else None for o in outcomes],
-    }
-
-
-def _settle_one(session: Session, outcome: Outcome) -> tuple[bool, bool]:
-    """`settle_batch` for one outcome, in the open transaction (SQLite: local, no round
-    trips to save). Whether the notification's state was stored, and its attempt."""
-    held = session.execute(
-        update(Notification)
-        .where(*_held(outcome))
-        .values(**_state_after(outcome), version=Notification.version + 1)
-        .returning(Notification.id),
-        execution_options=NO_SYNC,
-    ).first()
-    filled = session.execute(
-        update(DeliveryAttempt)
-        .where(
-            DeliveryAttempt.id == outcome.attempt_id,
-            DeliveryAttempt.outcome.in_([AttemptOutcome.PENDING, AttemptOutcome.ABANDONED]),
-        )
-        .values(outcome.attempt_values())
-        .returning(DeliveryAttempt.id),
-        execution_options=NO_SYNC,
-    ).first()
-    return held is not None, filled is not None
-
-
-def _remember_unreachable(session: Session, outcomes: Sequence[Outcome]) -> None:
-    """Note on their recipients the channels that refused them for good (a blocked bot),
-    so later sends skip those channels until the recipient is updated."""
-    refused = {o.notification_id: o for o in outcomes if o.unreachable}
-    if not refused:
-        return
-    owners = session.execute(
-        select(
-            Notification.id, Notification.recipient_id, Notification.route, Notification.recipient
-        ).where(Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None))
-    ).all()
-    recipients = {
-        r.id: r
-        for r in session.scalars(
-            select(Recipient)
-            .where(Recipient.id.in_([owner.recipient_id for owner in owners]))
-            .with_for_update()
-        )
-    }
-    for notification_id, recipient_id, route, current in owners:
-        outcome = refused[notification_id]
-        recipient = recipients.get(cast(int, recipient_id))
-        steps = route or [{"channel": outcome.channel, "address": current}]
-        address = next((s["address"] for s in steps if s["channel"] == outcome.channel), None)
-        if recipient is None or recipient.address(outcome.channel) != address:
-            # Deleted, or given a new address since the send: that one may work.
-            continue
-        recipient.unreachable = {
-            **(recipient.unreachable or {}),
-            str(outcome.channel): outcome.error or "unreachable",
-        }
-    session.flush()
-
-
-def cancel(*, session: Session, notification: Notification, key: bytes) -> bool:
-    """Cancel a queued notification; False if it is no longer queued, with `notification`
-    then showing the state it is really in."""
-    values: dict[str, Any] = {
-        "status": NotificationStatus.CANCELLED,
-        "next_attempt_at": None,
-        "updated_at": utcnow(),
-    }
-    if notification.sensitive:
-        values |= erased(notification.text, key)
-    return _change_if(
-        session,
-        notification,
-        Notification.status == NotificationStatus.QUEUED,
-        values,
-    )
-
-
-def claim_for_resend(
-    *, session: Session, notification: Notification, lease: timedelta, queued: bool = False
-) -> bool:
-    """Move a failed notification back to sending under a lease held by this request, or
-    to the queue; False if it is not failed (any more) or its sensitive text is erased."""
-    if notification.text_hmac is not None:
-        return False
-    now = utcnow()
-    # A resend has the retries of a new notification, from the first channel of its order.
-    values: dict[str, Any] = {"updated_at": now, "route_position": 0, "channel_attempts": 0}
-    first = notification.step(0)
-    if first is not None:
-        values |= {"channel": first[0], "recipient": first[1]}
-    if queued:
-        values |= {"status": NotificationStatus.QUEUED, "next_attempt_at": now}
-    else:
-        values |= {
-            "status": NotificationStatus.SENDING,
-            "leased_by": request_holder(),
-            "lease_expires_at": now + lease,
-        }
-    # Conditional, so two simultaneous resends cannot both win.
-    return _change_if(
-        session, notification, Notification.status == NotificationStatus.FAILED, values
-    )
-
-
-def _change_if(
-    session: Session, notification: Notification, condition: Any, values: dict[str, Any]
-) -> bool:
-    """UPDATE the notification's row if `condition` holds, and commit. The object shows
-    the change only if the row changed; otherwise it is reloaded to show the row as is."""
-    version = session.scalar(
-        update(Notification)
-        .where(Notification.id == notification.id, condition)
-        .values(**values, version=Notification.version + 1)
-        .returning(Notification.version),
-        execution_options=NO_SYNC,
-    )
-    session.commit()
-    if version is None:
-        session.refresh(notification)
-        return False
-    for name, value in (values | {"version": version}).items():
-        set_committed_value(notification, name, value)
-    return True
+    return len(released_ids)
 
 
 def get_notification(*, session: Session, notification_id: int) -> Notification | None:
@@ -1260,8 +1079,7 @@ def upsert_recipient(*, session: Session, data: RecipientCreate) -> tuple[Recipi
     }
     # INSERT … ON CONFLICT: two simultaneous upserts of one id cannot both insert.
     row = session.execute(
-        _dialect(session)
-        .insert(Recipient)
+        dialect_insert(session, Recipient)
         .values(external_id=data.external_id, created_at=now, **values)
         .on_conflict_do_update(index_elements=["external_id"], set_=values)
         .returning(Recipient.id, Recipient.created_at)

@@ -2,19 +2,18 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from anyio import to_thread
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.requests import Request
 
 from config import PROJECT_DIR, Settings
 
@@ -75,41 +74,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def dialect_insert(session: Session, entity: Any) -> Any:
+    """An INSERT of `entity` with ON CONFLICT (PostgreSQL's, or SQLite's), for the
+    session's database."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(entity)
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     # Loaded attributes stay readable after commit without a new transaction,
     # so no connection is held while an SMTP conversation runs.
     return sessionmaker(engine, expire_on_commit=False)
-
-
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """The request's session (a FastAPI dependency, shared by all of a request's dependants)."""
-    async with _closing(request.app.state.session_factory()) as session:
-        yield session
-
-
-async def get_read_session(request: Request) -> AsyncIterator[Session]:
-    """A session for a request that only reads, on the autocommit engine (`make_engine`):
-    a read is one round trip, without BEGIN and ROLLBACK."""
-    async with _closing(request.app.state.read_session_factory()) as session:
-        yield session
-
-
-@asynccontextmanager
-async def _closing(session: Session) -> AsyncIterator[Session]:
-    """Close a request's session without a thread hop when it holds no connection (every
-    unit of work has committed); otherwise in a thread, since closing rolls back."""
-    try:
-        yield session
-    finally:
-        if not session.in_transaction():
-            session.close()
-        else:
-            # Runs after the response has started: a rollback on a connection the
-            # database dropped must not break it.
-            try:
-                await to_thread.run_sync(session.close)
-            except Exception as exc:
-                logger.warning("closing a database session failed: %s", exc)
 
 
 class ReadinessProbe:

@@ -1,398 +1,515 @@
-"""Delivering a stored notification: attempts on its channels under the retry policy,
-each one recorded.
+"""The one owner of a notification's lifecycle: routes, the worker and (later) the
+console call it, and nothing else calls a channel.
 
-A notification is tried on the channels of its order one at a time. A permanent failure
-on a channel, or its retries running out (FALLBACK_AFTER_ATTEMPTS attempts on a channel
-with another after it, QUEUE_MAX_ATTEMPTS on the last), moves it to the next channel;
-it ends `failed` only when every channel has failed. A channel that refused the address
-for good (`RecipientUnreachable`: a blocked bot) is remembered on the recipient.
+- `submit` (and `submit_bulk`): route a request's message (`lifecycle.plan_route`, for
+  every endpoint), check its schedule and the recipient's hourly limit, claim its
+  Idempotency-Key or replay the first answer, store it, and send it now in the request
+  (under SYNC_SEND_LIMIT) or leave it to the queue.
+- `attempt`: one try on the notification's current channel and the transition it makes
+  (`lifecycle.next_state`), the same function for a synchronous send and for a worker.
+- `deliver`: a synchronous send, with the quick retries (`retries.quick_retries`), going
+  on at once to the next channel past a refusal.
+- `settle`: store a worker batch's transitions in one statement.
+- `cancel` and `resend`, for operators.
+Every stored transition is announced to `hooks` (webhooks, metrics and suppression will
+attach there); a worker's claims and releases of its lease are not.
 
 An attempt's outcome is stored with the state it leaves the notification in, in one
-commit, and only while the sender still holds the notification's lease. When the
-database fails after the SMTP server has answered, the outcome is not dropped: it is
-kept in memory (`Unrecorded`) and stored as soon as the database answers again, well
-within the lease, so no other sender takes the notification over and sends it again.
-A failed COMMIT may have been made all the same (only its answer was lost): a kept
-outcome names its attempt (a worker's pending row, a synchronous send's attempt number),
-and storing it again finds that attempt stored and changes nothing twice. Likewise a
-request answered 503 because its COMMIT failed may still have stored its notification:
-it is failed, unsent, once the database is back, so it is never sent later.
-Only a process that dies while it still holds unrecorded outcomes leaves them to the
-takeover (see README: "Database outages").
+commit, and only while the sender still holds the notification's lease; what the
+database could not take is kept (`recorder.Unrecorded`) and stored when it is back.
 """
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
+from http import HTTPStatus
 
-from sqlalchemy.orm import Session, sessionmaker
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_exponential_jitter,
-)
-from tenacity.wait import wait_base
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+from tenacity import Retrying
 
 import crud
-from channels.base import (
-    DeliveryError,
-    Message,
-    PermanentDeliveryError,
-    Receipt,
-    RecipientUnreachable,
-    Sender,
-    TransientDeliveryError,
-)
+import idempotency
+import ratelimits
+import recorder
+from channels.base import DeliveryError, PermanentDeliveryError, Receipt, Sender
 from config import Settings
-from crud import IdempotencyClaim, Outcome
 from db import DATABASE_UNAVAILABLE
+from idempotency import IdempotencyClaim, IdempotencyKeyUsed, KeyInFlightError
+from lifecycle import (
+    TELEGRAM_MAX_TEXT,
+    Attempt,
+    Draft,
+    Policy,
+    Refused,
+    Transition,
+    cancelled,
+    erased,
+    holding_on,
+    message_for,
+    next_state,
+    plan_route,
+    recorded_only,
+    resent,
+)
 from mailer import new_message_id, new_message_ids
-from models import AttemptOutcome, Batch, Channel, Notification, NotificationStatus, utcnow
-from schemas import TELEGRAM_MAX_TEXT
+from models import ApiKey, Batch, Channel, Notification, NotificationStatus, Recipient, utcnow
+from ratelimits import RateLimiter
+from recorder import Unrecorded
+from retries import queue_backoff, quick_retries
+from schemas import (
+    BulkEmailCreate,
+    EmailNotificationCreate,
+    MessageContent,
+    NotificationCreate,
+    RejectedRecipient,
+    SmsNotificationCreate,
+    TelegramNotificationCreate,
+    printable,
+)
 
 logger = logging.getLogger(__name__)
 
+Hook = Callable[[Sequence[Transition]], None]
+
 
 class OutcomeNotRecorded(Exception):
-    """The SMTP server answered but the database did not take the outcome; it is kept in
+    """The provider answered but the database did not take the outcome; it is kept in
     `Unrecorded` and stored when the database is back."""
 
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(f"notification {outcome.notification_id}: outcome not recorded yet")
-        self.outcome = outcome
+    def __init__(self, transition: Transition) -> None:
+        super().__init__(f"notification {transition.notification_id}: outcome not recorded yet")
+        self.transition = transition
 
 
 class LeaseLost(Exception):
     """Another sender took the notification over; what happens next is theirs."""
 
 
+class Conflict(Exception):
+    """The notification is not in a state the operation applies to (a 409)."""
+
+
 @dataclass(frozen=True)
-class LateWrite:
-    """A write the database could not take: `what` it is about, and how to make it."""
+class Sending:
+    """Who sends, and how they asked: what every send endpoint is given."""
 
-    what: str
-    write: Callable[[Session], object]
-
-
-class Unrecorded:
-    """Writes the database could not take (an outcome after SMTP answered, a withdrawal
-    after a commit whose answer was lost), kept until it can."""
-
-    def __init__(self) -> None:
-        self._writes: list[LateWrite] = []
-        self._lock = threading.Lock()
-        # The recorder thread and the in-API worker both flush: one write, made once.
-        self._flushing = threading.Lock()
-        self.waiting = threading.Event()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._writes)
-
-    def keep(self, what: str, write: Callable[[Session], object]) -> None:
-        with self._lock:
-            self._writes.append(LateWrite(what, write))
-        self.waiting.set()
-
-    def flush(self, session_factory: sessionmaker[Session]) -> int:
-        """Make the kept writes, oldest first; how many were made. Raises while the
-        database is still down, keeping the rest."""
-        with self._flushing:
-            return self._flush(session_factory)
-
-    def _flush(self, session_factory: sessionmaker[Session]) -> int:
-        made = 0
-        while True:
-            with self._lock:
-                if not self._writes:
-                    self.waiting.clear()
-                    return made
-                late = self._writes[0]
-            with session_factory() as session:
-                late.write(session)
-            with self._lock:
-                self._writes.remove(late)
-            made += 1
-            logger.info("%s: stored late", late.what)
-
-    def run(
-        self,
-        session_factory: sessionmaker[Session],
-        stopping: threading.Event,
-        retry_every: float = 0.5,
-    ) -> None:
-        """Make kept writes as soon as the database takes them, until `stopping`."""
-        while not stopping.is_set():
-            if not self.waiting.wait(timeout=retry_every):
-                continue
-            try:
-                self.flush(session_factory)
-            except Exception as exc:
-                logger.warning("%d writes still waiting for the database: %s", len(self), exc)
-                stopping.wait(retry_every)
-        with suppress(Exception):
-            self.flush(session_factory)
-        if len(self):
-            logger.error(
-                "stopping with writes the database never took (%s): after their leases run "
-                "out, their notifications will be attempted again",
-                "; ".join(late.what for late in self._writes),
-            )
+    caller: ApiKey
+    session: Session
+    limiter: RateLimiter
+    prefer_async: bool = False
+    idempotency_key: str | None = None
 
 
-def record_late(session: Session, outcome: Outcome) -> None:
-    """Store an outcome kept through an outage (once, if its first commit was made after
-    all and only its answer was lost)."""
-    if crud.record_outcome(session=session, outcome=outcome) is None:
-        logger.warning(
-            "notification %d: no longer held when its outcome was recorded (taken over, or "
-            "already stored by a commit whose answer was lost)",
-            outcome.notification_id,
-        )
+@dataclass(frozen=True)
+class Submitted:
+    """A request's notification, and how to answer it."""
+
+    notification: Notification
+    status_code: int
+    replayed: bool = False
+    # Queued because the caller preferred it (RFC 7240 Preference-Applied).
+    preference_applied: bool = False
 
 
-def settle(session: Session, outcomes: list[Outcome]) -> set[int]:
-    """Store a worker batch's outcomes (see `crud.settle_batch`); the ids settled. If the
-    batch's statement fails for another reason than an outage, each outcome is stored on
-    its own, so one bad row cannot hold back the rest (it is left to its lease running
-    out). An outage raises."""
-    try:
-        return crud.settle_batch(session=session, outcomes=outcomes)
-    except DATABASE_UNAVAILABLE:
-        raise
-    except Exception:
-        logger.exception("a batch's outcomes could not be stored together; one by one")
-        session.rollback()
-    settled: set[int] = set()
-    for outcome in outcomes:
-        try:
-            settled |= crud.settle_batch(session=session, outcomes=[outcome])
-        except DATABASE_UNAVAILABLE:
-            raise
-        except Exception:
-            logger.exception("notification %d: outcome not stored", outcome.notification_id)
-            session.rollback()
-    return settled
+@dataclass(frozen=True)
+class BatchSubmitted:
+    """A bulk request's batch, the items refused, and whether it was replayed."""
+
+    batch: Batch
+    rejected: list[RejectedRecipient]
+    replayed: bool = False
 
 
-def settle_late(session: Session, outcomes: list[Outcome]) -> None:
-    """Store a worker batch's outcomes kept through an outage."""
-    settled = settle(session, outcomes)
-    if len(settled) < len(outcomes):
-        logger.warning(
-            "%d outcomes no longer held when recorded (taken over, or already stored by a "
-            "commit whose answer was lost)",
-            len(outcomes) - len(settled),
-        )
+@dataclass(frozen=True)
+class Target:
+    """Where a message goes: its order of channels with the recipient's address on
+    each; `requested` if the order is the caller's own."""
+
+    order: Sequence[Channel]
+    addresses: Mapping[Channel, str | None]
+    requested: bool = True
+    recipient: Recipient | None = None
+    subject: str | None = None
+    parse_mode: str | None = None
 
 
-def release_late(session: Session, worker_id: str, leased: list[crud.Leased]) -> None:
-    """Give back a worker's unattempted notifications after an outage."""
-    crud.release(session=session, worker_id=worker_id, leased=leased)
+def outcome_status(notification: Notification, *, sent: int = HTTPStatus.CREATED) -> int:
+    """`sent` if sent; 502 failed; 202 left to the background retries (queued, taken over)."""
+    if notification.status == NotificationStatus.SENT:
+        return sent
+    if notification.status == NotificationStatus.FAILED:
+        return HTTPStatus.BAD_GATEWAY
+    return HTTPStatus.ACCEPTED
 
 
-def start_recorder(
-    unrecorded: Unrecorded, session_factory: sessionmaker[Session]
-) -> Callable[[], None]:
-    """Run `unrecorded.run` in a thread; the function that stops it."""
-    stopping = threading.Event()
-    thread = threading.Thread(
-        target=unrecorded.run,
-        args=(session_factory, stopping),
-        name="outcome-recorder",
-        daemon=True,
-    )
-    thread.start()
+class SyncSlot:
+    """One of SYNC_SEND_LIMIT synchronous sends at once, if one is free: slow providers
+    must not take every request thread (past the limit, the queue sends)."""
 
-    def stop() -> None:
-        stopping.set()
-        unrecorded.waiting.set()
-        thread.join()
+    def __init__(self, slots: threading.BoundedSemaphore, wanted: bool) -> None:
+        self._slots = slots
+        self.held = wanted and slots.acquire(blocking=False)
 
-    return stop
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
 
+    def __enter__(self) -> "SyncSlot":
+        return self
 
-def make_retrying(settings: Settings) -> Retrying:
-    """The retry policy: only transient failures, exponential backoff with jitter, bounded.
-
-    A provider that asks for a pause (Telegram's retry_after, a Retry-After header) gets at
-    least that; one longer than RETRY_MAX_WAIT is left to the queue's backoff."""
-    backoff = wait_exponential_jitter(
-        multiplier=settings.retry_initial_wait,
-        max=settings.retry_max_wait,
-        jitter=settings.retry_jitter,
-    )
-
-    def retry_now(exc: BaseException) -> bool:
-        return isinstance(exc, TransientDeliveryError) and (
-            exc.retry_after is None or exc.retry_after <= settings.retry_max_wait
-        )
-
-    def wait(state: RetryCallState) -> float:
-        assert state.outcome is not None
-        asked = getattr(state.outcome.exception(), "retry_after", None)
-        return max(backoff(state), asked or 0.0)
-
-    return Retrying(
-        retry=retry_if_exception(retry_now),
-        stop=stop_after_attempt(settings.retry_attempts)
-        | stop_before_delay(settings.retry_max_time),
-        wait=wait,
-        before_sleep=_log_backoff,
-        reraise=True,
-    )
-
-
-def make_queue_backoff(settings: Settings) -> wait_base:
-    """The background retries' wait: exponential with jitter, in seconds."""
-    return wait_exponential_jitter(
-        multiplier=settings.queue_retry_initial_wait,
-        max=settings.queue_retry_max_wait,
-        jitter=settings.queue_retry_initial_wait,
-    )
-
-
-def _log_backoff(state: RetryCallState) -> None:
-    if state.next_action is not None:
-        logger.info("next attempt in %.2f s", state.next_action.sleep)
-
-
-class Unroutable(ValueError):
-    """A notification no channel can carry as asked (a 422): `field` names what is wrong."""
-
-    def __init__(self, message: str, *, field: str = "channels") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def plan_route(
-    *,
-    order: Sequence[Channel],
-    addresses: Mapping[Channel, str | None],
-    configured: Collection[Channel],
-    unreachable: Mapping[str, str] | None = None,
-    subject: str | None = None,
-    text: str = "",
-    requested: bool = True,
-) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
-    """The channels to try, in `order`, each with its address; and those left out, with
-    why (no address for the recipient, or the address refused the channel for good).
-
-    Raises `Unroutable` when a `requested` order (the caller's own) names a channel that is
-    not configured, or Telegram for a text over 4,096 characters; an order that is not the
-    caller's (the recipient's, CHANNEL_ORDER) skips such channels. Raises it as well when
-    no channel is left (e-mail without a subject is left out).
-    """
-    route: list[tuple[Channel, str]] = []
-    skipped: list[dict[str, str]] = []
-    for channel in order:
-        if channel not in configured:
-            if requested:
-                raise Unroutable(f"the {channel} channel is not configured")
-            skipped.append({"channel": str(channel), "reason": "not configured"})
-            continue
-        address = addresses.get(channel)
-        if address is None:
-            skipped.append({"channel": str(channel), "reason": "no address"})
-            continue
-        if unreachable and str(channel) in unreachable:
-            reason = f"unreachable: {unreachable[str(channel)]}"
-            skipped.append({"channel": str(channel), "reason": reason})
-            continue
-        if channel == Channel.EMAIL and subject is None:
-            skipped.append({"channel": str(channel), "reason": "no subject"})
-            continue
-        if channel == Channel.TELEGRAM and len(text) > TELEGRAM_MAX_TEXT:
-            if requested:
-                raise Unroutable(
-                    f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text"
-                )
-            skipped.append({"channel": str(channel), "reason": "text too long"})
-            continue
-        route.append((channel, address))
-    if not route:
-        reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)
-        raise Unroutable(f"no channel of the order can reach this recipient ({reasons})")
-    return route, skipped
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class Deliverer:
-    """Sends notifications through their channels and records every attempt.
+    """Submits, sends and settles notifications; see the module docstring.
 
-    A transient failure that outlasts the quick retries is handed to the background
-    retries (queued, due after `queue_backoff`) until `max_attempts` attempts on the
-    channel (`fallback_after` when another channel follows it); then, or at once after a
-    permanent failure, the next channel of the order is tried, and with none left the
-    notification ends failed.
+    Each channel has a list of senders (providers), tried in order while one fails
+    transiently; today each channel has one.
     """
 
     def __init__(
         self,
         *,
-        channels: Mapping[Channel, Sender],
-        retrying: Retrying,
-        sender: str,
-        lease: timedelta,
-        queue_backoff: wait_base,
-        max_attempts: int,
-        key: bytes,
-        sync_sends: int = 16,
-        fallback_after: int | None = None,
+        settings: Settings,
+        channels: Mapping[Channel, Sender | Sequence[Sender]],
+        retrying: Retrying | None = None,
+        backoff: Callable[[int], float] | None = None,
+        now: Callable[[], datetime] = utcnow,
     ) -> None:
-        # The configured channels; a notification for another one fails on that channel.
-        self.channels = dict(channels)
-        self.retrying = retrying
-        self.sender = sender
+        self.settings = settings
+        self.channels: dict[Channel, list[Sender]] = {
+            channel: list(senders) if isinstance(senders, Sequence) else [senders]
+            for channel, senders in channels.items()
+        }
+        self.retrying = retrying or quick_retries(settings)
+        self.sender = settings.email_from
         # How long a synchronous send may take before a worker may take it over.
-        self.lease = lease
-        self.queue_backoff = queue_backoff
-        self.max_attempts = max_attempts
-        self.fallback_after = fallback_after or max_attempts
-        # The HMAC key of erased sensitive texts.
-        self.key = key
-        # Synchronous sends at once: the rest go to the queue, so a silent SMTP server
-        # can hold at most this many request threads.
-        self.sync_sends = threading.BoundedSemaphore(sync_sends)
-        self.unrecorded = Unrecorded()
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, *, channels: Mapping[Channel, Sender]
-    ) -> "Deliverer":
-        return cls(
-            channels=channels,
-            retrying=make_retrying(settings),
-            sender=settings.email_from,
-            lease=timedelta(seconds=settings.worker_lease),
-            queue_backoff=make_queue_backoff(settings),
+        self.lease = timedelta(seconds=settings.worker_lease)
+        # The HMAC key of erased sensitive texts and sensitive idempotency fingerprints.
+        self.key = settings.hmac_key()
+        self.policy = Policy(
             max_attempts=settings.queue_max_attempts,
-            fallback_after=settings.fallback_after_attempts,
-            key=settings.hmac_key(),
-            sync_sends=settings.sync_send_limit,
+            fallback_after=settings.fallback_after_attempts or settings.queue_max_attempts,
+            lease=self.lease,
+            backoff=backoff or queue_backoff(settings),
+            key=self.key,
         )
+        self.now = now
+        self.sync_sends = threading.BoundedSemaphore(settings.sync_send_limit)
+        self.unrecorded = Unrecorded()
+        self.hooks: list[Hook] = []
 
     @property
     def pool_size(self) -> int:
         """Messages sent at once by a worker: the largest channel's connection pool."""
-        return max((sender.pool_size for sender in self.channels.values()), default=1)
+        sizes = [sender.pool_size for senders in self.channels.values() for sender in senders]
+        return max(sizes, default=1)
 
-    def close(self) -> None:
-        """Close every channel's connections."""
-        for sender in self.channels.values():
-            sender.close()
+    # Submitting
+
+    def submit_email(self, ctx: Sending, data: EmailNotificationCreate) -> Submitted:
+        """`POST /notify/email`."""
+        target = Target([Channel.EMAIL], {Channel.EMAIL: data.email}, subject=data.subject)
+        return self.submit(ctx, data, target, endpoint="/notify/email")
+
+    def submit_sms(self, ctx: Sending, data: SmsNotificationCreate) -> Submitted:
+        """`POST /notify/sms`."""
+        target = Target([Channel.SMS], {Channel.SMS: data.phone})
+        return self.submit(ctx, data, target, endpoint="/notify/sms")
+
+    def submit_telegram(self, ctx: Sending, data: TelegramNotificationCreate) -> Submitted:
+        """`POST /notify/telegram`."""
+        target = Target(
+            [Channel.TELEGRAM], {Channel.TELEGRAM: data.chat_id}, parse_mode=data.parse_mode
+        )
+        return self.submit(ctx, data, target, endpoint="/notify/telegram")
+
+    def submit_routed(self, ctx: Sending, data: NotificationCreate) -> Submitted:
+        """`POST /notify`: the order is the request's `channels`, else the stored
+        recipient's own, else CHANNEL_ORDER."""
+        contacts = data.recipient
+        recipient = None
+        if contacts.external_id is not None:
+            recipient = crud.get_recipient(session=ctx.session, external_id=contacts.external_id)
+            if recipient is None:
+                raise Refused("no recipient with this external_id", field="recipient.external_id")
+        addresses = {
+            channel: recipient.address(channel) if recipient else contacts.address(channel)
+            for channel in Channel
+        }
+        own_order = recipient.channels if recipient is not None else None
+        target = Target(
+            data.channels or [Channel(c) for c in own_order or self.settings.channel_order],
+            addresses,
+            requested=data.channels is not None,
+            recipient=recipient,
+            subject=data.subject,
+            parse_mode=data.parse_mode,
+        )
+        return self.submit(ctx, data, target, endpoint="/notify")
+
+    def draft(self, target: Target, data: MessageContent) -> Draft:
+        """The notification to store for `data` on the channels of `target` that can
+        reach the recipient; `lifecycle.Unroutable` if none can."""
+        recipient = target.recipient
+        route, skipped = plan_route(
+            order=target.order,
+            addresses=target.addresses,
+            configured=self.channels.keys(),
+            unreachable=recipient.unreachable if recipient is not None else None,
+            subject=target.subject,
+            text=data.text,
+            requested=target.requested,
+        )
+        return Draft(
+            route=route,
+            skipped=skipped,
+            text=data.text,
+            subject=target.subject,
+            sensitive=data.sensitive,
+            send_at=data.send_at,
+            parse_mode=target.parse_mode,
+            recipient_id=recipient.id if recipient is not None else None,
+        )
+
+    def submit(
+        self, ctx: Sending, data: MessageContent, target: Target, *, endpoint: str
+    ) -> Submitted:
+        """Store the message and send it now on its first channel (201/502), or queue it
+        (202) when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in
+        progress. A repeat of an Idempotency-Key answers what its first request did."""
+        draft = self.draft(target, data)
+        self.check_send_at(draft.send_at)
+        queued = draft.send_at is not None or ctx.prefer_async
+        claim = self._claim(ctx, endpoint, data, queued=queued)
+        session = ctx.session
+        with SyncSlot(self.sync_sends, not queued) as slot:
+            try:
+                # A repeat is answered before the rate limits are counted: it sends nothing.
+                idempotency.raise_if_key_used(session=session, claim=claim)
+                self._count_recipient(ctx, *draft.route[0])
+                notification = self.create(
+                    session=session, draft=draft, queued=not slot.held, idempotency=claim
+                )
+            except IdempotencyKeyUsed as used:
+                # A repeat sends nothing: its wait for the first request holds no slot.
+                slot.release()
+                return self._replay(session, claim, used)
+            if not slot.held:
+                return Submitted(
+                    notification, HTTPStatus.ACCEPTED, preference_applied=ctx.prefer_async
+                )
+            self.deliver(session=session, notification=notification)
+        status_code = outcome_status(notification)
+        if claim is not None:
+            idempotency.finish_key(session=session, claim=claim, status_code=status_code)
+        return Submitted(notification, status_code)
+
+    def submit_bulk(self, ctx: Sending, data: BulkEmailCreate) -> BatchSubmitted:
+        """Queue one message to each item as a batch: an e-mail to each of `emails`, or to
+        each stored recipient of `recipients` on its channel order. Invalid, unknown or
+        unreachable items are listed, not fatal; none valid is a 422."""
+        self.check_send_at(data.send_at)
+        session = ctx.session
+        for channel in data.channels or ():
+            if channel not in self.channels:
+                raise Refused(f"the {channel} channel is not configured")
+        if Channel.TELEGRAM in (data.channels or ()) and len(data.text) > TELEGRAM_MAX_TEXT:
+            raise Refused(f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text")
+        if data.emails is not None:
+            drafts, refused = self._email_drafts(data)
+        else:
+            drafts, refused = self._recipient_drafts(session, data)
+        if not drafts:
+            raise NoValidRecipient(refused)
+        claim = self._claim(ctx, "/notify/bulk", data)
+        try:
+            idempotency.raise_if_key_used(session=session, claim=claim)
+            sendable, limited = self._within_recipient_limits(ctx, data, drafts)
+            content = Draft(
+                route=(),
+                text=data.text,
+                subject=data.subject,
+                sensitive=data.sensitive,
+                send_at=data.send_at,
+            )
+            batch = self.create_batch(
+                session=session,
+                content=content,
+                requested=data.requested,
+                emails=[drafts[i].route[0][1] for i in sendable] if data.emails else (),
+                drafts=[drafts[i] for i in sendable] if not data.emails else (),
+                idempotency=claim,
+            )
+        except IdempotencyKeyUsed as used:
+            assert claim is not None
+            record = self._first_answer(session, claim, used)
+            assert record.batch_id is not None
+            found = crud.get_batch(session=session, batch_id=record.batch_id)
+            assert found is not None  # the key goes when its batch goes
+            # The rate limits a replay met the first time are not known any more.
+            return BatchSubmitted(found, refused, replayed=True)
+        rejected = sorted([*refused, *limited], key=lambda r: r.index)
+        return BatchSubmitted(batch, rejected)
+
+    def _email_drafts(
+        self, data: BulkEmailCreate
+    ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
+        """A draft for each valid address of `data.emails` (by item index), and the items
+        refused."""
+        # Checked here, in a worker thread, rather than while the event loop parses the body.
+        emails, rejected = data.valid_emails()
+        drafts: dict[int, Draft] = {}
+        for address, index in emails.items():
+            target = Target([Channel.EMAIL], {Channel.EMAIL: address}, subject=data.subject)
+            try:
+                drafts[index] = self.draft(target, data)
+            except Refused as exc:
+                rejected.append(RejectedRecipient(index=index, email=address, error=str(exc)))
+        return drafts, rejected
+
+    def _recipient_drafts(
+        self, session: Session, data: BulkEmailCreate
+    ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
+        """A draft for each stored recipient of `data.recipients` (by item index), and the
+        items refused: unknown, repeated, or no channel of the order reaches them."""
+        assert data.recipients is not None
+        found = crud.get_recipients(session=session, external_ids=list(set(data.recipients)))
+        drafts: dict[int, Draft] = {}
+        rejected: list[RejectedRecipient] = []
+        seen: dict[str, int] = {}
+        for index, external_id in enumerate(data.recipients):
+            recipient = found.get(external_id)
+            if external_id in seen:
+                error = f"duplicate of item {seen[external_id]}"
+            elif recipient is None:
+                error = "no recipient with this external_id"
+            else:
+                seen[external_id] = index
+                order = data.channels or [
+                    Channel(c) for c in recipient.channels or self.settings.channel_order
+                ]
+                target = Target(
+                    order,
+                    {c: recipient.address(c) for c in Channel},
+                    requested=data.channels is not None,
+                    recipient=recipient,
+                    subject=data.subject,
+                )
+                try:
+                    drafts[index] = self.draft(target, data)
+                    continue
+                except Refused as exc:
+                    error = printable(str(exc))
+            rejected.append(
+                RejectedRecipient(index=index, external_id=printable(external_id), error=error)
+            )
+        return drafts, rejected
+
+    def _within_recipient_limits(
+        self, ctx: Sending, data: BulkEmailCreate, drafts: Mapping[int, Draft]
+    ) -> tuple[list[int], list[RejectedRecipient]]:
+        """The items (indices) whose first address is still under its hourly limit, and
+        the others as rejected items."""
+        allowed: list[int] = []
+        limited: list[RejectedRecipient] = []
+        for channel in Channel:
+            on_channel = [(i, d.route[0][1]) for i, d in drafts.items() if d.route[0][0] == channel]
+            if not on_channel:
+                continue
+            # Two stored recipients may share an address: each message counts.
+            granted, _, _ = ratelimits.take_recipients(
+                limiter=ctx.limiter,
+                settings=self.settings,
+                caller=ctx.caller,
+                recipients=[address for _, address in on_channel],
+                channel=channel,
+            )
+            for (i, _), ok in zip(on_channel, granted, strict=True):
+                if ok:
+                    allowed.append(i)
+                    continue
+                limited.append(
+                    RejectedRecipient(
+                        index=i,
+                        email=data.emails[i] if data.emails is not None else None,
+                        external_id=data.recipients[i] if data.recipients is not None else None,
+                        error=ratelimits.RECIPIENT_LIMITED,
+                    )
+                )
+        return sorted(allowed), limited
+
+    def check_send_at(self, send_at: datetime | None) -> None:
+        """`Refused` unless `send_at` is within SEND_AT_HORIZON of now (either way)."""
+        horizon = timedelta(seconds=self.settings.send_at_horizon)
+        if send_at is None or abs(send_at - self.now()) <= horizon:
+            return
+        raise Refused(f"must be within {horizon.days} days of now", field="send_at")
+
+    def _claim(
+        self, ctx: Sending, endpoint: str, body: BaseModel, *, queued: bool | None = None
+    ) -> IdempotencyClaim | None:
+        extra = {} if queued is None else {"queued": queued}
+        return idempotency.claim_for(
+            ctx.idempotency_key,
+            scope=f"key:{ctx.caller.id}",
+            endpoint=endpoint,
+            body=body,
+            ttl=self.settings.idempotency_key_ttl,
+            secret=self.key,
+            **extra,
+        )
+
+    def _count_recipient(self, ctx: Sending, channel: Channel, address: str) -> None:
+        """Count the message against its address's hourly limit; a 429 past it."""
+        [allowed], limit, retry_after = ratelimits.take_recipients(
+            limiter=ctx.limiter,
+            settings=self.settings,
+            caller=ctx.caller,
+            recipients=[address],
+            channel=channel,
+        )
+        if not allowed:
+            raise ratelimits.too_many(
+                f"more than {limit} messages per hour to this address", retry_after
+            )
+
+    def _first_answer(
+        self, session: Session, claim: IdempotencyClaim, used: IdempotencyKeyUsed
+    ) -> "idempotency.IdempotencyKey":
+        return idempotency.first_outcome(
+            session=session,
+            claim=claim,
+            record=used.record,
+            wait=self.settings.idempotency_wait,
+            lease=self.lease,
+        )
+
+    def _replay(
+        self, session: Session, claim: IdempotencyClaim | None, used: IdempotencyKeyUsed
+    ) -> Submitted:
+        """What a repeated request answers: its first request's notification and status."""
+        assert claim is not None
+        record = self._first_answer(session, claim, used)
+        # The key's fingerprint names this endpoint, so it points at a notification.
+        assert record.notification_id is not None
+        replay = crud.get_notification(session=session, notification_id=record.notification_id)
+        if replay is None:  # the key goes when its notification goes
+            raise KeyInFlightError
+        return Submitted(replay, record.status_code or outcome_status(replay), replayed=True)
 
     def create(
         self,
         *,
         session: Session,
-        draft: crud.Draft,
+        draft: Draft,
         queued: bool = False,
         idempotency: IdempotencyClaim | None = None,
     ) -> Notification:
@@ -415,10 +532,10 @@ class Deliverer:
         self,
         *,
         session: Session,
-        content: crud.Draft,
+        content: Draft,
         requested: int,
         emails: Sequence[str] = (),
-        drafts: Sequence[crud.Draft] = (),
+        drafts: Sequence[Draft] = (),
         idempotency: IdempotencyClaim | None = None,
     ) -> Batch:
         """Queue one e-mail to each of `emails`, or one notification per draft, as a batch."""
@@ -441,45 +558,81 @@ class Deliverer:
     ) -> None:
         """The request is answered 503 (nothing sent), yet its commit may have been made:
         once the database is back, fail what it stored before anyone sends it."""
-        erase = crud.erased(sensitive_text, self.key) if sensitive_text is not None else {}
+        erase = erased(sensitive_text, self.key) if sensitive_text is not None else {}
         self.unrecorded.keep(
             unconfirmed.what,
             partial(crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase),
         )
 
-    def claim_for_resend(
-        self, *, session: Session, notification: Notification, queued: bool = False
-    ) -> bool:
-        """Take a failed notification for a resend in this request (or, `queued`, for the
-        queue); False if not failed."""
-        return crud.claim_for_resend(
-            session=session, notification=notification, lease=self.lease, queued=queued
+    # Sending
+
+    def transmit(self, notification: Notification) -> Receipt | DeliveryError:
+        """Hand the message to its channel's providers, in order while one fails
+        transiently; the receipt, or the last error."""
+        senders = self.channels.get(notification.channel)
+        if not senders:
+            # Queued before a configuration change took the channel away.
+            return PermanentDeliveryError(f"the {notification.channel} channel is not configured")
+        message = message_for(notification)
+        error: DeliveryError | None = None
+        for sender in senders:
+            try:
+                return sender.send(message)
+            except PermanentDeliveryError as exc:
+                return exc
+            except DeliveryError as exc:
+                error = exc
+            except Exception as exc:
+                # A bug rather than a delivery failure; still leave a final, explained state.
+                logger.exception("notification %d: unexpected error while sending", notification.id)
+                return PermanentDeliveryError(f"internal error: {type(exc).__name__}")
+        assert error is not None
+        return error
+
+    def attempt(
+        self,
+        notification: Notification,
+        *,
+        attempt_id: int | None = None,
+        number: int | None = None,
+    ) -> tuple[Transition, DeliveryError | None]:
+        """One try on the notification's current channel, and the transition it makes
+        (not stored: the caller stores it); the error, if it failed. The attempt is named
+        by its pending row (`attempt_id`, a worker's) or its `number` (a synchronous one)."""
+        started_at = self.now()
+        result = self.transmit(notification)
+        attempt = Attempt.of(
+            result,
+            channel=notification.channel,
+            started_at=started_at,
+            finished_at=self.now(),
+            attempt_id=attempt_id,
+            number=number,
         )
-
-    @staticmethod
-    def message_for(notification: Notification) -> Message:
-        """What to send on the notification's channel now."""
-        return Message(
-            address=notification.recipient,
-            text=notification.text,
-            subject=notification.subject,
-            message_id=notification.message_id,
-            sensitive=notification.sensitive,
-            parse_mode=notification.parse_mode,
+        transition = next_state(
+            notification, attempt, self.policy, holder=notification.leased_by or ""
         )
+        if isinstance(result, DeliveryError):
+            logger.warning(
+                "notification %d: attempt on %s failed: %s",
+                notification.id,
+                notification.channel,
+                result,
+            )
+            return transition, result
+        return transition, None
 
-    def deliver(
-        self, *, session: Session, notification: Notification, quick_retries: bool = True
-    ) -> Notification:
-        """Attempt `notification` (with the quick retries, or once): sent, failed or queued.
+    def deliver(self, *, session: Session, notification: Notification) -> Notification:
+        """Send a notification this request holds, with the quick retries on each channel:
+        sent, failed or queued.
 
-        Raises `OutcomeNotRecorded` when the database failed after the SMTP server
+        Raises `OutcomeNotRecorded` when the database failed after the provider
         answered; the outcome is then kept and stored later.
         """
         try:
-            # Still sending after a channel has failed: the next one is tried now.
+            # Still sending after a channel has refused: the next one is tried now.
             while notification.status == NotificationStatus.SENDING:
-                self._deliver_on_channel(session, notification, quick_retries)
+                self._deliver_on_channel(session, notification)
         except LeaseLost:
             # Our lease ran out and another sender claimed the notification: it is theirs.
             session.refresh(notification)
@@ -496,201 +649,95 @@ class Deliverer:
         )
         return notification
 
-    def _deliver_on_channel(
-        self, session: Session, notification: Notification, quick_retries: bool
+    def _deliver_on_channel(self, session: Session, notification: Notification) -> None:
+        """Try the notification on its current channel with the quick retries, and store
+        each attempt; the last one with the state it leaves (sent, queued, failed, or
+        sending on to the next channel)."""
+        final: Transition | None = None
+        try:
+            # copy(): the policy object is shared by every request thread.
+            for retry in self.retrying.copy():
+                with retry:
+                    transition, error = self.attempt(notification, number=notification.attempts + 1)
+                    final = self._in_request(transition)
+                    if error is None:
+                        self._store(session, notification, final)
+                        return
+                    # A quick retry may follow: the notification stays sending here.
+                    self._store(session, notification, recorded_only(final), keep=final)
+                    raise error
+        except DeliveryError:
+            # The quick retries are over: the state the last attempt leaves.
+            assert final is not None
+            self._store(session, notification, replace(final, attempt=None))
+
+    def _in_request(self, transition: Transition) -> Transition:
+        """A synchronous send goes on at once past a refusal; a channel that spent its
+        retries (seconds each) leaves the next one to the queue, due now."""
+        attempt = transition.attempt
+        refused = attempt is not None and not attempt.sent and not attempt.transient
+        if transition.step is not None and refused:
+            return holding_on(transition, self.lease)
+        return transition
+
+    def _store(
+        self,
+        session: Session,
+        notification: Notification,
+        transition: Transition,
+        keep: Transition | None = None,
     ) -> None:
-        """Attempt the notification on its current channel (with the quick retries, or
-        once) and settle it: sent, queued, failed, or sending on to its next channel."""
-        channel = notification.channel
-        try:
-            if quick_retries:
-                # copy(): the policy object is shared by every request thread.
-                for attempt in self.retrying.copy():
-                    with attempt:
-                        self.attempt(session=session, notification=notification)
-            else:
-                self.attempt(session=session, notification=notification, final=True)
-        except DeliveryError as exc:
-            # Not settled yet by a final attempt (which may have moved it on already).
-            if (
-                notification.status == NotificationStatus.SENDING
-                and notification.channel == channel
-            ):
-                outcome = self.settlement(notification, exc, synchronous=True)
-                self.store(session, notification, outcome)
+        """Store `transition` and show it on `notification`.
 
-    def settlement(
-        self,
-        notification: Notification,
-        error: DeliveryError | None,
-        *,
-        attempted: int = 0,
-        synchronous: bool = False,
-    ) -> Outcome:
-        """The state a notification is left in after its last attempt on its channel ended
-        in `error` (None: sent); `attempted` counts that attempt if it is not stored yet.
-
-        Moving on to the next channel after a permanent failure, a `synchronous` send keeps
-        sending (under a renewed lease); otherwise it is queued, due now.
+        Raises `LeaseLost` if another sender holds the notification now, and
+        `OutcomeNotRecorded` if the database failed: then `keep` (settled: no quick retry
+        follows a database failure) is kept for `Unrecorded` to store later.
         """
-        now = utcnow()
-        on_channel = notification.channel_attempts + attempted
-        status = NotificationStatus.SENT if error is None else NotificationStatus.FAILED
-        next_attempt_at: datetime | None = None
-        lease_expires_at: datetime | None = None
-        position = notification.route_position + 1
-        following = notification.step(position)
-        next_step: tuple[int, Channel, str] | None = None
-        limit = self.fallback_after if following is not None else self.max_attempts
-        if isinstance(error, TransientDeliveryError) and on_channel < limit:
-            status = NotificationStatus.QUEUED
-            # At least as long as the provider asked for (Telegram's retry_after).
-            wait = max(self.backoff_after(on_channel), error.retry_after or 0.0)
-            next_attempt_at = now + timedelta(seconds=wait)
-        elif error is not None and following is not None:
-            next_step = (position, *following)
-            # A request goes on at once past a refusal; a channel that has spent its
-            # retries (seconds each) leaves the next one to the queue, due now.
-            if synchronous and not isinstance(error, TransientDeliveryError):
-                status = NotificationStatus.SENDING
-                lease_expires_at = now + self.lease
-            else:
-                status = NotificationStatus.QUEUED
-                next_attempt_at = now
-        erase = {}
-        if notification.sensitive and status in (
-            NotificationStatus.SENT,
-            NotificationStatus.FAILED,
-        ):
-            erase = crud.erased(notification.text, self.key)
-        return Outcome(
-            notification_id=notification.id,
-            holder=notification.leased_by or "",
-            finished_at=now,
-            channel=notification.channel,
-            status=status,
-            next_attempt_at=next_attempt_at,
-            erase=erase,
-            next_step=next_step,
-            lease_expires_at=lease_expires_at,
-        )
-
-    def backoff_after(self, attempts: int) -> float:
-        """Seconds to wait before the background retry that follows `attempts` attempts."""
-        # tenacity's wait strategies only read the attempt number from the state.
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = attempts
-        return float(self.queue_backoff(state))
-
-    def transmit(self, notification: Notification) -> Receipt | DeliveryError:
-        """Hand the message to its channel's provider; its receipt, or the error."""
-        sender = self.channels.get(notification.channel)
-        if sender is None:
-            # Queued before a configuration change took the channel away.
-            return PermanentDeliveryError(f"the {notification.channel} channel is not configured")
         try:
-            return sender.send(self.message_for(notification))
-        except DeliveryError as exc:
-            return exc
-        except Exception as exc:
-            # A bug rather than a delivery failure; still leave a final, explained state.
-            logger.exception("notification %d: unexpected error while sending", notification.id)
-            return PermanentDeliveryError(f"internal error: {type(exc).__name__}")
-
-    def concluded(
-        self,
-        notification: Notification,
-        result: Receipt | DeliveryError,
-        *,
-        started_at: datetime,
-        attempted: int = 0,
-        attempt_id: int | None = None,
-        number: int | None = None,
-        synchronous: bool = False,
-    ) -> Outcome:
-        """An attempt's outcome, settling the notification (sent, queued, failed, or on to
-        its next channel); `attempted` counts the attempt if the notification does not yet.
-        The attempt is named by its pending row (`attempt_id`) or its `number`."""
-        error = result if isinstance(result, DeliveryError) else None
-        settled = replace(
-            self.settlement(notification, error, attempted=attempted, synchronous=synchronous),
-            started_at=started_at,
-            attempt_id=attempt_id,
-            number=number,
-        )
-        if isinstance(result, Receipt):
-            return replace(
-                settled,
-                outcome=AttemptOutcome.SENT,
-                code=result.code,
-                provider_message_id=result.provider_message_id,
-                segments=result.segments,
-                cost=result.cost,
+            applied = crud.apply_transitions(
+                session=session, transitions=[transition], show={notification.id: notification}
             )
-        return replace(
-            settled,
-            outcome=AttemptOutcome.TRANSIENT_ERROR
-            if isinstance(result, TransientDeliveryError)
-            else AttemptOutcome.PERMANENT_ERROR,
-            code=result.code,
-            unreachable=isinstance(result, RecipientUnreachable),
-            # A server's reply may hold a NUL, which PostgreSQL text cannot store.
-            error=str(result).replace("\x00", "\ufffd"),
-        )
-
-    def attempt(self, *, session: Session, notification: Notification, final: bool = False) -> None:
-        """One attempt on the notification's channel, stored; raises its `DeliveryError`
-        after storing it.
-
-        A `final` attempt also settles the notification (sent, queued, failed, or on to
-        its next channel) in the same commit; otherwise only a success does.
-        """
-        started_at = utcnow()
-        result = self.transmit(notification)
-        final_outcome = self.concluded(
-            notification,
-            result,
-            started_at=started_at,
-            attempted=1,
-            # Its identity: stored late, it is stored once however often the write is made.
-            number=notification.attempts + 1,
-            synchronous=True,
-        )
-        if isinstance(result, Receipt) or final:
-            outcome = final_outcome
-        else:
-            # A quick retry may follow: the notification stays sending on this channel.
-            outcome = replace(
-                final_outcome,
-                status=None,
-                next_attempt_at=None,
-                erase={},
-                next_step=None,
-                lease_expires_at=None,
+        except DATABASE_UNAVAILABLE:
+            self._rollback(session)
+            kept = keep or transition
+            if kept.status == NotificationStatus.SENDING:
+                # Moving on to the next channel, but this request cannot send it any more
+                # (it answers 503): the queue does, as soon as the database is back.
+                kept = replace(
+                    kept,
+                    status=NotificationStatus.QUEUED,
+                    next_attempt_at=kept.at,
+                    leased_by=None,
+                    lease_expires_at=None,
+                )
+            self.unrecorded.keep(
+                f"notification {kept.notification_id}",
+                partial(recorder.record_late, transition=kept),
             )
-        self.store(session, notification, outcome, keep=final_outcome)
-        if isinstance(result, DeliveryError):
-            logger.warning(
-                "notification %d: attempt %d (%s) failed: %s",
-                notification.id,
-                notification.attempts,
-                outcome.channel,
-                result,
+            logger.error(
+                "notification %d: database unavailable, outcome kept to record later",
+                kept.notification_id,
             )
-            raise result
+            raise OutcomeNotRecorded(kept) from None
+        if notification.id not in applied.held:
+            raise LeaseLost
+        self._announce([transition])
 
-    def settle_batch(self, session: Session, outcomes: list[Outcome]) -> set[int] | None:
-        """Store a worker batch's outcomes (`settle`); the ids settled, or None if the
-        database failed: then they are kept and stored later."""
+    def settle(self, session: Session, transitions: list[Transition]) -> set[int] | None:
+        """Store a worker batch's transitions (`recorder.store`); the ids settled, or None
+        if the database failed: then they are kept and stored later."""
         try:
-            return settle(session, outcomes)
+            held = recorder.store(session, transitions)
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
             self.unrecorded.keep(
-                f"a batch of {len(outcomes)} outcomes", partial(settle_late, outcomes=outcomes)
+                f"a batch of {len(transitions)} outcomes",
+                partial(recorder.store_late, transitions=transitions),
             )
-            logger.error("database unavailable: %d outcomes kept to record later", len(outcomes))
+            logger.error("database unavailable: %d outcomes kept to record later", len(transitions))
             return None
+        self._announce([t for t in transitions if t.notification_id in held])
+        return held
 
     def release(self, session: Session, *, worker_id: str, leased: list[crud.Leased]) -> None:
         """Give a worker's unattempted notifications back to the queue; if the database
@@ -701,49 +748,62 @@ class Deliverer:
             self._rollback(session)
             self.unrecorded.keep(
                 f"release of {len(leased)} notifications",
-                partial(release_late, worker_id=worker_id, leased=leased),
+                partial(recorder.release_late, worker_id=worker_id, leased=leased),
             )
+
+    # Operators
+
+    def cancel(self, *, session: Session, notification: Notification) -> Notification:
+        """Withdraw a queued notification before a worker sends it; `Conflict` if it is
+        not queued (any more)."""
+        transition = cancelled(notification, at=self.now(), key=self.key)
+        if not crud.change(session=session, notification=notification, transition=transition):
+            raise Conflict(f"notification is {notification.status}, only queued ones are cancelled")
+        self._announce([transition])
+        return notification
+
+    def resend(self, *, session: Session, notification: Notification) -> int:
+        """Send a failed notification again from the first channel of its order (or queue
+        it, past SYNC_SEND_LIMIT); the status code to answer. `Conflict` if it is not
+        failed, or its sensitive text is erased."""
+        if notification.text_hmac is not None:
+            raise Conflict("the text of this sensitive notification is erased")
+        with SyncSlot(self.sync_sends, True) as slot:
+            transition = resent(
+                notification,
+                at=self.now(),
+                holder=crud.request_holder() if slot.held else None,
+                lease=self.lease,
+            )
+            # Guarded, so two simultaneous resends cannot both win.
+            if not crud.change(session=session, notification=notification, transition=transition):
+                raise Conflict(
+                    "the text of this sensitive notification is erased"
+                    if notification.text_hmac
+                    else f"notification is {notification.status}, only failed ones are resent"
+                )
+            self._announce([transition])
+            if slot.held:
+                self.deliver(session=session, notification=notification)
+        return outcome_status(notification, sent=HTTPStatus.OK)
+
+    def _announce(self, transitions: Sequence[Transition]) -> None:
+        """Tell every hook what was stored; a failing hook is logged, never fatal."""
+        for hook in self.hooks:
+            try:
+                hook(transitions)
+            except Exception:
+                logger.exception("a transition hook failed")
 
     @staticmethod
     def _rollback(session: Session) -> None:
         with suppress(Exception):
             session.rollback()
 
-    def store(
-        self,
-        session: Session,
-        notification: Notification,
-        outcome: Outcome,
-        keep: Outcome | None = None,
-    ) -> None:
-        """Store `outcome` and show it on `notification`.
 
-        Raises `LeaseLost` if another sender holds the notification now, and
-        `OutcomeNotRecorded` if the database failed: then `keep` (settled: no quick retry
-        follows a database failure) is kept for `Unrecorded` to store later.
-        """
-        try:
-            number = crud.record_outcome(session=session, outcome=outcome)
-        except DATABASE_UNAVAILABLE:
-            self._rollback(session)
-            kept = keep or outcome
-            if kept.status == NotificationStatus.SENDING:
-                # Moving on to the next channel, but this request cannot send it any more
-                # (it answers 503): the queue does, as soon as the database is back.
-                kept = replace(
-                    kept,
-                    status=NotificationStatus.QUEUED,
-                    next_attempt_at=kept.finished_at,
-                    lease_expires_at=None,
-                )
-            self.unrecorded.keep(
-                f"notification {kept.notification_id}", partial(record_late, outcome=kept)
-            )
-            logger.error(
-                "notification %d: database unavailable, outcome kept to record later",
-                kept.notification_id,
-            )
-            raise OutcomeNotRecorded(kept) from None
-        if number is None:
-            raise LeaseLost
-        crud.apply_outcome(notification, outcome, number)
+class NoValidRecipient(Refused):
+    """A bulk request none of whose items can be sent (a 422 listing them)."""
+
+    def __init__(self, rejected: list[RejectedRecipient]) -> None:
+        super().__init__("no valid recipient", field="recipients")
+        self.rejected = rejected

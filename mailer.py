@@ -1,4 +1,6 @@
-"""Building RFC 5322 messages and handing them to an SMTP server.
+"""The e-mail channel: `EmailChannel` composes each message (`MessageRenderer`, RFC 5322
+and 2047) and hands it to an SMTP server (`SMTPMailer`, the transport); the two stay
+apart, so another transport (an HTTP provider) can take the composed bytes.
 
 Everything smtplib, socket and ssl raise is converted here into the errors of
 `channels.base`: 4xx replies are transient (421, and refused, reset or timed-out
@@ -24,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,12 +40,15 @@ from pathlib import Path
 from channels.base import (
     ConnectionLostError,
     DeliveryError,
+    Message,
     PermanentDeliveryError,
+    Receipt,
     Scrubber,
     TransientDeliveryError,
 )
 from config import Settings, SMTPSecurity
 from headers import fold_unstructured
+from models import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -323,13 +328,11 @@ class SMTPMailer:
         self._closed = False
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, host: str | None = None, port: int | None = None
-    ) -> "SMTPMailer":
+    def from_settings(cls, settings: Settings) -> "SMTPMailer":
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         return cls(
-            host=host or settings.smtp_host,
-            port=port or settings.smtp_port,
+            host=settings.smtp_host,
+            port=settings.smtp_port,
             security=settings.smtp_security,
             username=settings.smtp_user or None,
             password=password,
@@ -505,3 +508,41 @@ def make_ssl_context(*, verify: bool, ca_file: Path | None = None) -> ssl.SSLCon
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# The reply smtplib's sendmail requires of DATA before it returns.
+ACCEPTED = 250
+
+
+class EmailChannel:
+    """The e-mail channel: plain-text messages from one sender, composed by
+    `MessageRenderer` and sent over `mailer`'s pooled SMTP connections."""
+
+    def __init__(
+        self, mailer: SMTPMailer, *, sender: str, now: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.mailer = mailer
+        self.sender = sender
+        self.renderer = MessageRenderer(sender)
+        self.now = now
+
+    @property
+    def pool_size(self) -> int:
+        return self.mailer.pool_size
+
+    def send(self, message: Message) -> Receipt:
+        """Render the message (RFC 5322, RFC 2047 subject) and hand it to the server."""
+        self.mailer.send(
+            self.renderer.render(
+                recipient=message.address,
+                subject=message.subject or "",
+                text=message.text,
+                message_id=message.message_id or new_message_id(self.sender),
+                date=self.now(),
+                sensitive=message.sensitive,
+            )
+        )
+        return Receipt(code=ACCEPTED, provider_message_id=message.message_id)
+
+    def close(self) -> None:
+        self.mailer.close()

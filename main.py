@@ -21,7 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from auth import KeyCache, RequireApiKey, ensure_development_key, unavailable
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
-from delivery import OutcomeNotRecorded, start_recorder
+from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
+from idempotency import KeyInFlightError, KeyReusedError
+from lifecycle import Refused
+from recorder import start_recorder
 from routes import health, router
 from schemas import printable
 from wiring import build_database, build_deliverer, build_limiter, configure_logging
@@ -53,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.readiness = ReadinessProbe(
             make_engine(settings, pool_size=1), storage_check=app.state.limiter.storage.check
         )
-        if settings.uses_dev_mail_catcher and settings.bootstrap_api_key is None:
+        if settings.development and settings.bootstrap_api_key is None:
             await to_thread.run_sync(development_key, settings, app.state.session_factory)
         app.state.deliverer = deliverer
         worker = Worker(
@@ -96,6 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error in (*DATABASE_UNAVAILABLE, StorageError):
         app.add_exception_handler(error, dependency_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
+    app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(NoValidRecipient, no_valid_recipient)
+    app.add_exception_handler(Conflict, conflict)
+    app.add_exception_handler(KeyReusedError, key_reused)
+    app.add_exception_handler(KeyInFlightError, key_in_flight)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     return app
@@ -192,11 +200,50 @@ async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse
             "detail": "database unavailable after the provider answered; the outcome is "
             "recorded on this notification when the database is back (after a failure, the "
             "queue goes on with the next channel of its order): do not send again",
-            "id": exc.outcome.notification_id,
+            "id": exc.transition.notification_id,
             "status": "sending",
         },
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
+    )
+
+
+async def refused(request: Request, exc: Exception) -> JSONResponse:
+    """A request the service cannot take as asked: a 422 shaped like FastAPI's own, about
+    one field of the body."""
+    assert isinstance(exc, Refused)
+    location = ("body", *exc.field.split("."))
+    error = {"type": "value_error", "loc": location, "msg": str(exc)}
+    return await invalid_request(request, RequestValidationError([error]))
+
+
+async def no_valid_recipient(request: Request, exc: Exception) -> JSONResponse:
+    """A bulk request none of whose items can be sent: each listed, with why."""
+    assert isinstance(exc, NoValidRecipient)
+    rejected = [r.model_dump(exclude_none=True) for r in exc.rejected]
+    return JSONResponse(
+        {"detail": {"message": str(exc), "rejected": rejected}},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+async def conflict(request: Request, exc: Exception) -> JSONResponse:
+    """The notification is not in a state the operation applies to."""
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+
+async def key_reused(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "this Idempotency-Key was already used with a different request"},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+async def key_in_flight(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "the first request with this Idempotency-Key is still in progress"},
+        status_code=status.HTTP_409_CONFLICT,
+        headers={"Retry-After": "1"},
     )
 
 

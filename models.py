@@ -78,6 +78,15 @@ ADDRESS_FIELDS = {
 }
 
 
+class Scope(StrEnum):
+    """What an API key may do; `admin` implies `recipients`."""
+
+    SEND = "send"
+    READ = "read"
+    RECIPIENTS = "recipients"
+    ADMIN = "admin"
+
+
 class NotificationStatus(StrEnum):
     """Where a notification is in its life.
 

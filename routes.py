@@ -1,47 +1,35 @@
-"""HTTP endpoints: validate, call one or two functions, map the outcome to a status code."""
+"""HTTP endpoints: parse, make one call (to `delivery.Deliverer` for anything in a
+notification's lifecycle, to crud for reads), map the outcome to a status code. Errors
+of the layers below are mapped to responses by main.py's exception handlers."""
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    Header,
-    HTTPException,
-    Path,
-    Query,
-    Request,
-    Response,
-    Security,
-    status,
-)
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import auth
 import crud
-import idempotency
-import ratelimits
-from config import Settings
-from db import ReadinessProbe, get_read_session, get_session
-from delivery import Deliverer, Unroutable, plan_route
-from models import (
-    ApiKey,
-    Batch,
-    Channel,
-    IdempotencyKey,
-    Notification,
-    NotificationStatus,
-    Recipient,
-    utcnow,
+from db import ReadinessProbe
+from delivery import BatchSubmitted, Submitted
+from deps import (
+    ADMIN,
+    READ,
+    RECIPIENTS,
+    BatchId,
+    DelivererDep,
+    KeyId,
+    LimiterDep,
+    NotificationDep,
+    ReadSessionDep,
+    RecipientDep,
+    SendingDep,
+    SessionDep,
+    SettingsDep,
 )
+from models import ApiKey, Batch, Notification, Recipient
 from schemas import (
-    MAX_ID,
-    TELEGRAM_MAX_TEXT,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
@@ -50,7 +38,6 @@ from schemas import (
     BulkEmailCreate,
     EmailNotificationCreate,
     HistoryQuery,
-    MessageContent,
     NotificationCreate,
     NotificationDetail,
     NotificationPublic,
@@ -58,64 +45,10 @@ from schemas import (
     RecipientCreate,
     RecipientPublic,
     RecipientUpdate,
-    RejectedRecipient,
     SmsNotificationCreate,
     TelegramNotificationCreate,
-    printable,
 )
 from strictjson import StrictJSONRoute
-
-
-# async: a plain `def` dependency would cost a thread hop each.
-async def get_deliverer(request: Request) -> Deliverer:
-    deliverer: Deliverer = request.app.state.deliverer
-    return deliverer
-
-
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-async def get_limiter(request: Request) -> ratelimits.RateLimiter:
-    limiter: ratelimits.RateLimiter = request.app.state.limiter
-    return limiter
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
-LimiterDep = Annotated[ratelimits.RateLimiter, Depends(get_limiter)]
-DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SendCaller = Annotated[ApiKey, Security(auth.authenticate, scopes=[auth.Scope.SEND])]
-READ = [Security(auth.authenticate, scopes=[auth.Scope.READ])]
-ADMIN = [Security(auth.authenticate, scopes=[auth.Scope.ADMIN])]
-# A key with `admin` has this one too.
-RECIPIENTS = [Security(auth.authenticate, scopes=[auth.Scope.RECIPIENTS])]
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        pattern=idempotency.KEY_PATTERN,
-        description="Repeat a request safely: the same key and body answer what the first "
-        "request did and send nothing again; the same key with another body is a 422.",
-    ),
-]
-
-
-# BIGINT ids: anything else is a 422 on every database (SQLite cannot even bind it).
-NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
-BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
-KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
-
-
-def valid_notification_id(notification_id: NotificationId, session: SessionDep) -> Notification:
-    notification = crud.get_notification(session=session, notification_id=notification_id)
-    if notification is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "notification not found")
-    return notification
-
-
-NotificationDep = Annotated[Notification, Depends(valid_notification_id)]
 
 DELIVERY_FAILED: dict[int | str, dict[str, Any]] = {
     status.HTTP_202_ACCEPTED: {
@@ -165,44 +98,11 @@ health = APIRouter(tags=["health"])
 HEALTH_METHODS = "GET, HEAD, OPTIONS"
 
 
-PreferHeader = Annotated[
-    str | None, Header(description="`respond-async`: queue instead of sending now (202).")
-]
 SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     **DELIVERY_FAILED,
     **IDEMPOTENCY,
     **DATABASE_DOWN,
 }
-
-
-@dataclass(frozen=True)
-class Sending:
-    """What every send endpoint is given."""
-
-    caller: ApiKey
-    session: Session
-    deliverer: Deliverer
-    limiter: ratelimits.RateLimiter
-    settings: Settings
-    response: Response
-    prefer: str | None
-    idempotency_key: str | None
-
-
-async def sending(
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> Sending:
-    return Sending(caller, session, deliverer, limiter, settings, response, prefer, idempotency_key)
-
-
-SendingDep = Annotated[Sending, Depends(sending)]
 
 
 @router.post(
@@ -213,21 +113,13 @@ SendingDep = Annotated[Sending, Depends(sending)]
     tags=["notify"],
 )
 def notify_email(
-    data: EmailNotificationCreate,
-    ctx: SendingDep,
+    data: EmailNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
     """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set.
 
     When SYNC_SEND_LIMIT synchronous sends are already in progress, it is queued (202).
     """
-    draft = crud.Draft(
-        route=[(Channel.EMAIL, data.email)],
-        text=data.text,
-        subject=data.subject,
-        sensitive=data.sensitive,
-        send_at=data.send_at,
-    )
-    return send(ctx, draft=draft, body=data, endpoint="/notify/email")
+    return answered(deliverer.submit_email(ctx, data), response)
 
 
 @router.post(
@@ -238,14 +130,10 @@ def notify_email(
     tags=["notify"],
 )
 def notify_sms(
-    data: SmsNotificationCreate,
-    ctx: SendingDep,
+    data: SmsNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
     """Send an SMS (through SMS.ru), as `/notify/email` sends an e-mail."""
-    draft = routed(
-        ctx.deliverer, order=[Channel.SMS], addresses={Channel.SMS: data.phone}, data=data
-    )
-    return send(ctx, draft=draft, body=data, endpoint="/notify/sms")
+    return answered(deliverer.submit_sms(ctx, data), response)
 
 
 @router.post(
@@ -256,18 +144,10 @@ def notify_sms(
     tags=["notify"],
 )
 def notify_telegram(
-    data: TelegramNotificationCreate,
-    ctx: SendingDep,
+    data: TelegramNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
     """Send a Telegram message (through the Bot API), as `/notify/email` sends an e-mail."""
-    draft = routed(
-        ctx.deliverer,
-        order=[Channel.TELEGRAM],
-        addresses={Channel.TELEGRAM: data.chat_id},
-        data=data,
-        parse_mode=data.parse_mode,
-    )
-    return send(ctx, draft=draft, body=data, endpoint="/notify/telegram")
+    return answered(deliverer.submit_telegram(ctx, data), response)
 
 
 @router.post(
@@ -278,8 +158,7 @@ def notify_telegram(
     tags=["notify"],
 )
 def notify(
-    data: NotificationCreate,
-    ctx: SendingDep,
+    data: NotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
 ) -> Notification:
     """Send one message to one recipient on the first of its channels that delivers it.
 
@@ -288,184 +167,17 @@ def notify(
     permanent failure on a channel, or its retries running out, moves on to the next;
     201 once one delivers, 502 when all failed, 202 when queued.
     """
-    contacts = data.recipient
-    recipient = None
-    if contacts.external_id is not None:
-        recipient = crud.get_recipient(session=ctx.session, external_id=contacts.external_id)
-        if recipient is None:
-            raise invalid("recipient", "external_id", "no recipient with this external_id")
-    addresses: dict[Channel, str | None] = {
-        channel: recipient.address(channel) if recipient else contacts.address(channel)
-        for channel in Channel
-    }
-    own_order = recipient.channels if recipient is not None else None
-    draft = routed(
-        ctx.deliverer,
-        order=data.channels or [Channel(c) for c in own_order or ctx.settings.channel_order],
-        addresses=addresses,
-        data=data,
-        subject=data.subject,
-        parse_mode=data.parse_mode,
-        recipient=recipient,
-        requested=data.channels is not None,
-    )
-    return send(ctx, draft=draft, body=data, endpoint="/notify")
+    return answered(deliverer.submit_routed(ctx, data), response)
 
 
-def routed(
-    deliverer: Deliverer,
-    *,
-    order: Sequence[Channel],
-    addresses: Mapping[Channel, str | None],
-    data: MessageContent,
-    subject: str | None = None,
-    parse_mode: str | None = None,
-    recipient: Recipient | None = None,
-    requested: bool = True,
-) -> crud.Draft:
-    """The notification to store for `data`, on the channels of `order` that can reach
-    the recipient; a 422 if none can, or if the caller's own order (`requested`) names a
-    channel that is not configured."""
-    try:
-        route, skipped = plan_route(
-            order=order,
-            addresses=addresses,
-            configured=deliverer.channels.keys(),
-            unreachable=recipient.unreachable if recipient is not None else None,
-            subject=subject,
-            text=data.text,
-            requested=requested,
-        )
-    except Unroutable as exc:
-        raise invalid(exc.field, None, str(exc)) from None
-    return crud.Draft(
-        route=route,
-        skipped=skipped,
-        text=data.text,
-        subject=subject,
-        sensitive=data.sensitive,
-        send_at=data.send_at,
-        parse_mode=parse_mode,
-        recipient_id=recipient.id if recipient is not None else None,
-    )
-
-
-def invalid(field: str, subfield: str | None, message: str) -> RequestValidationError:
-    """A 422 shaped like FastAPI's own, about one field of the body."""
-    location = ("body", field) if subfield is None else ("body", field, subfield)
-    return RequestValidationError([{"type": "value_error", "loc": location, "msg": message}])
-
-
-def send(ctx: Sending, *, draft: crud.Draft, body: MessageContent, endpoint: str) -> Notification:
-    """Store `draft` and send it now on its first channel (201/502), or queue it (202)
-    when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in progress."""
-    session, deliverer, settings, response = ctx.session, ctx.deliverer, ctx.settings, ctx.response
-    check_send_at(draft.send_at, settings)
-    queued = draft.send_at is not None or wants_async(ctx.prefer)
-    claim = idempotency.claim_for(
-        ctx.idempotency_key,
-        scope=f"key:{ctx.caller.id}",
-        endpoint=endpoint,
-        body=body,
-        ttl=settings.idempotency_key_ttl,
-        secret=deliverer.key,
-        queued=queued,
-    )
-    # Slow providers must not take every request thread: past the limit, the queue sends.
-    sync = not queued and deliverer.sync_sends.acquire(blocking=False)
-    try:
-        try:
-            # A repeat is answered before the rate limits are counted: it sends nothing.
-            crud.raise_if_key_used(session=session, claim=claim)
-            channel, address = draft.route[0]
-            [allowed], limit, retry_after = ratelimits.take_recipients(
-                limiter=ctx.limiter,
-                settings=settings,
-                caller=ctx.caller,
-                recipients=[address],
-                channel=channel,
-            )
-            if not allowed:
-                raise ratelimits.too_many(
-                    f"more than {limit} messages per hour to this address", retry_after
-                )
-            notification = deliverer.create(
-                session=session, draft=draft, queued=not sync, idempotency=claim
-            )
-        except crud.IdempotencyKeyUsed as used:
-            assert claim is not None
-            # A repeat sends nothing: its wait for the first request must not hold a slot.
-            if sync:
-                deliverer.sync_sends.release()
-                sync = False
-            record = replayed(session, settings, deliverer, claim, used, response)
-            # The key's fingerprint names this endpoint, so it points at a notification.
-            assert record.notification_id is not None
-            replay = crud.get_notification(session=session, notification_id=record.notification_id)
-            assert replay is not None  # the key goes when its notification goes
-            response.status_code = record.status_code or outcome_status(replay)
-            return replay
-        if not sync:
-            response.status_code = status.HTTP_202_ACCEPTED
-            if wants_async(ctx.prefer):
-                response.headers["Preference-Applied"] = "respond-async"
-            return notification
-        deliverer.deliver(session=session, notification=notification)
-    finally:
-        if sync:
-            deliverer.sync_sends.release()
-    response.status_code = outcome_status(notification)
-    if claim is not None:
-        crud.finish_idempotency_key(session=session, claim=claim, status_code=response.status_code)
-    return notification
-
-
-def check_send_at(send_at: datetime | None, settings: Settings) -> None:
-    """A 422 unless `send_at` is within SEND_AT_HORIZON of now (either way)."""
-    horizon = timedelta(seconds=settings.send_at_horizon)
-    if send_at is None or abs(send_at - utcnow()) <= horizon:
-        return
-    raise RequestValidationError(
-        [
-            {
-                "type": "value_error",
-                "loc": ("body", "send_at"),
-                "msg": f"must be within {horizon.days} days of now",
-            }
-        ]
-    )
-
-
-def replayed(
-    session: Session,
-    settings: Settings,
-    deliverer: Deliverer,
-    claim: crud.IdempotencyClaim,
-    used: crud.IdempotencyKeyUsed,
-    response: Response,
-) -> IdempotencyKey:
-    """The stored key of a repeated request, once its first request has answered."""
-    try:
-        record = idempotency.first_outcome(
-            session=session,
-            claim=claim,
-            record=used.record,
-            wait=settings.idempotency_wait,
-            lease=deliverer.lease,
-        )
-    except idempotency.KeyReusedError:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "this Idempotency-Key was already used with a different request",
-        ) from None
-    except idempotency.KeyInFlightError:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            "the first request with this Idempotency-Key is still in progress",
-            headers={"Retry-After": "1"},
-        ) from None
-    response.headers["Idempotent-Replayed"] = "true"
-    return record
+def answered(submitted: Submitted, response: Response) -> Notification:
+    """A submitted notification, with its status code and headers set on `response`."""
+    response.status_code = submitted.status_code
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    if submitted.preference_applied:
+        response.headers["Preference-Applied"] = "respond-async"
+    return submitted.notification
 
 
 @router.post(
@@ -476,155 +188,17 @@ def replayed(
     tags=["notify"],
 )
 def notify_bulk(
-    data: BulkEmailCreate,
-    caller: SendCaller,
-    session: SessionDep,
-    deliverer: DelivererDep,
-    limiter: LimiterDep,
-    settings: SettingsDep,
-    response: Response,
-    idempotency_key: IdempotencyKeyHeader = None,
+    data: BulkEmailCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
 ) -> BatchCreated:
     """Queue one message to each item as a batch: an e-mail to each of `emails`, or to each
     stored recipient of `recipients`, on its channel order (`channels`, else its own,
     else CHANNEL_ORDER). Invalid, unknown or unreachable items are listed, not fatal."""
-    check_send_at(data.send_at, settings)
-    for channel in data.channels or ():
-        if channel not in deliverer.channels:
-            raise invalid("channels", None, f"the {channel} channel is not configured")
-    if Channel.TELEGRAM in (data.channels or ()) and len(data.text) > TELEGRAM_MAX_TEXT:
-        raise invalid("text", None, f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters")
-    # Checked here, in a worker thread, rather than while the event loop parses the body.
-    if data.emails is not None:
-        emails, rejected = data.valid_emails()
-        items = {i: (Channel.EMAIL, address) for address, i in emails.items()}
-        drafts: dict[int, crud.Draft] = {}
-    else:
-        drafts, rejected = bulk_drafts(session, deliverer, settings, data)
-        items = {i: draft.route[0] for i, draft in drafts.items()}
-    if not items:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            {
-                "message": "no valid recipient",
-                "rejected": [r.model_dump(exclude_none=True) for r in rejected],
-            },
-        )
-    claim = idempotency.claim_for(
-        idempotency_key,
-        scope=f"key:{caller.id}",
-        endpoint="/notify/bulk",
-        body=data,
-        ttl=settings.idempotency_key_ttl,
-        secret=deliverer.key,
+    submitted: BatchSubmitted = deliverer.submit_bulk(ctx, data)
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return BatchCreated(
+        batch=batch_public(ctx.session, submitted.batch), rejected=submitted.rejected
     )
-    content = crud.Draft(
-        route=(),
-        text=data.text,
-        subject=data.subject,
-        sensitive=data.sensitive,
-        send_at=data.send_at,
-    )
-    try:
-        crud.raise_if_key_used(session=session, claim=claim)
-        sendable, limited = within_recipient_limits(limiter, settings, caller, data, items)
-        rejected = sorted([*rejected, *limited], key=lambda r: r.index)
-        batch = deliverer.create_batch(
-            session=session,
-            content=content,
-            requested=data.requested,
-            emails=[items[i][1] for i in sendable] if not drafts else (),
-            drafts=[drafts[i] for i in sendable] if drafts else (),
-            idempotency=claim,
-        )
-    except crud.IdempotencyKeyUsed as used:
-        assert claim is not None
-        record = replayed(session, settings, deliverer, claim, used, response)
-        assert record.batch_id is not None
-        found = crud.get_batch(session=session, batch_id=record.batch_id)
-        assert found is not None  # the key goes when its batch goes
-        batch = found
-        # The rate limits a replay met the first time are not known any more.
-        rejected = [r for r in rejected if r.error != ratelimits.RECIPIENT_LIMITED]
-    return BatchCreated(batch=batch_public(session, batch), rejected=rejected)
-
-
-def bulk_drafts(
-    session: Session, deliverer: Deliverer, settings: Settings, data: BulkEmailCreate
-) -> tuple[dict[int, crud.Draft], list[RejectedRecipient]]:
-    """A notification for each stored recipient of `data.recipients` (by item index), and
-    the items refused: unknown, repeated, or no channel of the order reaches them."""
-    assert data.recipients is not None
-    found = crud.get_recipients(session=session, external_ids=list(set(data.recipients)))
-    drafts: dict[int, crud.Draft] = {}
-    rejected: list[RejectedRecipient] = []
-    seen: dict[str, int] = {}
-    for index, external_id in enumerate(data.recipients):
-        recipient = found.get(external_id)
-        if external_id in seen:
-            error = f"duplicate of item {seen[external_id]}"
-        elif recipient is None:
-            error = "no recipient with this external_id"
-        else:
-            seen[external_id] = index
-            order = data.channels or [
-                Channel(c) for c in recipient.channels or settings.channel_order
-            ]
-            try:
-                drafts[index] = routed(
-                    deliverer,
-                    order=order,
-                    addresses={c: recipient.address(c) for c in Channel},
-                    data=data,
-                    subject=data.subject,
-                    recipient=recipient,
-                    requested=data.channels is not None,
-                )
-                continue
-            except RequestValidationError as exc:
-                error = printable(exc.errors()[0]["msg"])
-        rejected.append(
-            RejectedRecipient(index=index, external_id=printable(external_id), error=error)
-        )
-    return drafts, rejected
-
-
-def within_recipient_limits(
-    limiter: ratelimits.RateLimiter,
-    settings: Settings,
-    caller: ApiKey,
-    data: BulkEmailCreate,
-    items: dict[int, tuple[Channel, str]],
-) -> tuple[list[int], list[RejectedRecipient]]:
-    """The items (indices) whose first address is still under its hourly limit, and the
-    others as rejected items."""
-    RECIPIENT_LIMITED = ratelimits.RECIPIENT_LIMITED
-    allowed: list[int] = []
-    limited: list[RejectedRecipient] = []
-    for channel in Channel:
-        on_channel = [(i, address) for i, (c, address) in items.items() if c == channel]
-        if not on_channel:
-            continue
-        # Two stored recipients may share an address: each message counts.
-        granted, _, _ = ratelimits.take_recipients(
-            limiter=limiter,
-            settings=settings,
-            caller=caller,
-            recipients=[address for _, address in on_channel],
-            channel=channel,
-        )
-        for (i, _), ok in zip(on_channel, granted, strict=True):
-            if ok:
-                allowed.append(i)
-            else:
-                item = data.emails[i] if data.emails is not None else None
-                external_id = data.recipients[i] if data.recipients is not None else None
-                limited.append(
-                    RejectedRecipient(
-                        index=i, email=item, external_id=external_id, error=RECIPIENT_LIMITED
-                    )
-                )
-    return sorted(allowed), limited
 
 
 @router.get(
@@ -645,15 +219,6 @@ def read_batch(batch_id: BatchId, session: ReadSessionDep) -> BatchPublic:
 def batch_public(session: Session, batch: Batch) -> BatchPublic:
     counts = crud.count_batch(session=session, batch_id=batch.id)
     return BatchPublic.model_validate(batch).model_copy(update={"counts": counts})
-
-
-def outcome_status(notification: Notification, *, sent: int = status.HTTP_201_CREATED) -> int:
-    """`sent` if sent; 502 failed; 202 left to the background retries (queued, taken over)."""
-    if notification.status == NotificationStatus.SENT:
-        return sent
-    if notification.status == NotificationStatus.FAILED:
-        return status.HTTP_502_BAD_GATEWAY
-    return status.HTTP_202_ACCEPTED
 
 
 @router.get(
@@ -698,23 +263,7 @@ def resend_notification(
 ) -> Notification:
     """Send a failed notification again (or queue it, past SYNC_SEND_LIMIT); new attempts
     are added to the same notification."""
-    sync = deliverer.sync_sends.acquire(blocking=False)
-    try:
-        if not deliverer.claim_for_resend(
-            session=session, notification=notification, queued=not sync
-        ):
-            raise HTTPException(
-                status.HTTP_409_CONFLICT,
-                "the text of this sensitive notification is erased"
-                if notification.text_hmac
-                else f"notification is {notification.status}, only failed ones are resent",
-            )
-        if sync:
-            deliverer.deliver(session=session, notification=notification)
-    finally:
-        if sync:
-            deliverer.sync_sends.release()
-    response.status_code = outcome_status(notification, sent=status.HTTP_200_OK)
+    response.status_code = deliverer.resend(session=session, notification=notification)
     return notification
 
 
@@ -732,28 +281,12 @@ def cancel_notification(
     notification: NotificationDep, session: SessionDep, deliverer: DelivererDep
 ) -> Notification:
     """Withdraw a queued or scheduled notification before a worker sends it."""
-    if not crud.cancel(session=session, notification=notification, key=deliverer.key):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"notification is {notification.status}, only queued ones are cancelled",
-        )
-    return notification
+    return deliverer.cancel(session=session, notification=notification)
 
 
 RECIPIENT_NOT_FOUND: dict[int | str, dict[str, Any]] = {
     status.HTTP_404_NOT_FOUND: {"description": "No recipient with this external id."}
 }
-ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
-
-
-def valid_recipient(external_id: ExternalIdPath, session: SessionDep) -> Recipient:
-    recipient = crud.get_recipient(session=session, external_id=external_id)
-    if recipient is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "recipient not found")
-    return recipient
-
-
-RecipientDep = Annotated[Recipient, Depends(valid_recipient)]
 
 
 @router.post(
@@ -807,13 +340,6 @@ def update_recipient(
 def delete_recipient(recipient: RecipientDep, session: SessionDep) -> None:
     """Erase a recipient's contacts; the notifications sent to it stay in the history."""
     crud.delete_recipient(session=session, recipient=recipient)
-
-
-def wants_async(prefer: str | None) -> bool:
-    """RFC 7240: does the Prefer header ask for respond-async?"""
-    if not prefer:
-        return False
-    return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 @health.get("/healthz")

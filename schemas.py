@@ -26,15 +26,13 @@ from pydantic import (
 )
 
 from headers import HEADER_UNSAFE, header_problem
-from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus
+from lifecycle import TELEGRAM_MAX_TEXT
+from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus, Scope
 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
 MAX_BULK_RECIPIENTS = 20_000
-# The scopes an API key can hold (auth.Scope).
-API_SCOPES = ("send", "read", "recipients", "admin")
 # The Bot API refuses longer texts.
-TELEGRAM_MAX_TEXT = 4096
 # Numbers written without a country code are read as Russian ones (the coworking's
 # country); any other needs its +code.
 PHONE_REGION = "RU"
@@ -527,10 +525,11 @@ class BatchCreated(BaseModel):
 
 
 def _scopes_known(scopes: list[str]) -> list[str]:
-    unknown = set(scopes) - set(API_SCOPES)
+    known = [str(scope) for scope in Scope]
+    unknown = set(scopes) - set(known)
     if unknown:
-        raise ValueError(f"unknown scopes {sorted(unknown)}; use {', '.join(API_SCOPES)}")
-    return sorted(set(scopes), key=API_SCOPES.index)
+        raise ValueError(f"unknown scopes {sorted(unknown)}; use {', '.join(known)}")
+    return sorted(set(scopes), key=known.index)
 
 
 class ApiKeyCreate(BaseModel):

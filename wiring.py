@@ -12,7 +12,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from channels.base import Sender
-from channels.email import EmailChannel
 from channels.sms_ru import SMSRu
 from channels.telegram import TelegramBot
 from config import Settings
@@ -20,7 +19,7 @@ from db import make_engine, make_session_factory, run_migrations
 from delivery import Deliverer
 from devmail import start_mail_catcher
 from devoutbox import start_outbox
-from mailer import SMTPMailer
+from mailer import EmailChannel, SMTPMailer
 from models import Channel
 from ratelimits import RateLimiter
 
@@ -70,18 +69,34 @@ def build_deliverer(settings: Settings) -> tuple[Deliverer, Callable[[], None]]:
     SMS.ru and Bot API stand-in for channels without settings of their own)."""
     with ExitStack() as stack:
         channels = build_channels(settings, stack)
-        deliverer = Deliverer.from_settings(settings, channels=channels)
+        deliverer = Deliverer(settings=settings, channels=channels)
         # Built: what was started keeps running, for the caller to stop.
         started = stack.pop_all()
     return deliverer, started.close
 
 
+@dataclass(frozen=True)
+class HTTPChannel:
+    """A channel whose provider is an HTTP API: the setting that configures it (its key),
+    and its sender built from settings (`base_url`: a local stand-in's)."""
+
+    key_setting: str
+    build: Callable[..., Sender]
+
+
+# One entry per HTTP channel: adding one is its module, its settings and a line here.
+HTTP_CHANNELS: dict[Channel, HTTPChannel] = {
+    Channel.SMS: HTTPChannel("sms_ru_api_id", SMSRu.from_settings),
+    Channel.TELEGRAM: HTTPChannel("telegram_bot_token", TelegramBot.from_settings),
+}
+
+
 def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender]:
-    """The configured channels; what they start and open is closed by `stack` (in
-    reverse: each client says goodbye before its stand-in goes)."""
+    """The configured channels; in development, a local stand-in for each one that is not
+    (the mail catcher; one SMS.ru and Bot API stand-in). What they start and open is
+    closed by `stack` (in reverse: each client says goodbye before its stand-in goes)."""
     channels: dict[Channel, Sender] = {}
-    development = settings.uses_dev_mail_catcher
-    if development:
+    if settings.uses_dev_mail_catcher:
         catcher = start_mail_catcher(settings.dev_mail_dir)
         stack.callback(catcher.stop)
         mailer = SMTPMailer(
@@ -90,24 +105,22 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
             pool_size=settings.smtp_pool_size,
             max_idle=settings.smtp_max_idle,
         )
-    else:
+        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
+    elif settings.smtp_host:
         mailer = SMTPMailer.from_settings(settings)
-    channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
-    if development and (settings.sms_ru_api_id is None or settings.telegram_bot_token is None):
-        outbox = start_outbox(settings.dev_outbox_dir)
-        stack.callback(outbox.stop)
-        # The stand-in takes any key: the channels as their settings describe, pointed at it.
-        stand_in = SecretStr("development")
-        if settings.sms_ru_api_id is None:
-            dev = settings.model_copy(update={"sms_ru_api_id": stand_in})
-            channels[Channel.SMS] = SMSRu.from_settings(dev, base_url=outbox.url)
-        if settings.telegram_bot_token is None:
-            dev = settings.model_copy(update={"telegram_bot_token": stand_in})
-            channels[Channel.TELEGRAM] = TelegramBot.from_settings(dev, base_url=outbox.url)
-    if settings.sms_ru_api_id is not None:
-        channels[Channel.SMS] = SMSRu.from_settings(settings)
-    if settings.telegram_bot_token is not None:
-        channels[Channel.TELEGRAM] = TelegramBot.from_settings(settings)
+        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
+    stand_in_url: str | None = None
+    for channel, entry in HTTP_CHANNELS.items():
+        if getattr(settings, entry.key_setting) is not None:
+            channels[channel] = entry.build(settings)
+        elif settings.development:
+            if stand_in_url is None:
+                outbox = start_outbox(settings.dev_outbox_dir)
+                stack.callback(outbox.stop)
+                stand_in_url = outbox.url
+            # The stand-in takes any key: the channel as its settings describe, pointed at it.
+            stand_in = settings.model_copy(update={entry.key_setting: SecretStr("development")})
+            channels[channel] = entry.build(stand_in, base_url=stand_in_url)
     for sender in channels.values():
         stack.callback(sender.close)
     return channels

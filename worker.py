@@ -42,10 +42,12 @@ from types import FrameType
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
+import idempotency
 from config import Settings
-from crud import Outcome
-from delivery import Deliverer, start_recorder
+from delivery import Deliverer
+from lifecycle import Transition
 from models import utcnow
+from recorder import start_recorder
 from wiring import build_database, build_deliverer, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class Worker:
         self.next_housekeeping = now + HOUSEKEEPING_INTERVAL
         try:
             with self.session_factory() as session:
-                purged = crud.purge_expired_idempotency_keys(session=session)
+                purged = idempotency.purge_expired(session=session)
         except Exception:
             logger.exception("worker %s: housekeeping failed", self.worker_id)
             return
@@ -136,14 +138,14 @@ class Worker:
             return 0
         waiting = deque(batch)
         # Attempted and not settled yet.
-        outcomes: list[Outcome] = []
+        outcomes: list[Transition] = []
         try:
             attempted = self._send(waiting, outcomes, lease)
         finally:
             self._finish(outcomes, waiting)
         return attempted
 
-    def _finish(self, outcomes: list[Outcome], waiting: deque[crud.Leased]) -> None:
+    def _finish(self, outcomes: list[Transition], waiting: deque[crud.Leased]) -> None:
         """Settle what was sent; give back what was not attempted (stopping, or the
         database failed) now rather than when the lease runs out."""
         try:
@@ -155,7 +157,9 @@ class Worker:
                 with self.session_factory() as session:
                     self.deliverer.release(session, worker_id=self.worker_id, leased=[*waiting])
 
-    def _send(self, waiting: deque[crud.Leased], outcomes: list[Outcome], lease: timedelta) -> int:
+    def _send(
+        self, waiting: deque[crud.Leased], outcomes: list[Transition], lease: timedelta
+    ) -> int:
         """Send what is `waiting` over up to `smtp_pool_size` connections at once, adding
         to `outcomes`. Every half lease, while anything is waiting or being sent, settle
         what was sent and renew the lease on the rest, so a send never outlives the lease
@@ -163,7 +167,7 @@ class Worker:
         was not attempted (stopping). How many were attempted."""
         attempted = 0
         # Futures of the messages being sent, and their notification ids.
-        in_flight: dict[Future[Outcome], int] = {}
+        in_flight: dict[Future[Transition], int] = {}
         half = lease / 2
         renew_at = self.now() + half
         pool = self._pool()
@@ -205,7 +209,7 @@ class Worker:
         self,
         waiting: deque[crud.Leased],
         sending: list[int],
-        outcomes: list[Outcome],
+        outcomes: list[Transition],
         lease: timedelta,
     ) -> None:
         """A slow batch: settle what was sent, renew the lease on the rest (waiting, and
@@ -231,16 +235,13 @@ class Worker:
         for item in lost:
             waiting.remove(item)
 
-    def _attempt(self, item: crud.Leased) -> Outcome:
+    def _attempt(self, item: crud.Leased) -> Transition:
         """Send one message; its outcome, whatever happens (transmit converts every error)."""
-        started_at = utcnow()
-        result = self.deliverer.transmit(item.notification)
-        return self.deliverer.concluded(
-            item.notification, result, started_at=started_at, attempt_id=item.attempt_id
-        )
+        transition, _ = self.deliverer.attempt(item.notification, attempt_id=item.attempt_id)
+        return transition
 
-    def _settle(self, session: Session, outcomes: list[Outcome]) -> None:
-        settled = self.deliverer.settle_batch(session, outcomes)
+    def _settle(self, session: Session, outcomes: list[Transition]) -> None:
+        settled = self.deliverer.settle(session, outcomes)
         if settled is None:
             return
         tally = Counter(str(o.status) for o in outcomes if o.notification_id in settled)
@@ -251,11 +252,11 @@ class Worker:
             ", ".join(f"{n} {status}" for status, n in sorted(tally.items())) or "none held",
         )
         for outcome in outcomes:
-            if outcome.error is not None:
+            if outcome.attempt is not None and outcome.attempt.error is not None:
                 logger.warning(
                     "notification %d: %s (%s)",
                     outcome.notification_id,
-                    outcome.error,
+                    outcome.attempt.error,
                     outcome.status,
                 )
             if outcome.notification_id not in settled:

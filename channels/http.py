@@ -25,10 +25,17 @@ from channels.base import (
 
 class HTTPSender:
     """A channel over one provider's HTTP API: up to `pool_size` connections to `base_url`
-    kept open for reuse, and what httpx raises turned into our errors."""
+    kept open for reuse, and what httpx raises turned into our errors. `transport`
+    replaces the network (`httpx.MockTransport` in tests of a reply table)."""
 
     def __init__(
-        self, base_url: str, *, timeout: float, pool_size: int, secrets: Iterable[str] = ()
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        pool_size: int,
+        secrets: Iterable[str] = (),
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
         self.scrub = Scrubber(secrets)
@@ -38,6 +45,7 @@ class HTTPSender:
             base_url=base_url,
             timeout=timeout,
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+            transport=transport,
         )
 
     def _post(self, path: str, **request: Any) -> httpx.Response:

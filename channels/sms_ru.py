@@ -145,10 +145,13 @@ class SMSRu(HTTPSender):
         sender: str | None = None,
         timeout: float = 10.0,
         pool_size: int = 8,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not api_id:
             raise ValueError("api_id is empty")
-        super().__init__(base_url, timeout=timeout, pool_size=pool_size, secrets=[api_id])
+        super().__init__(
+            base_url, timeout=timeout, pool_size=pool_size, secrets=[api_id], transport=transport
+        )
         self.sender = sender or None
         self._api_id = api_id
 

@@ -69,10 +69,13 @@ class TelegramBot(HTTPSender):
         token: str,
         timeout: float = 10.0,
         pool_size: int = 8,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not token or "/" in token:
             raise ValueError("the bot token is empty or malformed")
-        super().__init__(base_url, timeout=timeout, pool_size=pool_size, secrets=[token])
+        super().__init__(
+            base_url, timeout=timeout, pool_size=pool_size, secrets=[token], transport=transport
+        )
         # The only place the token is kept, but for the forms `reply` scrubs.
         self._send_path = f"/bot{token}/sendMessage"
 

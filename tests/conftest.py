@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
-import crud
 from config import Settings
 from db import (
     alembic_config,
@@ -27,6 +26,7 @@ from db import (
     migration_connection,
     run_migrations,
 )
+from lifecycle import Draft
 from main import create_app
 from models import Base, Channel, Notification, NotificationStatus, utcnow
 from tests.smtpd import Credentials, ScriptedHandler, start_server
@@ -231,9 +231,9 @@ BOOKING = {
 }
 
 
-def booking_draft() -> crud.Draft:
+def booking_draft() -> Draft:
     """The BOOKING e-mail, as the routes store it."""
-    return crud.Draft(
+    return Draft(
         route=[(Channel.EMAIL, BOOKING["email"])], text=BOOKING["text"], subject=BOOKING["subject"]
     )
 

@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from config import Settings
-from delivery import Unrecorded, record_late, start_recorder
 from devoutbox import Reply, start_outbox
+from lifecycle import Attempt, Guard, Transition
 from main import create_app
 from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
+from recorder import Unrecorded, record_late, start_recorder
 from tests.conftest import AUTH, BOOKING, booking_draft, drain, queue_messages
 from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
 from tests.smtpd import ScriptedHandler
@@ -530,16 +531,23 @@ def test_a_kept_outcome_is_stored_once_however_many_threads_flush(
             queued=False,
             lease=timedelta(minutes=1),
         )
-    outcome = crud.Outcome(
+    now = utcnow()
+    outcome = Transition(
         notification_id=notification.id,
-        holder=notification.leased_by or "",
-        finished_at=utcnow(),
-        outcome=AttemptOutcome.SENT,
-        number=1,
-        code=250,
+        at=now,
+        guard=Guard.HELD,
+        holder=notification.leased_by,
         status=NotificationStatus.SENT,
+        attempt=Attempt(
+            channel=notification.channel,
+            started_at=now,
+            finished_at=now,
+            outcome=AttemptOutcome.SENT,
+            code=250,
+            number=1,
+        ),
     )
-    unrecorded.keep("kept", partial(record_late, outcome=outcome))
+    unrecorded.keep("kept", partial(record_late, transition=outcome))
     start = threading.Barrier(4)
 
     def flush() -> None:

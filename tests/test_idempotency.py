@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-import crud
+import idempotency
 from models import IdempotencyKey, Notification, utcnow
 from tests.conftest import BOOKING
 from tests.smtpd import ScriptedHandler
@@ -179,7 +179,7 @@ def test_expired_keys_are_purged_and_live_ones_kept(
         old.expires_at = utcnow() - timedelta(seconds=1)
         session.commit()
 
-        assert crud.purge_expired_idempotency_keys(session=session) == 1
+        assert idempotency.purge_expired(session=session) == 1
         assert session.scalars(select(IdempotencyKey.key)).all() == ["k-live"]
 
 

@@ -9,6 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
+import lifecycle
+from models import utcnow
 from tests.conftest import BOOKING
 from tests.smtpd import ScriptedHandler
 
@@ -112,11 +114,10 @@ def test_concurrent_claims_for_resend_have_one_winner(
             notification = crud.get_notification(session=session, notification_id=failed["id"])
             assert notification is not None
             barrier.wait(5)
-            wins.append(
-                crud.claim_for_resend(
-                    session=session, notification=notification, lease=timedelta(seconds=60)
-                )
+            resend = lifecycle.resent(
+                notification, at=utcnow(), holder="api:test", lease=timedelta(seconds=60)
             )
+            wins.append(crud.change(session=session, notification=notification, transition=resend))
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for thread in threads:

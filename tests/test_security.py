@@ -16,7 +16,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import cli
-import crud
+import lifecycle
 import ratelimits
 from config import Settings
 from models import ApiKey, IdempotencyKey, Notification
@@ -225,7 +225,7 @@ def test_a_sensitive_text_is_never_shown_and_erased_after_delivery(
         assert stored is not None
         assert stored.text == ""
         assert stored.text_length == len(code["text"])
-        assert stored.text_hmac == crud.text_hmac(SECRET_KEY.encode(), code["text"])
+        assert stored.text_hmac == lifecycle.text_hmac(SECRET_KEY.encode(), code["text"])
     assert "482913" not in caplog.text
 
 
@@ -539,4 +539,4 @@ def test_an_erased_code_cannot_be_found_by_trying_every_code(
     again = client.post("/notify/email", json=code, headers={"Idempotency-Key": "otp-1"})
     assert again.headers["idempotent-replayed"] == "true"
     # And the evidence still proves what was sent, to whoever holds the key.
-    assert evidence == crud.text_hmac(SECRET_KEY.encode(), "Ваш код: 482913")
+    assert evidence == lifecycle.text_hmac(SECRET_KEY.encode(), "Ваш код: 482913")

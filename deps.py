@@ -1,0 +1,140 @@
+"""The FastAPI dependencies of the endpoints: sessions, the service's objects on
+`app.state`, the caller's key and scopes, the request headers that change a send, and
+path parameters that must name a stored row (a 404 otherwise)."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import Depends, Header, HTTPException, Path, Request, Security, status
+from sqlalchemy.orm import Session
+
+import auth
+import crud
+import idempotency
+from config import Settings
+from delivery import Deliverer, Sending
+from models import ApiKey, Notification, Recipient, Scope
+from ratelimits import RateLimiter
+from schemas import MAX_ID
+
+logger = logging.getLogger(__name__)
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's session (shared by all of a request's dependants)."""
+    async with _closing(request.app.state.session_factory()) as session:
+        yield session
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """A session for a request that only reads, on the autocommit engine
+    (`db.make_engine`): a read is one round trip, without BEGIN and ROLLBACK."""
+    async with _closing(request.app.state.read_session_factory()) as session:
+        yield session
+
+
+@asynccontextmanager
+async def _closing(session: Session) -> AsyncIterator[Session]:
+    """Close a request's session without a thread hop when it holds no connection (every
+    unit of work has committed); otherwise in a thread, since closing rolls back."""
+    try:
+        yield session
+    finally:
+        if not session.in_transaction():
+            session.close()
+        else:
+            # Runs after the response has started: a rollback on a connection the
+            # database dropped must not break it.
+            try:
+                await to_thread.run_sync(session.close)
+            except Exception as exc:
+                logger.warning("closing a database session failed: %s", exc)
+
+
+# async: a plain `def` dependency would cost a thread hop each.
+async def get_deliverer(request: Request) -> Deliverer:
+    deliverer: Deliverer = request.app.state.deliverer
+    return deliverer
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.limiter
+    return limiter
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SendCaller = Annotated[ApiKey, Security(auth.authenticate, scopes=[Scope.SEND])]
+READ = [Security(auth.authenticate, scopes=[Scope.READ])]
+ADMIN = [Security(auth.authenticate, scopes=[Scope.ADMIN])]
+# A key with `admin` has this one too.
+RECIPIENTS = [Security(auth.authenticate, scopes=[Scope.RECIPIENTS])]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        pattern=idempotency.KEY_PATTERN,
+        description="Repeat a request safely: the same key and body answer what the first "
+        "request did and send nothing again; the same key with another body is a 422.",
+    ),
+]
+PreferHeader = Annotated[
+    str | None, Header(description="`respond-async`: queue instead of sending now (202).")
+]
+
+# BIGINT ids: anything else is a 422 on every database (SQLite cannot even bind it).
+NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
+BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
+KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
+ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+
+
+def wants_async(prefer: str | None) -> bool:
+    """RFC 7240: does the Prefer header ask for respond-async?"""
+    if not prefer:
+        return False
+    return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
+
+
+async def sending(
+    caller: SendCaller,
+    session: SessionDep,
+    limiter: LimiterDep,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Sending:
+    """Who sends and how they asked, for `delivery.Deliverer.submit`."""
+    return Sending(caller, session, limiter, wants_async(prefer), idempotency_key)
+
+
+SendingDep = Annotated[Sending, Depends(sending)]
+
+
+def valid_notification_id(notification_id: NotificationId, session: SessionDep) -> Notification:
+    notification = crud.get_notification(session=session, notification_id=notification_id)
+    if notification is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "notification not found")
+    return notification
+
+
+NotificationDep = Annotated[Notification, Depends(valid_notification_id)]
+
+
+def valid_recipient(external_id: ExternalIdPath, session: SessionDep) -> Recipient:
+    recipient = crud.get_recipient(session=session, external_id=external_id)
+    if recipient is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "recipient not found")
+    return recipient
+
+
+RecipientDep = Annotated[Recipient, Depends(valid_recipient)]

@@ -1,0 +1,467 @@
+"""A notification's life as plain data and pure rules: no session, no I/O, no clock.
+
+- `Draft`: what a request asks to store (its route, its content).
+- `plan_route`: the channels a draft is tried on, for every send (one channel named by
+  the endpoint, or an order of several), with the addresses to skip.
+- `Attempt`: one try on a channel, as its row in `delivery_attempts` records it.
+- `Transition`: a change of a notification's state, guarded by the state it leaves
+  (`Guard`); `crud.apply_transitions` is the one writer of them.
+- `next_state`: after an attempt, the state it leaves the notification in (sent, queued
+  for a retry, on to the next channel, failed): the fallback and retry rule, the same for
+  a synchronous send and for a worker.
+- The channels' content limits, defined once.
+"""
+
+import hashlib
+import hmac
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from channels.base import (
+    DeliveryError,
+    Message,
+    Receipt,
+    RecipientUnreachable,
+    TransientDeliveryError,
+)
+from channels.telegram import MAX_TEXT as TELEGRAM_MAX_TEXT
+from models import AttemptOutcome, Channel, Notification, NotificationStatus
+
+
+def text_hmac(key: bytes, text: str) -> str:
+    """Keyed evidence of a text: without the key, trying every six-digit code finds nothing."""
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def erased(text: str, key: bytes) -> dict[str, Any]:
+    """The column values that erase a sensitive text, keeping its length and HMAC."""
+    return {"text": "", "text_length": len(text), "text_hmac": text_hmac(key, text)}
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A notification to store: its channels in order, each with its address, and what
+    to send on them."""
+
+    route: Sequence[tuple[Channel, str]]
+    text: str
+    subject: str | None = None
+    sensitive: bool = False
+    send_at: datetime | None = None
+    parse_mode: str | None = None
+    recipient_id: int | None = None
+    # Channels of the order left out, and why.
+    skipped: Sequence[dict[str, str]] = ()
+
+    def columns(self) -> dict[str, Any]:
+        """The notification's columns that say what to send where."""
+        channel, address = self.route[0]
+        return {
+            "channel": channel,
+            "recipient": address,
+            "route": [{"channel": str(c), "address": a} for c, a in self.route]
+            if len(self.route) > 1
+            else None,
+            "skipped": list(self.skipped) or None,
+            "recipient_id": self.recipient_id,
+            "subject": self.subject,
+            "text": self.text,
+            "sensitive": self.sensitive,
+            "parse_mode": self.parse_mode,
+            "send_at": self.send_at,
+        }
+
+
+class Refused(ValueError):
+    """A request the service cannot take as asked (a 422): `field` names what is wrong."""
+
+    def __init__(self, message: str, *, field: str = "channels") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unroutable(Refused):
+    """A notification no channel can carry as asked."""
+
+
+def plan_route(
+    *,
+    order: Sequence[Channel],
+    addresses: Mapping[Channel, str | None],
+    configured: Collection[Channel],
+    unreachable: Mapping[str, str] | None = None,
+    subject: str | None = None,
+    text: str = "",
+    requested: bool = True,
+) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
+    """The channels to try, in `order`, each with its address; and those left out, with
+    why (no address for the recipient, or the address refused the channel for good).
+
+    Raises `Unroutable` when a `requested` order (the caller's own) names a channel that is
+    not configured, or Telegram for a text over 4,096 characters; an order that is not the
+    caller's (the recipient's, CHANNEL_ORDER) skips such channels. Raises it as well when
+    no channel is left (e-mail without a subject is left out).
+    """
+    route: list[tuple[Channel, str]] = []
+    skipped: list[dict[str, str]] = []
+    for channel in order:
+        if channel not in configured:
+            if requested:
+                raise Unroutable(f"the {channel} channel is not configured")
+            skipped.append({"channel": str(channel), "reason": "not configured"})
+            continue
+        address = addresses.get(channel)
+        if address is None:
+            skipped.append({"channel": str(channel), "reason": "no address"})
+            continue
+        if unreachable and str(channel) in unreachable:
+            reason = f"unreachable: {unreachable[str(channel)]}"
+            skipped.append({"channel": str(channel), "reason": reason})
+            continue
+        if channel == Channel.EMAIL and subject is None:
+            skipped.append({"channel": str(channel), "reason": "no subject"})
+            continue
+        if channel == Channel.TELEGRAM and len(text) > TELEGRAM_MAX_TEXT:
+            if requested:
+                raise Unroutable(
+                    f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text"
+                )
+            skipped.append({"channel": str(channel), "reason": "text too long"})
+            continue
+        route.append((channel, address))
+    if not route:
+        reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)
+        raise Unroutable(f"no channel of the order can reach this recipient ({reasons})")
+    return route, skipped
+
+
+def message_for(notification: Notification) -> Message:
+    """What to send on the notification's channel now."""
+    return Message(
+        address=notification.recipient,
+        text=notification.text,
+        subject=notification.subject,
+        message_id=notification.message_id,
+        sensitive=notification.sensitive,
+        parse_mode=notification.parse_mode,
+    )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try on a channel, as `delivery_attempts` records it.
+
+    It is named by the pending row a worker's claim wrote for it (`attempt_id`), or by its
+    `number` on the notification (a synchronous send writes no pending row): written again
+    after a commit whose answer was lost, it is found stored and counted once.
+    """
+
+    channel: Channel
+    started_at: datetime
+    finished_at: datetime
+    outcome: AttemptOutcome
+    code: int | None = None
+    error: str | None = None
+    provider_message_id: str | None = None
+    segments: int | None = None
+    cost: Decimal | None = None
+    # A transient failure's wait asked for by the provider (Telegram's retry_after).
+    retry_after: float | None = None
+    # The address refused the channel for good: remembered on the recipient.
+    unreachable: bool = False
+    attempt_id: int | None = None
+    number: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        result: Receipt | DeliveryError,
+        *,
+        channel: Channel,
+        started_at: datetime,
+        finished_at: datetime,
+        attempt_id: int | None = None,
+        number: int | None = None,
+    ) -> "Attempt":
+        """The attempt a provider's receipt, or a delivery error, makes."""
+        if isinstance(result, Receipt):
+            return cls(
+                channel=channel,
+                started_at=started_at,
+                finished_at=finished_at,
+                outcome=AttemptOutcome.SENT,
+                code=result.code,
+                provider_message_id=result.provider_message_id,
+                segments=result.segments,
+                cost=result.cost,
+                attempt_id=attempt_id,
+                number=number,
+            )
+        transient = isinstance(result, TransientDeliveryError)
+        return cls(
+            channel=channel,
+            started_at=started_at,
+            finished_at=finished_at,
+            outcome=AttemptOutcome.TRANSIENT_ERROR if transient else AttemptOutcome.PERMANENT_ERROR,
+            code=result.code,
+            # A server's reply may hold a NUL, which PostgreSQL text cannot store.
+            error=str(result).replace("\x00", "\ufffd"),
+            retry_after=result.retry_after if transient else None,
+            unreachable=isinstance(result, RecipientUnreachable),
+            attempt_id=attempt_id,
+            number=number,
+        )
+
+    @property
+    def sent(self) -> bool:
+        return self.outcome == AttemptOutcome.SENT
+
+    @property
+    def transient(self) -> bool:
+        return self.outcome == AttemptOutcome.TRANSIENT_ERROR
+
+    @property
+    def counted(self) -> bool:
+        """Whether the notification's counters include it already (a worker's claim
+        counted its pending row; a synchronous attempt is counted when stored)."""
+        return self.attempt_id is not None
+
+    def values(self) -> dict[str, Any]:
+        """Its columns in `delivery_attempts` (but its identity)."""
+        return {
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "channel": self.channel,
+            "outcome": self.outcome,
+            "code": self.code,
+            "error": self.error,
+            "provider_message_id": self.provider_message_id,
+            "segments": self.segments,
+            "cost": self.cost,
+        }
+
+
+class Guard(StrEnum):
+    """The state a transition may leave; any other state leaves the row unchanged.
+
+    held    sending, under the lease of `Transition.holder`
+    queued  queued (a cancel)
+    failed  failed, its text not erased (a resend)
+    due     queued with `next_attempt_at` passed, or sending under a lease run out
+            before `Transition.at` (a worker's claim)
+    unsent  never attempted: queued, or sending under `holder` (a request answered 503
+            that may have stored it after all)
+    """
+
+    HELD = "held"
+    QUEUED = "queued"
+    FAILED = "failed"
+    DUE = "due"
+    UNSENT = "unsent"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A position in a notification's order: its channel and address there."""
+
+    position: int
+    channel: Channel
+    address: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change of one notification's state, made only where `guard` holds.
+
+    `status` None keeps the status (an attempt a quick retry follows). With a status,
+    `next_attempt_at`, `leased_by` and `lease_expires_at` are set as given (`leased_by`
+    only while sending). `attempt` is stored whether or not the guard held: it happened.
+    """
+
+    notification_id: int
+    at: datetime
+    guard: Guard
+    status: NotificationStatus | None
+    holder: str | None = None
+    next_attempt_at: datetime | None = None
+    leased_by: str | None = None
+    lease_expires_at: datetime | None = None
+    # On to another position of the order (a fallback, a resend from the first channel).
+    step: Step | None = None
+    # The columns that erase a sensitive text.
+    erase: Mapping[str, Any] = field(default_factory=dict)
+    attempt: Attempt | None = None
+    # Added to the attempt counters (a worker's claim +1, a release -1); a stored
+    # synchronous attempt counts itself.
+    counted: int = 0
+    # The notification's `error_message` when no attempt sets it (a withdrawal).
+    reason: str | None = None
+
+    @property
+    def error_message(self) -> tuple[bool, str | None]:
+        """Whether it sets `error_message`, and to what: an attempt's error (None when it
+        sent), or the reason given."""
+        if self.attempt is not None:
+            return True, self.attempt.error
+        return self.reason is not None, self.reason
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The retry and fallback rule's numbers.
+
+    A transient failure is retried from the queue (after `backoff(attempts on the channel)`
+    seconds, never sooner than the provider asked) until `max_attempts` attempts on the
+    channel, or `fallback_after` when another channel follows it; then, or at once after a
+    permanent failure, the next channel of the order is tried, and with none left the
+    notification ends failed. A sensitive text is erased once the notification is final.
+    """
+
+    max_attempts: int
+    fallback_after: int
+    lease: timedelta
+    backoff: Callable[[int], float]
+    key: bytes
+
+
+def next_state(
+    notification: Notification, attempt: Attempt, policy: Policy, *, holder: str
+) -> Transition:
+    """The transition `attempt` makes on `notification`, still held by `holder`: sent;
+    queued for a retry on its channel; queued, due now, on the next channel of its order;
+    or failed."""
+    at = attempt.finished_at
+    on_channel = notification.channel_attempts + (0 if attempt.counted else 1)
+    position = notification.route_position + 1
+    following = notification.step(position)
+    limit = policy.fallback_after if following is not None else policy.max_attempts
+    status = NotificationStatus.SENT if attempt.sent else NotificationStatus.FAILED
+    next_attempt_at: datetime | None = None
+    step: Step | None = None
+    if attempt.transient and on_channel < limit:
+        status = NotificationStatus.QUEUED
+        wait = max(policy.backoff(on_channel), attempt.retry_after or 0.0)
+        next_attempt_at = at + timedelta(seconds=wait)
+    elif not attempt.sent and following is not None:
+        status = NotificationStatus.QUEUED
+        next_attempt_at = at
+        step = Step(position, *following)
+    erase: dict[str, Any] = {}
+    if notification.sensitive and status in (NotificationStatus.SENT, NotificationStatus.FAILED):
+        erase = erased(notification.text, policy.key)
+    return Transition(
+        notification_id=notification.id,
+        at=at,
+        guard=Guard.HELD,
+        holder=holder,
+        status=status,
+        next_attempt_at=next_attempt_at,
+        step=step,
+        erase=erase,
+        attempt=attempt,
+    )
+
+
+def holding_on(transition: Transition, lease: timedelta) -> Transition:
+    """A move to the next channel that its sender makes at once, still holding the
+    notification (a synchronous send past a refusal), rather than leaving it to the queue."""
+    return replace(
+        transition,
+        status=NotificationStatus.SENDING,
+        next_attempt_at=None,
+        leased_by=transition.holder,
+        lease_expires_at=transition.at + lease,
+    )
+
+
+def recorded_only(transition: Transition) -> Transition:
+    """The attempt of `transition` alone, the notification still sending on its channel
+    (a quick retry follows)."""
+    return replace(transition, status=None, next_attempt_at=None, step=None, erase={})
+
+
+def claimed(
+    notification_id: int,
+    *,
+    at: datetime,
+    worker_id: str,
+    lease: timedelta,
+    next_attempt_at: datetime | None,
+    lost: bool,
+) -> Transition:
+    """A worker's claim of a due notification under a lease, counting the attempt it is
+    about to make (and a taken-over synchronous send's `lost` one); its due time stays,
+    for a release to give it back in its place."""
+    return Transition(
+        notification_id=notification_id,
+        at=at,
+        guard=Guard.DUE,
+        status=NotificationStatus.SENDING,
+        next_attempt_at=next_attempt_at,
+        leased_by=worker_id,
+        lease_expires_at=at + lease,
+        counted=2 if lost else 1,
+    )
+
+
+def released(notification: Notification, *, at: datetime, worker_id: str) -> Transition:
+    """A claimed, unattempted notification given back to the queue, its claim uncounted."""
+    return Transition(
+        notification_id=notification.id,
+        at=at,
+        guard=Guard.HELD,
+        holder=worker_id,
+        status=NotificationStatus.QUEUED,
+        # A taken-over synchronous send has none: due at once.
+        next_attempt_at=notification.next_attempt_at or at,
+        counted=-1,
+    )
+
+
+def cancelled(notification: Notification, *, at: datetime, key: bytes) -> Transition:
+    """A queued notification withdrawn before a worker sends it."""
+    return Transition(
+        notification_id=notification.id,
+        at=at,
+        guard=Guard.QUEUED,
+        status=NotificationStatus.CANCELLED,
+        erase=erased(notification.text, key) if notification.sensitive else {},
+    )
+
+
+def resent(
+    notification: Notification, *, at: datetime, holder: str | None, lease: timedelta
+) -> Transition:
+    """A failed notification back to its first channel with the retries of a new one:
+    sending under `holder`'s lease, or (no holder) queued, due now."""
+    first = notification.step(0) or (notification.channel, notification.recipient)
+    sending = holder is not None
+    return Transition(
+        notification_id=notification.id,
+        at=at,
+        guard=Guard.FAILED,
+        status=NotificationStatus.SENDING if sending else NotificationStatus.QUEUED,
+        next_attempt_at=None if sending else at,
+        leased_by=holder,
+        lease_expires_at=at + lease if sending else None,
+        step=Step(0, *first),
+    )
+
+
+def withdrawn(
+    notification_id: int, *, at: datetime, holder: str | None, erase: Mapping[str, Any], reason: str
+) -> Transition:
+    """An unattempted notification failed, unsent, for `reason`."""
+    return Transition(
+        notification_id=notification_id,
+        at=at,
+        guard=Guard.UNSENT,
+        holder=holder,
+        status=NotificationStatus.FAILED,
+        erase=erase,
+        reason=reason,
+    )

@@ -1,0 +1,132 @@
+"""One lifecycle: the same attempts, sent in the request or by a worker, leave the same rows
+(`delivery.Deliverer.attempt` and `lifecycle.next_state` on both paths)."""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from devoutbox import Outbox, Reply, start_outbox
+from models import DeliveryAttempt, Notification
+from tests.conftest import BOOKING, drain
+from tests.smtpd import ScriptedHandler
+from worker import Worker
+
+NO_SUCH_USER = "550 5.1.1 No such user"
+TRY_LATER = "451 4.3.0 Try again later"
+NO_NUMBER = {"status": "ERROR", "status_code": 207, "status_text": "Нельзя отправлять"}
+BLOCKED = {"ok": False, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}
+# What differs between two notifications by nature (ids, times, message ids), or by path
+# without being state (the lease holder's name, how many writes the row has seen).
+NOT_STATE = {
+    "id",
+    "created_at",
+    "updated_at",
+    "sent_at",
+    "next_attempt_at",
+    "leased_by",
+    "lease_expires_at",
+    "message_id",
+    "version",
+}
+ATTEMPT_NOT_STATE = {"id", "notification_id", "started_at", "finished_at", "provider_message_id"}
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    box = start_outbox(tmp_path / "outbox")
+    yield box
+    box.stop()
+
+
+def providers(outbox: Outbox) -> dict[str, Any]:
+    return {
+        "sms_ru_url": outbox.url,
+        "sms_ru_api_id": "test-api-id-0123",
+        "telegram_api_url": outbox.url,
+        "telegram_bot_token": "123456:test-bot-token",
+        "channel_timeout": 2.0,
+        # One attempt per channel in the request, as a worker makes one per claim.
+        "retry_attempts": 1,
+    }
+
+
+def rows(db: sessionmaker[Session], notification_id: int) -> dict[str, Any]:
+    """The notification's columns and its attempts', without what is not state."""
+    with db() as session:
+        notification = session.get(Notification, notification_id)
+        assert notification is not None
+        columns = {
+            c.key: getattr(notification, c.key)
+            for c in Notification.__table__.c
+            if c.key not in NOT_STATE
+        }
+        attempts = session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.notification_id == notification_id)
+            .order_by(DeliveryAttempt.number)
+        )
+        columns["attempts_stored"] = [
+            {
+                c.key: getattr(a, c.key)
+                for c in DeliveryAttempt.__table__.c
+                if c.key not in ATTEMPT_NOT_STATE
+            }
+            for a in attempts
+        ]
+    return columns
+
+
+def script(smtp: ScriptedHandler, outbox: Outbox, smtp_replies: list[str], replies: list[Reply]):
+    smtp.rcpt_replies.extend(smtp_replies)
+    outbox.plan(*replies)
+
+
+SCENARIOS = {
+    "sent at once": ([], []),
+    "refused, then sent by SMS": ([NO_SUCH_USER], []),
+    "refused on every channel": (
+        [NO_SUCH_USER],
+        [Reply.json(200, NO_NUMBER), Reply.json(403, BLOCKED)],
+    ),
+    "a transient failure, left to the queue's backoff": ([TRY_LATER], []),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_request_and_the_worker_leave_the_same_rows(
+    make_client: Callable[..., TestClient],
+    make_worker: Callable[..., Worker],
+    smtp: ScriptedHandler,
+    outbox: Outbox,
+    db: sessionmaker[Session],
+    scenario: str,
+) -> None:
+    smtp_replies, provider_replies = SCENARIOS[scenario]
+    # A transient failure's retry is not due within the test.
+    backoff = {"queue_retry_initial_wait": 600, "queue_retry_max_wait": 3600}
+    client = make_client(**providers(outbox), **backoff)
+    worker = make_worker(**providers(outbox), **backoff)
+    body = {
+        "recipient": {"email": BOOKING["email"], "phone": "+79161234567", "telegram_chat_id": 42},
+        "channels": ["email", "sms", "telegram"],
+        "subject": BOOKING["subject"],
+        "text": BOOKING["text"],
+    }
+
+    script(smtp, outbox, smtp_replies, provider_replies)
+    in_request = client.post("/notify", json=body)
+    assert in_request.status_code in (201, 202, 502), in_request.text
+    script(smtp, outbox, smtp_replies, provider_replies)
+    queued = client.post("/notify", json=body, headers={"Prefer": "respond-async"})
+    assert queued.status_code == 202, queued.text
+    drain(worker)
+
+    sync_rows = rows(db, in_request.json()["id"])
+    worker_rows = rows(db, queued.json()["id"])
+    assert sync_rows == worker_rows
+    assert sync_rows["attempts_stored"], "nothing was attempted"
