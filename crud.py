@@ -47,6 +47,7 @@ from lifecycle import (
     withdrawn,
 )
 from models import (
+    ADDRESS_FIELDS,
     ApiKey,
     AttemptOutcome,
     Batch,
@@ -1069,9 +1070,7 @@ def upsert_recipient(*, session: Session, data: RecipientCreate) -> tuple[Recipi
     the channels that refused it); the recipient, and whether it is new."""
     now = utcnow()
     values = {
-        "email": data.email,
-        "phone": data.phone,
-        "telegram_chat_id": data.telegram_chat_id,
+        **{field: getattr(data, field) for field in ADDRESS_FIELDS.values()},
         "locale": data.locale,
         "channels": [str(c) for c in data.channels] if data.channels else None,
         "unreachable": None,

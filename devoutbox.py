@@ -18,15 +18,10 @@ can be seen under `make run`; nothing is saved for them:
                                             "description": "Forbidden: bot was blocked by
                                             the user"}
 
-Tests make faults with `Outbox.plan`: each planned `Reply` answers one coming request to
-either API, in order, in place of the normal answer. The faults are the server's real
-replies, so the client code under test runs unchanged:
-
-    outbox.plan(Reply.json(200, {"status": "ERROR", "status_code": 220, "status_text": "..."}))
-    outbox.plan(Reply.slow(1.0))     # the normal answer (message saved), a second late
-    outbox.plan(Reply.hang_up())     # the connection closes, no answer at all
-
-`Outbox.requests` keeps the last 10,000 requests' fields (the api_id left out) for assertions.
+Tests script faults through one seam, `Outbox._arrived`: a subclass (tests/providers.py)
+may answer a request with an `Interception` (a status and body, a delay, or a hang-up) in
+place of the normal answer, so that the faults are the server's real replies and the
+client code under test runs unchanged.
 """
 
 import json
@@ -37,14 +32,13 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, Self
 from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 
@@ -74,37 +68,26 @@ _TOKEN_IN_LINE = re.compile(r"/bot[^/\s\"']*")
 _API_ID_IN_LINE = re.compile(r"api_id=[^&\s\"']*")
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A planned answer to one request, in place of the stand-in's normal one."""
+class Interception(Protocol):
+    """An answer given in place of the stand-in's normal one (see `Outbox._arrived`)."""
 
-    status: int | None = None  # None: the normal answer (the message is accepted)
-    body: bytes = b""
-    content_type: str = "application/json; charset=utf-8"
-    delay: float = 0.0  # seconds before answering; beyond the client's timeout, a timeout
-    drop: bool = False  # close the connection without answering
+    @property
+    def status(self) -> int | None:
+        """None: the normal answer, after `delay`."""
 
-    @classmethod
-    def json(cls, status: int, body: object, *, delay: float = 0.0) -> "Reply":
-        """`status` with `body` as JSON."""
-        return cls(status, _json_bytes(body), delay=delay)
+    @property
+    def body(self) -> bytes: ...
 
-    @classmethod
-    def raw(
-        cls, status: int, body: bytes, *, content_type: str = "text/html", delay: float = 0.0
-    ) -> "Reply":
-        """`status` with `body` as it is: a proxy's error page, a reply that is not JSON."""
-        return cls(status, body, content_type=content_type, delay=delay)
+    @property
+    def content_type(self) -> str: ...
 
-    @classmethod
-    def slow(cls, delay: float) -> "Reply":
-        """The normal answer, `delay` seconds late."""
-        return cls(delay=delay)
+    @property
+    def delay(self) -> float:
+        """Seconds before answering; beyond the client's timeout, a timeout."""
 
-    @classmethod
-    def hang_up(cls, *, delay: float = 0.0) -> "Reply":
-        """Read the request, then close the connection without a word."""
-        return cls(delay=delay, drop=True)
+    @property
+    def drop(self) -> bool:
+        """Close the connection without answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +107,7 @@ class _Accepted:
 
 
 class Outbox:
-    """The running stand-in: its base `url`, the `requests` it got, and planned replies."""
+    """The running stand-in: its base `url`."""
 
     def __init__(
         self,
@@ -135,12 +118,10 @@ class Outbox:
         token: str | None = None,
     ) -> None:
         self.directory = directory
-        self.requests: deque[Received] = deque(maxlen=10_000)
         # SMS.ru's reply says what is left on the account; nothing is ever spent here.
         self.balance = Decimal("1000.00")
         self._api_id = api_id
         self._token = token
-        self._planned: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._counter = 0
         self._stopping = threading.Event()
@@ -159,7 +140,7 @@ class Outbox:
     def __repr__(self) -> str:
         return f"Outbox(url={self.url!r}, directory={str(self.directory)!r})"
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -170,15 +151,10 @@ class Outbox:
     ) -> None:
         self.stop()
 
-    def start(self) -> "Outbox":
+    def start(self) -> Self:
         """Serve in a background thread."""
         self._thread.start()
         return self
-
-    def plan(self, *replies: Reply) -> None:
-        """Answer the next requests with `replies`, one each, in order."""
-        with self._lock:
-            self._planned.extend(replies)
 
     def stop(self) -> None:
         """Stop serving; open connections, idle or waiting on a delay, are closed."""
@@ -205,11 +181,9 @@ class Outbox:
         with self._lock:
             self._connections.pop(connection, None)
 
-    def _arrived(self, received: Received) -> Reply | None:
-        """Keep `received`; the reply planned for it, if any."""
-        with self._lock:
-            self.requests.append(received)
-            return self._planned.popleft() if self._planned else None
+    def _arrived(self, received: Received) -> Interception | None:
+        """What to answer `received` with instead of the normal answer: nothing here."""
+        return None
 
     def _next_id(self) -> int:
         with self._lock:

@@ -318,7 +318,8 @@ class TelegramNotificationCreate(MessageContent):
 
 
 class Contacts(BaseModel):
-    """Addresses to reach someone at."""
+    """Addresses to reach someone at: one field per channel (models.ADDRESS_FIELDS), typed
+    here once for requests and stored recipients alike."""
 
     email: EmailAddress | None = None
     phone: PhoneNumber | None = None
@@ -339,7 +340,7 @@ class NotifyRecipient(Contacts):
 
     @model_validator(mode="after")
     def one_way_to_name(self) -> "NotifyRecipient":
-        addresses = (self.email, self.phone, self.telegram_chat_id)
+        addresses = [self.address(channel) for channel in Channel]
         if self.external_id is not None and any(a is not None for a in addresses):
             raise ValueError("give either `external_id` or addresses, not both")
         if self.external_id is None and all(a is None for a in addresses):
@@ -358,14 +359,11 @@ class NotificationCreate(MessageContent):
     parse_mode: ParseMode | None = Field(default=None, description="Telegram only.")
 
 
-class RecipientUpdate(BaseModel):
+class RecipientUpdate(Contacts):
     """Fields to change; an explicit null clears one."""
 
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailAddress | None = None
-    phone: PhoneNumber | None = None
-    telegram_chat_id: TelegramChatId | None = None
     locale: Locale | None = None
     channels: ChannelOrder
 

@@ -23,16 +23,18 @@ from channels.base import (
 from channels.sms_ru import SMSRu, sms_segments
 from channels.telegram import MAX_TEXT, TelegramBot
 from config import Settings
-from devoutbox import Outbox, Reply, start_outbox
 from tests.providers import (
     API_ID,
     NUMBER,
     TIMEOUT,
     TOKEN,
+    Outbox,
+    Reply,
     bot_api_error,
     sms_accepted,
     sms_refusal,
     sms_request_refusal,
+    start_outbox,
 )
 
 

@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 from config import Settings
-from devoutbox import Reply, start_outbox
 from lifecycle import Attempt, Guard, Transition
 from main import create_app
 from models import AttemptOutcome, DeliveryAttempt, Notification, NotificationStatus, utcnow
 from recorder import Unrecorded, record_late, start_recorder
 from tests.conftest import AUTH, BOOKING, booking_draft, drain, queue_messages
 from tests.faults import CuttableLink, LiveServer, SilentSMTPServer, wait_for
+from tests.providers import Reply, start_outbox
 from tests.smtpd import ScriptedHandler
 from wiring import Database, build_database, build_deliverer
 from worker import Worker

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
 from schemathesis.core.result import Err
 
-from devoutbox import start_outbox
 from tests.conftest import AUTH
+from tests.providers import start_outbox
 
 EXAMPLES_PER_OPERATION = 100
 OPEN = ("/healthz", "/readyz")

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from devoutbox import Outbox, Reply, start_outbox
 from models import DeliveryAttempt, Notification
 from tests.conftest import BOOKING, drain
+from tests.providers import Outbox, Reply, start_outbox
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 

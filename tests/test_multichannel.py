@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from devoutbox import Outbox, Reply, start_outbox
 from tests.conftest import BOOKING, drain
+from tests.providers import Outbox, Reply, start_outbox
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 

@@ -11,8 +11,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from devoutbox import Outbox, Reply, start_outbox
-from tests.providers import API_ID, TOKEN, bot_api_error, sms_request_refusal
+from tests.providers import (
+    API_ID,
+    TOKEN,
+    Outbox,
+    Reply,
+    bot_api_error,
+    sms_request_refusal,
+    start_outbox,
+)
 
 SECRETS = (API_ID, TOKEN, TOKEN.partition(":")[2])
 
