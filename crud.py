@@ -166,6 +166,7 @@ def create_notification(
     lease: timedelta,
     holder: str | None = None,
     idempotency: IdempotencyClaim | None = None,
+    now: Callable[[], datetime] = utcnow,
 ) -> Notification:
     """Store a notification before any attempt: queued for a worker, or sending now under
     a lease held by `holder`.
@@ -174,8 +175,8 @@ def create_notification(
     worker takes it over when the lease expires. With `idempotency`, the key is stored
     in the same transaction, or `IdempotencyKeyUsed` is raised and nothing is stored.
     """
-    now = utcnow()
-    key_id = idempotency_keys.claim_key(session, idempotency, now) if idempotency else None
+    at = now()
+    key_id = idempotency_keys.claim_key(session, idempotency, at) if idempotency else None
     notification = Notification(
         **draft.columns(),
         status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
@@ -183,11 +184,11 @@ def create_notification(
         channel_attempts=0,
         route_position=0,
         message_id=message_id,
-        next_attempt_at=(draft.send_at or now) if queued else None,
+        next_attempt_at=(draft.send_at or at) if queued else None,
         leased_by=None if queued else holder or request_holder(),
-        lease_expires_at=None if queued else now + lease,
-        created_at=now,
-        updated_at=now,
+        lease_expires_at=None if queued else at + lease,
+        created_at=at,
+        updated_at=at,
     )
     session.add(notification)
     session.flush()
@@ -212,18 +213,19 @@ def create_batch(
     drafts: Sequence[Draft] = (),
     message_ids: Sequence[str],
     idempotency: IdempotencyClaim | None = None,
+    now: Callable[[], datetime] = utcnow,
 ) -> Batch:
     """Store a batch and its queued notifications in one transaction: one e-mail to each
     of `emails`, or one notification per draft (each with its own order and addresses),
     all with the `content` (subject, text, sensitive, send_at) of `content`."""
-    now = utcnow()
-    key_id = idempotency_keys.claim_key(session, idempotency, now) if idempotency else None
+    at = now()
+    key_id = idempotency_keys.claim_key(session, idempotency, at) if idempotency else None
     batch = Batch(
         channel=drafts[0].route[0][0] if drafts else Channel.EMAIL,
         subject=content.subject,
         requested=requested,
         accepted=len(emails) + len(drafts),
-        created_at=now,
+        created_at=at,
     )
     session.add(batch)
     session.flush()
@@ -234,14 +236,14 @@ def create_batch(
         "sensitive": content.sensitive,
         "status": NotificationStatus.QUEUED.value,
         "send_at": content.send_at,
-        "next_attempt_at": content.send_at or now,
+        "next_attempt_at": content.send_at or at,
     }
     if emails:
         _insert_batch_rows(
             session,
             emails,
             message_ids,
-            {**shared, "channel": Channel.EMAIL.value, "now": now},
+            {**shared, "channel": Channel.EMAIL.value, "now": at},
         )
     if drafts:
         # Each row has its own order and addresses: a plain executemany.
@@ -255,8 +257,8 @@ def create_batch(
                     "attempts": 0,
                     "channel_attempts": 0,
                     "route_position": 0,
-                    "created_at": now,
-                    "updated_at": now,
+                    "created_at": at,
+                    "updated_at": at,
                     "version": 1,
                 }
                 for draft, message_id in zip(drafts, message_ids, strict=True)
@@ -915,10 +917,16 @@ def renew_leases(
     return set(kept)
 
 
-def release(*, session: Session, worker_id: str, leased: Sequence[Leased]) -> int:
+def release(
+    *,
+    session: Session,
+    worker_id: str,
+    leased: Sequence[Leased],
+    now: Callable[[], datetime] = utcnow,
+) -> int:
     """Give leased, unattempted notifications back to the queue (a worker stopping), with
     their pending attempts withdrawn; how many went back."""
-    at = utcnow()
+    at = now()
     applied = apply_transitions(
         session=session,
         transitions=[released(item.notification, at=at, worker_id=worker_id) for item in leased],

@@ -293,7 +293,7 @@ class Deliverer:
         with SyncSlot(self.sync_sends, not queued) as slot:
             try:
                 # A repeat is answered before the rate limits are counted: it sends nothing.
-                idempotency.raise_if_key_used(session=session, claim=claim)
+                idempotency.raise_if_key_used(session=session, claim=claim, now=self.now)
                 self._count_recipient(ctx, *draft.route[0])
                 notification = self.create(
                     session=session, draft=draft, queued=not slot.held, idempotency=claim
@@ -331,7 +331,7 @@ class Deliverer:
             raise NoValidRecipient(refused)
         claim = self._claim(ctx, "/notify/bulk", data)
         try:
-            idempotency.raise_if_key_used(session=session, claim=claim)
+            idempotency.raise_if_key_used(session=session, claim=claim, now=self.now)
             sendable, limited = self._within_recipient_limits(ctx, data, drafts)
             content = Draft(
                 route=(),
@@ -490,6 +490,7 @@ class Deliverer:
             record=used.record,
             wait=self.settings.idempotency_wait,
             lease=self.lease,
+            now=self.now,
         )
 
     def _replay(
@@ -523,6 +524,7 @@ class Deliverer:
                 queued=queued,
                 lease=self.lease,
                 idempotency=idempotency,
+                now=self.now,
             )
         except crud.CommitUnconfirmed as unconfirmed:
             self.withdraw_later(unconfirmed, draft.text if draft.sensitive else None)
@@ -548,6 +550,7 @@ class Deliverer:
                 drafts=drafts,
                 message_ids=new_message_ids(self.sender, len(emails) + len(drafts)),
                 idempotency=idempotency,
+                now=self.now,
             )
         except crud.CommitUnconfirmed as unconfirmed:
             self.withdraw_later(unconfirmed, content.text if content.sensitive else None)
@@ -743,7 +746,7 @@ class Deliverer:
         """Give a worker's unattempted notifications back to the queue; if the database
         is down, as soon as it is back (still before their leases run out, mostly)."""
         try:
-            crud.release(session=session, worker_id=worker_id, leased=leased)
+            crud.release(session=session, worker_id=worker_id, leased=leased, now=self.now)
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
             self.unrecorded.keep(

@@ -136,15 +136,20 @@ def forget_keys_of(
         )
 
 
-def raise_if_key_used(*, session: Session, claim: IdempotencyClaim | None) -> None:
-    """Raise `IdempotencyKeyUsed` if the claim's key is stored and unexpired."""
+def raise_if_key_used(
+    *,
+    session: Session,
+    claim: IdempotencyClaim | None,
+    now: Callable[[], datetime] = utcnow,
+) -> None:
+    """Raise `IdempotencyKeyUsed` if the claim's key is stored and unexpired by `now`."""
     if claim is None:
         return
     record = session.scalars(
         select(IdempotencyKey).where(
             IdempotencyKey.scope == claim.scope,
             IdempotencyKey.key == claim.key,
-            IdempotencyKey.expires_at > utcnow(),
+            IdempotencyKey.expires_at > now(),
         )
     ).one_or_none()
     session.commit()
@@ -215,6 +220,7 @@ def first_outcome(
     lease: timedelta,
     poll: float = 0.05,
     sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], datetime] = utcnow,
 ) -> IdempotencyKey:
     """The stored key once its first request has answered (its `status_code` is set).
 
@@ -224,7 +230,7 @@ def first_outcome(
     if record.fingerprint != claim.fingerprint:
         raise KeyReusedError
     deadline = time.monotonic() + wait
-    while record.status_code is None and record.created_at + lease > utcnow():
+    while record.status_code is None and record.created_at + lease > now():
         if time.monotonic() >= deadline:
             raise KeyInFlightError
         sleep(poll)

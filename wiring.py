@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -20,7 +21,7 @@ from delivery import Deliverer
 from devmail import start_mail_catcher
 from devoutbox import start_outbox
 from mailer import EmailChannel, SMTPMailer
-from models import Channel
+from models import Channel, utcnow
 from ratelimits import RateLimiter
 
 
@@ -63,13 +64,15 @@ def build_database(
     return Database(engine=engine, session_factory=make_session_factory(engine))
 
 
-def build_deliverer(settings: Settings) -> tuple[Deliverer, Callable[[], None]]:
+def build_deliverer(
+    settings: Settings, *, now: Callable[[], datetime] = utcnow
+) -> tuple[Deliverer, Callable[[], None]]:
     """The deliverer `settings` describe, and the function that closes its connections and
     stops the local stand-ins it started (in development: the mail catcher, and the
     SMS.ru and Bot API stand-in for channels without settings of their own)."""
     with ExitStack() as stack:
         channels = build_channels(settings, stack)
-        deliverer = Deliverer(settings=settings, channels=channels)
+        deliverer = Deliverer(settings=settings, channels=channels, now=now)
         # Built: what was started keeps running, for the caller to stop.
         started = stack.pop_all()
     return deliverer, started.close

@@ -189,7 +189,7 @@ def make_worker(settings: Settings, db: sessionmaker[Session]) -> Iterator[Calla
     def make(now: Callable[[], datetime] = utcnow, **changes: object) -> Worker:
         base = {"queue_retry_initial_wait": 0, "queue_retry_max_wait": 0}
         changed = Settings(_env_file=None, **(settings.model_dump() | base | changes))
-        deliverer, stop_deliverer = build_deliverer(changed)
+        deliverer, stop_deliverer = build_deliverer(changed, now=now)
         worker = Worker(session_factory=db, deliverer=deliverer, settings=changed, now=now)
         made.append((worker, stop_deliverer))
         return worker
