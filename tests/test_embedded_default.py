@@ -267,3 +267,54 @@ def test_health_answers_options_with_the_methods_it_allows(tmp_path: Path, path:
     assert response.status_code == 204
     assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
     assert response.content == b""
+
+
+def test_production_needs_a_secret_key_even_without_smtp(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="SECRET_KEY is required in production"):
+        Settings(_env_file=None, environment="production", smtp_host="")
+
+
+def test_production_without_smtp_has_no_e_mail_and_starts_no_stand_in(tmp_path: Path) -> None:
+    """An SMS-only deployment: e-mail is not configured, and nothing local stands in."""
+    settings = Settings(
+        _env_file=None,
+        environment="production",
+        database_url=f"sqlite:///{tmp_path / 'notifications.db'}",
+        smtp_host="",
+        secret_key="production-secret-key-0123",
+        bootstrap_api_key=ADMIN_KEY,
+        dev_mail_dir=tmp_path / "mail",
+        dev_outbox_dir=tmp_path / "outbox",
+        dev_api_key_file=tmp_path / "dev-api-key",
+    )
+
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        email = client.post("/notify/email", json=BOOKING)
+        sms = client.post("/notify/sms", json={"phone": "+79161234567", "text": "Код 123456"})
+
+    assert email.status_code == 422
+    assert email.json()["detail"][0]["msg"] == "the email channel is not configured"
+    assert sms.status_code == 422
+    assert sms.json()["detail"][0]["msg"] == "the sms channel is not configured"
+    assert not (tmp_path / "mail").exists()
+    assert not (tmp_path / "outbox").exists()
+    assert not (tmp_path / "dev-api-key").exists()
+
+
+def test_development_with_an_smtp_server_still_stands_in_for_sms(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        environment="development",
+        database_url=f"sqlite:///{tmp_path / 'notifications.db'}",
+        smtp_host="127.0.0.1",
+        bootstrap_api_key=ADMIN_KEY,
+        dev_outbox_dir=tmp_path / "outbox",
+        dev_api_key_file=tmp_path / "dev-api-key",
+        dev_secret_key_file=tmp_path / "secret-key",
+    )
+
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        sms = client.post("/notify/sms", json={"phone": "+79161234567", "text": "Код 123456"})
+
+    assert sms.status_code == 201, sms.text
+    assert list((tmp_path / "outbox" / "sms").iterdir())
