@@ -72,6 +72,17 @@ class Outbox(devoutbox.Outbox):
             return self._planned.popleft() if self._planned else None
 
 
+def provider_settings(outbox: Outbox) -> dict[str, Any]:
+    """Settings that point SMS.ru and the Bot API at `outbox`."""
+    return {
+        "sms_ru_url": outbox.url,
+        "sms_ru_api_id": "test-api-id-0123",
+        "telegram_api_url": outbox.url,
+        "telegram_bot_token": "123456:test-bot-token",
+        "channel_timeout": 2.0,
+    }
+
+
 def start_outbox(
     directory: Path,
     host: str = "127.0.0.1",

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import DeliveryAttempt, Notification
 from tests.conftest import BOOKING, drain
-from tests.providers import Outbox, Reply, start_outbox
+from tests.providers import Outbox, Reply, provider_settings, start_outbox
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -44,15 +44,8 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
 
 
 def providers(outbox: Outbox) -> dict[str, Any]:
-    return {
-        "sms_ru_url": outbox.url,
-        "sms_ru_api_id": "test-api-id-0123",
-        "telegram_api_url": outbox.url,
-        "telegram_bot_token": "123456:test-bot-token",
-        "channel_timeout": 2.0,
-        # One attempt per channel in the request, as a worker makes one per claim.
-        "retry_attempts": 1,
-    }
+    # One attempt per channel in the request, as a worker makes one per claim.
+    return provider_settings(outbox) | {"retry_attempts": 1}
 
 
 def rows(db: sessionmaker[Session], notification_id: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import BOOKING, drain
-from tests.providers import Outbox, Reply, start_outbox
+from tests.providers import Outbox, Reply, provider_settings, start_outbox
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -36,16 +36,6 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
     box = start_outbox(tmp_path / "outbox")
     yield box
     box.stop()
-
-
-def provider_settings(outbox: Outbox) -> dict[str, Any]:
-    return {
-        "sms_ru_url": outbox.url,
-        "sms_ru_api_id": "test-api-id-0123",
-        "telegram_api_url": outbox.url,
-        "telegram_bot_token": "123456:test-bot-token",
-        "channel_timeout": 2.0,
-    }
 
 
 @pytest.fixture
