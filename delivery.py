@@ -323,16 +323,18 @@ class Deliverer:
                 raise Refused(f"the {channel} channel is not configured")
         if Channel.TELEGRAM in (data.channels or ()) and len(data.text) > TELEGRAM_MAX_TEXT:
             raise Refused(f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text")
+        drafts: dict[int, Draft] = {}
         if data.emails is not None:
-            drafts, refused = self._email_drafts(data)
+            items, refused = self._email_items(data)
         else:
             drafts, refused = self._recipient_drafts(session, data)
-        if not drafts:
+            items = {i: draft.route[0] for i, draft in drafts.items()}
+        if not items:
             raise NoValidRecipient(refused)
         claim = self._claim(ctx, "/notify/bulk", data)
         try:
             idempotency.raise_if_key_used(session=session, claim=claim, now=self.now)
-            sendable, limited = self._within_recipient_limits(ctx, data, drafts)
+            sendable, limited = self._within_recipient_limits(ctx, data, items)
             content = Draft(
                 route=(),
                 text=data.text,
@@ -344,8 +346,8 @@ class Deliverer:
                 session=session,
                 content=content,
                 requested=data.requested,
-                emails=[drafts[i].route[0][1] for i in sendable] if data.emails else (),
-                drafts=[drafts[i] for i in sendable] if not data.emails else (),
+                emails=[items[i][1] for i in sendable] if not drafts else (),
+                drafts=[drafts[i] for i in sendable] if drafts else (),
                 idempotency=claim,
             )
         except IdempotencyKeyUsed as used:
@@ -359,21 +361,29 @@ class Deliverer:
         rejected = sorted([*refused, *limited], key=lambda r: r.index)
         return BatchSubmitted(batch, rejected)
 
-    def _email_drafts(
+    def _email_items(
         self, data: BulkEmailCreate
-    ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
-        """A draft for each valid address of `data.emails` (by item index), and the items
-        refused."""
+    ) -> tuple[dict[int, tuple[Channel, str]], list[RejectedRecipient]]:
+        """The route's one step for each valid address of `data.emails` (by item index),
+        and the items refused. No draft each: the batch's rows share all but the address."""
         # Checked here, in a worker thread, rather than while the event loop parses the body.
         emails, rejected = data.valid_emails()
-        drafts: dict[int, Draft] = {}
+        items: dict[int, tuple[Channel, str]] = {}
+        configured = self.channels.keys()
         for address, index in emails.items():
-            target = Target([Channel.EMAIL], {Channel.EMAIL: address}, subject=data.subject)
             try:
-                drafts[index] = self.draft(target, data)
+                [step], _ = plan_route(
+                    order=[Channel.EMAIL],
+                    addresses={Channel.EMAIL: address},
+                    configured=configured,
+                    subject=data.subject,
+                    text=data.text,
+                )
             except Refused as exc:
                 rejected.append(RejectedRecipient(index=index, email=address, error=str(exc)))
-        return drafts, rejected
+                continue
+            items[index] = step
+        return items, rejected
 
     def _recipient_drafts(
         self, session: Session, data: BulkEmailCreate
@@ -414,14 +424,14 @@ class Deliverer:
         return drafts, rejected
 
     def _within_recipient_limits(
-        self, ctx: Sending, data: BulkEmailCreate, drafts: Mapping[int, Draft]
+        self, ctx: Sending, data: BulkEmailCreate, items: Mapping[int, tuple[Channel, str]]
     ) -> tuple[list[int], list[RejectedRecipient]]:
         """The items (indices) whose first address is still under its hourly limit, and
         the others as rejected items."""
         allowed: list[int] = []
         limited: list[RejectedRecipient] = []
         for channel in Channel:
-            on_channel = [(i, d.route[0][1]) for i, d in drafts.items() if d.route[0][0] == channel]
+            on_channel = [(i, address) for i, (c, address) in items.items() if c == channel]
             if not on_channel:
                 continue
             # Two stored recipients may share an address: each message counts.
