@@ -9,7 +9,8 @@
 - `next_state`: after an attempt, the state it leaves the notification in (sent, queued
   for a retry, on to the next channel, failed): the fallback and retry rule, the same for
   a synchronous send and for a worker.
-- The channels' content limits, defined once.
+- `channel_views`: each channel of the order as history shows it.
+- The channels' content limits, defined once (the Telegram text limit is the channel's).
 """
 
 import hashlib
@@ -137,6 +138,46 @@ def plan_route(
         reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)
         raise Unroutable(f"no channel of the order can reach this recipient ({reasons})")
     return route, skipped
+
+
+def channel_views(
+    *,
+    order: Sequence[Channel],
+    current: Channel,
+    status: NotificationStatus,
+    skipped: Sequence[tuple[Channel, str]],
+    attempts: Sequence[tuple[Channel, str | None]],
+) -> list[dict[str, Any]]:
+    """Each channel of a notification's order as history shows it: skipped at request
+    time, failed (before the current one), sent, failed, cancelled or trying (the current
+    one), or not tried (after it); with its attempts (channel, error) counted and its
+    last error."""
+    views: list[dict[str, Any]] = [
+        {"channel": channel, "status": "skipped", "attempts": 0, "error": reason}
+        for channel, reason in skipped
+    ]
+    position = order.index(current)
+    for index, channel in enumerate(order):
+        errors = [error for on, error in attempts if on == channel and error]
+        if index < position:
+            state = "failed"
+        elif index > position:
+            state = "not tried"
+        elif status in (NotificationStatus.SENT, NotificationStatus.FAILED):
+            state = str(status)
+        elif status == NotificationStatus.CANCELLED:
+            state = "cancelled"
+        else:
+            state = "trying"
+        views.append(
+            {
+                "channel": channel,
+                "status": state,
+                "attempts": sum(1 for on, _ in attempts if on == channel),
+                "error": errors[-1] if errors else None,
+            }
+        )
+    return views
 
 
 def message_for(notification: Notification) -> Message:

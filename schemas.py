@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from headers import HEADER_UNSAFE, header_problem
-from lifecycle import TELEGRAM_MAX_TEXT
+from lifecycle import TELEGRAM_MAX_TEXT, channel_views
 from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus, Scope
 
 MAX_TEXT_LENGTH = 100_000
@@ -467,33 +467,16 @@ class NotificationDetail(NotificationPublic):
     @property
     def channel_outcomes(self) -> list[ChannelOutcome]:
         """Each channel of the order, and how it went."""
-        outcomes = [
-            ChannelOutcome(channel=Channel(s.channel), status="skipped", attempts=0, error=s.reason)
-            for s in self.skipped or ()
-        ]
-        position = self.channels.index(self.channel)
-        for index, channel in enumerate(self.channels):
-            tried = [a for a in self.delivery_attempts if a.channel == channel]
-            if index < position:
-                status = "failed"
-            elif index > position:
-                status = "not tried"
-            elif self.status in (NotificationStatus.SENT, NotificationStatus.FAILED):
-                status = str(self.status)
-            elif self.status == NotificationStatus.CANCELLED:
-                status = "cancelled"
-            else:
-                status = "trying"
-            errors = [a.error for a in tried if a.error]
-            outcomes.append(
-                ChannelOutcome(
-                    channel=channel,
-                    status=status,
-                    attempts=len(tried),
-                    error=errors[-1] if errors else None,
-                )
+        return [
+            ChannelOutcome.model_validate(view)
+            for view in channel_views(
+                order=self.channels,
+                current=self.channel,
+                status=self.status,
+                skipped=[(s.channel, s.reason) for s in self.skipped or ()],
+                attempts=[(a.channel, a.error) for a in self.delivery_attempts],
             )
-        return outcomes
+        ]
 
 
 class NotificationsPublic(BaseModel):
