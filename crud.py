@@ -114,7 +114,11 @@ def _commit_new(session: Session, **names: Any) -> None:
 
 
 def withdraw_unconfirmed(
-    session: Session, *, unconfirmed: CommitUnconfirmed, erase: dict[str, Any]
+    session: Session,
+    *,
+    unconfirmed: CommitUnconfirmed,
+    erase: dict[str, Any],
+    now: Callable[[], datetime] = utcnow,
 ) -> int:
     """Fail, unattempted, what a request answered 503 may have stored (its commit's
     answer was lost), so that nothing is sent that its caller was told was not; rows a
@@ -128,7 +132,7 @@ def withdraw_unconfirmed(
     else:
         assert unconfirmed.notification_id is not None
         ids = [unconfirmed.notification_id]
-    at = utcnow()
+    at = now()
     applied = apply_transitions(
         session=session,
         transitions=[
@@ -337,8 +341,9 @@ def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, 
 
 @dataclass(frozen=True)
 class Applied:
-    """What `apply_transitions` stored: the rows whose guard held, as they are now (by
-    notification id), and the notifications whose attempt was stored by this write."""
+    """What `apply_transitions` stored: the rows whose guard held (by notification id; as
+    they are now when objects were to be shown, or on SQLite), and the notifications
+    whose attempt was stored by this write."""
 
     held: dict[int, Row[Any]]
     recorded: set[int]
@@ -353,8 +358,7 @@ _COLUMNS = list(_TABLE.c)
 # commit whose answer was lost changes nothing), or is inserted under its number where
 # the guard held (ON CONFLICT: once). For each transition: whether its guard held, whether
 # its attempt was stored now, and the row as it is now.
-_APPLY = sql(
-    f"""
+_APPLY = """
 WITH v AS (
     SELECT * FROM unnest(
         CAST(:ids AS bigint[]), CAST(:guards AS varchar[]), CAST(:holders AS varchar[]),
@@ -401,13 +405,13 @@ WITH v AS (
         version = n.version + 1
     FROM v
     WHERE n.id = v.id AND CASE v.guard
-        WHEN 'held' THEN n.status = 'sending' AND n.leased_by = v.holder
+        WHEN 'held' THEN n.status = 'sending' AND n.leased_by IS NOT DISTINCT FROM v.holder
         WHEN 'queued' THEN n.status = 'queued'
         WHEN 'failed' THEN n.status = 'failed' AND n.text_hmac IS NULL
         WHEN 'due' THEN (n.status = 'queued' AND n.next_attempt_at <= v.at)
                      OR (n.status = 'sending' AND n.lease_expires_at < v.at)
         WHEN 'unsent' THEN n.attempts = 0 AND (n.status = 'queued'
-                     OR (n.status = 'sending' AND n.leased_by = v.holder))
+                     OR (n.status = 'sending' AND n.leased_by IS NOT DISTINCT FROM v.holder))
         ELSE false END
     RETURNING n.*
 ), filled AS (
@@ -435,16 +439,15 @@ WITH v AS (
 )
 SELECT v.id, changed.id IS NOT NULL,
        v.id IN (SELECT notification_id FROM filled UNION ALL
-                SELECT notification_id FROM inserted),
-       {", ".join(f"changed.{c.name}" for c in _COLUMNS)}
+                SELECT notification_id FROM inserted){columns}
 FROM v LEFT JOIN changed ON changed.id = v.id
 """
-).columns(
-    column("transition_id", BigInteger),
-    column("held", Boolean),
-    column("recorded", Boolean),
-    *_COLUMNS,
-)
+_FLAGS = (column("transition_id", BigInteger), column("held", Boolean), column("recorded", Boolean))
+# Two forms: the rows as stored, for objects to show them; or only whether each held.
+_APPLY_SHOWN = sql(
+    _APPLY.replace("{columns}", "".join(f", changed.{c.name}" for c in _COLUMNS))
+).columns(*_FLAGS, *_COLUMNS)
+_APPLY_IDS = sql(_APPLY.replace("{columns}", "")).columns(*_FLAGS)
 
 
 def apply_transitions(
@@ -463,13 +466,16 @@ def apply_transitions(
     a worker's fills its pending row, a synchronous one is added to the history (or found
     there, stored by a commit whose answer was lost). A channel that refused its address
     for good is remembered on the recipient.
+    Each notification at most once in a list (one statement cannot change a row twice).
     """
     if not transitions:
         return Applied({}, set())
+    assert len({t.notification_id for t in transitions}) == len(transitions), "one each"
     if session.get_bind().dialect.name == "postgresql":
         held: dict[int, Row[Any]] = {}
         recorded: set[int] = set()
-        for row in session.execute(_APPLY, _transition_columns(transitions)):
+        statement = _APPLY_SHOWN if show else _APPLY_IDS
+        for row in session.execute(statement, _transition_columns(transitions)):
             if row.held:
                 held[row.transition_id] = row
             if row.recorded:
@@ -496,7 +502,7 @@ def apply_transitions(
 
 
 def _transition_columns(transitions: Sequence[Transition]) -> dict[str, list[Any]]:
-    """The transitions as one array per column, for `_APPLY`."""
+    """The transitions as one array per column, for `_APPLY_SHOWN` and `_APPLY_IDS`."""
     columns: dict[str, list[Any]] = {
         name: []
         for name in (
@@ -548,7 +554,9 @@ def _guard(t: Transition) -> Any:
     n = Notification
     status = n.status
     if t.guard == Guard.HELD:
-        return and_(status == NotificationStatus.SENDING, n.leased_by == t.holder)
+        return and_(
+            status == NotificationStatus.SENDING, n.leased_by.is_not_distinct_from(t.holder)
+        )
     if t.guard == Guard.QUEUED:
         return status == NotificationStatus.QUEUED
     if t.guard == Guard.FAILED:
@@ -562,7 +570,7 @@ def _guard(t: Transition) -> Any:
         n.attempts == 0,
         or_(
             status == NotificationStatus.QUEUED,
-            and_(status == NotificationStatus.SENDING, n.leased_by == t.holder),
+            and_(status == NotificationStatus.SENDING, n.leased_by.is_not_distinct_from(t.holder)),
         ),
     )
 
@@ -697,7 +705,7 @@ def _record_late_attempt(
     last = session.scalar(
         update(Notification)
         .where(Notification.id == notification_id)
-        .values(attempts=Notification.attempts + 1)
+        .values(attempts=Notification.attempts + 1, version=Notification.version + 1)
         .returning(Notification.attempts),
         execution_options=NO_SYNC,
     )

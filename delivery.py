@@ -11,8 +11,10 @@ console call it, and nothing else calls a channel.
   on at once to the next channel past a refusal.
 - `settle`: store a worker batch's transitions in one statement.
 - `cancel` and `resend`, for operators.
-Every stored transition is announced to `hooks` (webhooks, metrics and suppression will
-attach there); a worker's claims and releases of its lease are not.
+Every outcome, cancel and resend stored is announced to `hooks` (webhooks, metrics and
+suppression will attach there), those stored late after an outage included; a worker's
+claims and releases of its lease, and the withdrawal of what a request answered 503 may
+have stored, are not (no message was sent or settled).
 
 An attempt's outcome is stored with the state it leaves the notification in, in one
 commit, and only while the sender still holds the notification's lease; what the
@@ -39,7 +41,7 @@ import recorder
 from channels.base import DeliveryError, PermanentDeliveryError, Receipt, Sender
 from config import Settings
 from db import DATABASE_UNAVAILABLE
-from idempotency import IdempotencyClaim, IdempotencyKeyUsed, KeyInFlightError
+from idempotency import IdempotencyClaim, IdempotencyKeyUsed
 from lifecycle import (
     TELEGRAM_MAX_TEXT,
     Attempt,
@@ -197,7 +199,6 @@ class Deliverer:
         self.policy = Policy(
             max_attempts=settings.queue_max_attempts,
             fallback_after=settings.fallback_after_attempts or settings.queue_max_attempts,
-            lease=self.lease,
             backoff=backoff or queue_backoff(settings),
             key=self.key,
         )
@@ -512,8 +513,8 @@ class Deliverer:
         # The key's fingerprint names this endpoint, so it points at a notification.
         assert record.notification_id is not None
         replay = crud.get_notification(session=session, notification_id=record.notification_id)
-        if replay is None:  # the key goes when its notification goes
-            raise KeyInFlightError
+        if replay is None:  # deleted between the key's read and this one
+            raise Conflict("the first request's notification no longer exists")
         return Submitted(replay, record.status_code or outcome_status(replay), replayed=True)
 
     def create(
@@ -574,7 +575,7 @@ class Deliverer:
         erase = erased(sensitive_text, self.key) if sensitive_text is not None else {}
         self.unrecorded.keep(
             unconfirmed.what,
-            partial(crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase),
+            partial(crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase, now=self.now),
         )
 
     # Sending
@@ -625,15 +626,7 @@ class Deliverer:
         transition = next_state(
             notification, attempt, self.policy, holder=notification.leased_by or ""
         )
-        if isinstance(result, DeliveryError):
-            logger.warning(
-                "notification %d: attempt on %s failed: %s",
-                notification.id,
-                notification.channel,
-                result,
-            )
-            return transition, result
-        return transition, None
+        return transition, result if isinstance(result, DeliveryError) else None
 
     def deliver(self, *, session: Session, notification: Notification) -> Notification:
         """Send a notification this request holds, with the quick retries on each channel:
@@ -676,6 +669,13 @@ class Deliverer:
                     if error is None:
                         self._store(session, notification, final)
                         return
+                    logger.warning(
+                        "notification %d: attempt %d (%s) failed: %s",
+                        notification.id,
+                        notification.attempts + 1,
+                        notification.channel,
+                        error,
+                    )
                     # A quick retry may follow: the notification stays sending here.
                     self._store(session, notification, recorded_only(final), keep=final)
                     raise error
@@ -724,8 +724,7 @@ class Deliverer:
                     lease_expires_at=None,
                 )
             self.unrecorded.keep(
-                f"notification {kept.notification_id}",
-                partial(recorder.record_late, transition=kept),
+                f"notification {kept.notification_id}", partial(self._store_late, [kept])
             )
             logger.error(
                 "notification %d: database unavailable, outcome kept to record later",
@@ -744,13 +743,18 @@ class Deliverer:
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
             self.unrecorded.keep(
-                f"a batch of {len(transitions)} outcomes",
-                partial(recorder.store_late, transitions=transitions),
+                f"a batch of {len(transitions)} outcomes", partial(self._store_late, transitions)
             )
             logger.error("database unavailable: %d outcomes kept to record later", len(transitions))
             return None
         self._announce([t for t in transitions if t.notification_id in held])
         return held
+
+    def _store_late(self, transitions: list[Transition], session: Session) -> None:
+        """Store transitions kept through an outage (`recorder.store_late`), and announce
+        those that held."""
+        held = recorder.store_late(session, transitions)
+        self._announce([t for t in transitions if t.notification_id in held])
 
     def release(self, session: Session, *, worker_id: str, leased: list[crud.Leased]) -> None:
         """Give a worker's unattempted notifications back to the queue; if the database

@@ -364,7 +364,6 @@ class Policy:
 
     max_attempts: int
     fallback_after: int
-    lease: timedelta
     backoff: Callable[[int], float]
     key: bytes
 

@@ -125,9 +125,9 @@ def store(session: Session, transitions: list[Transition]) -> set[int]:
     return held
 
 
-def store_late(session: Session, transitions: list[Transition]) -> None:
+def store_late(session: Session, transitions: list[Transition]) -> set[int]:
     """Store transitions kept through an outage (once, if their first commit was made
-    after all and only its answer was lost)."""
+    after all and only its answer was lost); the ids whose guard held."""
     held = store(session, transitions)
     if len(held) < len(transitions):
         logger.warning(
@@ -135,6 +135,7 @@ def store_late(session: Session, transitions: list[Transition]) -> None:
             "commit whose answer was lost)",
             len(transitions) - len(held),
         )
+    return held
 
 
 def record_late(session: Session, transition: Transition) -> None:

@@ -67,7 +67,11 @@ def exponential_jitter(
 ) -> float:
     """Seconds to wait after `attempts` attempts: `initial` doubled for each attempt after
     the first, plus up to `jitter`, at most `maximum`."""
-    wait = initial * 2 ** (attempts - 1) + uniform(0, jitter)
+    try:
+        wait = initial * 2 ** (attempts - 1) + uniform(0, jitter)
+    except OverflowError:
+        # Past some thousand attempts 2**n is too large for a float: the longest wait.
+        return maximum
     return max(0.0, min(wait, maximum))
 
 

@@ -32,7 +32,6 @@ from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus, 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
 MAX_BULK_RECIPIENTS = 20_000
-# The Bot API refuses longer texts.
 # Numbers written without a country code are read as Russian ones (the coworking's
 # country); any other needs its +code.
 PHONE_REGION = "RU"

@@ -46,7 +46,6 @@ import idempotency
 from config import Settings
 from delivery import Deliverer
 from lifecycle import Transition
-from models import utcnow
 from recorder import start_recorder
 from wiring import build_database, build_deliverer, configure_logging
 
@@ -67,10 +66,11 @@ class Worker:
         settings: Settings,
         worker_id: str | None = None,
         threads: int | None = None,
-        now: Callable[[], datetime] = utcnow,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.session_factory = session_factory
-        self.now = now
+        # The deliverer's clock unless told another.
+        self.now = now or deliverer.now
         self.deliverer = deliverer
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"

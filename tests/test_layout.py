@@ -141,7 +141,10 @@ def status_writers() -> Iterator[list[str]]:
         lowered = " ".join(statement.lower().split())
         if "update notifications" in lowered and "status" in lowered.split(" where ")[0]:
             frames = [f.name for f in traceback.extract_stack() if f.filename.endswith("crud.py")]
-            writers.append(frames[-1] if frames else "?")
+            # On SQLite its loop (_apply_one_by_one) makes the statements: the writer is
+            # the function of crud's interface that the stack went through.
+            public = [name for name in frames if not name.startswith("_")]
+            writers.append(public[-1] if public else "?")
 
     # On the class: every engine, the apps' and the workers' included.
     event.listen(Engine, "before_cursor_execute", seen)

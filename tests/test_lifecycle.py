@@ -1,7 +1,8 @@
 """One lifecycle: the same attempts, sent in the request or by a worker, leave the same rows
 (`delivery.Deliverer.attempt` and `lifecycle.next_state` on both paths)."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import DeliveryAttempt, Notification
+from lifecycle import Transition
+from models import DeliveryAttempt, Notification, utcnow
 from tests.conftest import BOOKING, drain
 from tests.providers import Outbox, Reply, provider_settings, start_outbox
 from tests.smtpd import ScriptedHandler
@@ -79,14 +81,16 @@ def script(smtp: ScriptedHandler, outbox: Outbox, smtp_replies: list[str], repli
     outbox.plan(*replies)
 
 
+# The SMTP server's and the providers' replies, and what the request answers.
 SCENARIOS = {
-    "sent at once": ([], []),
-    "refused, then sent by SMS": ([NO_SUCH_USER], []),
+    "sent at once": ([], [], 201),
+    "refused, then sent by SMS": ([NO_SUCH_USER], [], 201),
     "refused on every channel": (
         [NO_SUCH_USER],
         [Reply.json(200, NO_NUMBER), Reply.json(403, BLOCKED)],
+        502,
     ),
-    "a transient failure, left to the queue's backoff": ([TRY_LATER], []),
+    "a transient failure, left to the queue's backoff": ([TRY_LATER], [], 202),
 }
 
 
@@ -99,10 +103,10 @@ def test_the_request_and_the_worker_leave_the_same_rows(
     db: sessionmaker[Session],
     scenario: str,
 ) -> None:
-    smtp_replies, provider_replies = SCENARIOS[scenario]
+    smtp_replies, provider_replies, answered = SCENARIOS[scenario]
     # A transient failure's retry is not due within the test.
     backoff = {"queue_retry_initial_wait": 600, "queue_retry_max_wait": 3600}
-    client = make_client(**providers(outbox), **backoff)
+    client = make_client(**providers(outbox), **backoff, worker_in_api=False)
     worker = make_worker(**providers(outbox), **backoff)
     body = {
         "recipient": {"email": BOOKING["email"], "phone": "+79161234567", "telegram_chat_id": 42},
@@ -113,13 +117,51 @@ def test_the_request_and_the_worker_leave_the_same_rows(
 
     script(smtp, outbox, smtp_replies, provider_replies)
     in_request = client.post("/notify", json=body)
-    assert in_request.status_code in (201, 202, 502), in_request.text
+    assert in_request.status_code == answered, in_request.text
+    # Before any worker runs: what the request alone left.
+    sync_rows = rows(db, in_request.json()["id"])
     script(smtp, outbox, smtp_replies, provider_replies)
     queued = client.post("/notify", json=body, headers={"Prefer": "respond-async"})
     assert queued.status_code == 202, queued.text
     drain(worker)
 
-    sync_rows = rows(db, in_request.json()["id"])
     worker_rows = rows(db, queued.json()["id"])
     assert sync_rows == worker_rows
     assert sync_rows["attempts_stored"], "nothing was attempted"
+
+
+def test_every_stored_outcome_cancel_and_resend_is_announced_to_the_hooks(
+    make_client: Callable[..., TestClient],
+    make_worker: Callable[..., Worker],
+    smtp: ScriptedHandler,
+) -> None:
+    client = make_client(worker_in_api=False)
+    worker = make_worker()
+    heard: list[tuple[int, str | None, bool]] = []
+
+    def hook(transitions: Sequence[Transition]) -> None:
+        heard.extend((t.notification_id, t.status, t.attempt is not None) for t in transitions)
+
+    client.app.state.deliverer.hooks.append(hook)  # type: ignore[attr-defined]
+    worker.deliverer.hooks.append(hook)
+    sent = client.post("/notify/email", json=BOOKING).json()["id"]
+    smtp.rcpt_replies.append(NO_SUCH_USER)
+    failed = client.post("/notify/email", json=BOOKING).json()["id"]
+    client.post(f"/notifications/{failed}/retry")
+    queued = client.post("/notify/email", json=BOOKING, headers={"Prefer": "respond-async"})
+    drain(worker)
+    tomorrow = (utcnow() + timedelta(days=1)).isoformat()
+    later = client.post("/notify/email", json=BOOKING | {"send_at": tomorrow})
+    client.post(f"/notifications/{later.json()['id']}/cancel")
+
+    assert heard == [
+        (sent, "sent", True),
+        # The refusal is stored with its attempt first (a quick retry could follow), then
+        # the state it leaves.
+        (failed, None, True),
+        (failed, "failed", False),
+        (failed, "sending", False),
+        (failed, "sent", True),
+        (queued.json()["id"], "sent", True),
+        (later.json()["id"], "cancelled", False),
+    ]
