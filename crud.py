@@ -3,7 +3,10 @@ recipients and API keys. Each write function is one committed unit of work.
 
 `apply_transitions` is the one writer of a notification's state: every change after
 the INSERT that creates it (an attempt's outcome, a claim, a release, a cancel, a
-resend, a withdrawal) is a `lifecycle.Transition` it makes where its guard holds.
+resend, a withdrawal) is a `lifecycle.Transition` it makes where its guard holds. The
+only other writes to a notification row are a lease's renewal (`renew_leases`) and the
+count of an attempt stored after its lease was lost (`_record_late_attempt`); neither
+changes its status.
 """
 
 import uuid
