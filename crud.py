@@ -18,9 +18,10 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Row,
+    ColumnElement,
     Select,
     Table,
+    TextualSelect,
     and_,
     bindparam,
     case,
@@ -155,9 +156,7 @@ def withdraw_unconfirmed(
 def change(*, session: Session, notification: Notification, transition: Transition) -> bool:
     """Make one transition (a cancel, a resend) and commit. The object shows the change
     only if the row changed; otherwise it is reloaded to show the row as is."""
-    applied = apply_transitions(
-        session=session, transitions=[transition], show={notification.id: notification}
-    )
+    applied = apply_transitions(session=session, transitions=[transition], load=True)
     if notification.id not in applied.held:
         session.refresh(notification)
         return False
@@ -344,11 +343,10 @@ def count_batch(*, session: Session, batch_id: int) -> dict[NotificationStatus, 
 
 @dataclass(frozen=True)
 class Applied:
-    """What `apply_transitions` stored: the rows whose guard held (by notification id; as
-    they are now when objects were to be shown, or on SQLite), and the notifications
-    whose attempt was stored by this write."""
+    """What `apply_transitions` stored: the notifications whose guard held (by id; loaded
+    as they are now when asked to), and those whose attempt was stored by this write."""
 
-    held: dict[int, Row[Any]]
+    held: dict[int, Notification | None]
     recorded: set[int]
 
 
@@ -416,8 +414,13 @@ WITH v AS (
         WHEN 'unsent' THEN n.attempts = 0 AND (n.status = 'queued'
                      OR (n.status = 'sending' AND n.leased_by IS NOT DISTINCT FROM v.holder))
         ELSE false END
-    RETURNING n.*
-), filled AS (
+    RETURNING {returning}
+){attempts}
+SELECT v.id, changed.id IS NOT NULL, {recorded}{columns}
+FROM v LEFT JOIN changed ON changed.id = v.id
+"""
+# Where a list carries attempts: each fills its pending row, or is inserted.
+_ATTEMPTS = """, filled AS (
     UPDATE delivery_attempts AS a SET
         outcome = v.outcome,
         started_at = v.started_at,
@@ -439,52 +442,59 @@ WITH v AS (
     WHERE v.number IS NOT NULL AND v.outcome IS NOT NULL
     ON CONFLICT (notification_id, number) DO NOTHING
     RETURNING notification_id
+)"""
+_RECORDED = (
+    "v.id IN (SELECT notification_id FROM filled UNION ALL SELECT notification_id FROM inserted)"
 )
-SELECT v.id, changed.id IS NOT NULL,
-       v.id IN (SELECT notification_id FROM filled UNION ALL
-                SELECT notification_id FROM inserted){columns}
-FROM v LEFT JOIN changed ON changed.id = v.id
-"""
 _FLAGS = (column("transition_id", BigInteger), column("held", Boolean), column("recorded", Boolean))
-# Two forms: the rows as stored, for objects to show them; or only whether each held.
-_APPLY_SHOWN = sql(
-    _APPLY.replace("{columns}", "".join(f", changed.{c.name}" for c in _COLUMNS))
-).columns(*_FLAGS, *_COLUMNS)
-_APPLY_IDS = sql(_APPLY.replace("{columns}", "")).columns(*_FLAGS)
+
+
+def _apply_statement(*, shown: bool, attempts: bool) -> TextualSelect:
+    """`_APPLY` returning the rows as stored (`shown`: for objects to show them) or only
+    whether each held, with or without the attempts' part (a claim, a cancel has none)."""
+    statement = _APPLY.format(
+        returning="n.*" if shown else "n.id",
+        attempts=_ATTEMPTS if attempts else "",
+        recorded=_RECORDED if attempts else "false",
+        columns="".join(f", changed.{c.name}" for c in _COLUMNS) if shown else "",
+    )
+    columns: list[ColumnElement[Any]] = [*_FLAGS, *(_COLUMNS if shown else ())]
+    return sql(statement).columns(*columns)
+
+
+_APPLY_STATEMENTS = {
+    (shown, attempts): _apply_statement(shown=shown, attempts=attempts)
+    for shown in (False, True)
+    for attempts in (False, True)
+}
 
 
 def apply_transitions(
     *,
     session: Session,
     transitions: Sequence[Transition],
-    show: Mapping[int, Notification] | None = None,
+    load: bool = False,
     commit: bool = True,
 ) -> Applied:
     """Make each transition where its guard holds, and store each attempt, in one commit
     (or in the open transaction: `commit` False): the one writer of a notification's state.
 
     On PostgreSQL one statement makes them all; SQLite (local, no round trips to save)
-    takes them one by one. The notifications of `show` are shown the rows as stored. An
-    attempt of a transition whose guard failed is stored all the same, since it happened:
-    a worker's fills its pending row, a synchronous one is added to the history (or found
-    there, stored by a commit whose answer was lost). A channel that refused its address
-    for good is remembered on the recipient.
-    Each notification at most once in a list (one statement cannot change a row twice).
+    takes them one by one. With `load`, the notifications whose guard held are loaded as
+    stored (the session's own objects of them show the new state, their new attempt
+    included). An attempt of a transition whose guard failed is stored all the same, since
+    it happened: a worker's fills its pending row, a synchronous one is added to the
+    history (or found there, stored by a commit whose answer was lost). A channel that
+    refused its address for good is remembered on the recipient. Each notification at
+    most once in a list (one statement cannot change a row twice).
     """
     if not transitions:
         return Applied({}, set())
     assert len({t.notification_id for t in transitions}) == len(transitions), "one each"
     if session.get_bind().dialect.name == "postgresql":
-        held: dict[int, Row[Any]] = {}
-        recorded: set[int] = set()
-        statement = _APPLY_SHOWN if show else _APPLY_IDS
-        for row in session.execute(statement, _transition_columns(transitions)):
-            if row.held:
-                held[row.transition_id] = row
-            if row.recorded:
-                recorded.add(row.transition_id)
+        held, recorded = _apply_together(session, transitions, load)
     else:
-        held, recorded = _apply_one_by_one(session, transitions)
+        held, recorded = _apply_one_by_one(session, transitions, load)
     for t in transitions:
         attempt = t.attempt
         if (
@@ -498,14 +508,45 @@ def apply_transitions(
     _remember_unreachable(session, [t for t in transitions if t.notification_id in recorded])
     if commit:
         session.commit()
-    for notification_id, notification in (show or {}).items():
-        if notification_id in held:
-            _show(notification, held[notification_id], transitions, recorded)
+    if load:
+        _show_attempts(held, transitions, recorded)
     return Applied(held, recorded)
 
 
+def _apply_together(
+    session: Session, transitions: Sequence[Transition], load: bool
+) -> tuple[dict[int, Notification | None], set[int]]:
+    """`_APPLY` for every transition in one statement; with `load`, through the ORM, so
+    the identity map's objects of the rows show them as stored."""
+    with_attempts = any(t.attempt is not None for t in transitions)
+    statement = _APPLY_STATEMENTS[load, with_attempts]
+    held: dict[int, Notification | None] = {}
+    recorded: set[int] = set()
+    parameters = _transition_columns(transitions)
+    if load:
+        kept = _loaded_attempts(session, [t.notification_id for t in transitions])
+        loaded = session.execute(
+            select(Notification, *_FLAGS).from_statement(statement),
+            parameters,
+            execution_options={"populate_existing": True},
+        )
+        for notification, transition_id, was_held, was_recorded in loaded:
+            if was_held:
+                held[transition_id] = notification
+            if was_recorded:
+                recorded.add(transition_id)
+        _keep_attempts(session, kept)
+        return held, recorded
+    for row in session.execute(statement, parameters):
+        if row.held:
+            held[row.transition_id] = None
+        if row.recorded:
+            recorded.add(row.transition_id)
+    return held, recorded
+
+
 def _transition_columns(transitions: Sequence[Transition]) -> dict[str, list[Any]]:
-    """The transitions as one array per column, for `_APPLY_SHOWN` and `_APPLY_IDS`."""
+    """The transitions as one array per column, for `_APPLY`."""
     columns: dict[str, list[Any]] = {
         name: []
         for name in (
@@ -613,10 +654,11 @@ def _values(t: Transition) -> dict[str, Any]:
 
 
 def _apply_one_by_one(
-    session: Session, transitions: Sequence[Transition]
-) -> tuple[dict[int, Row[Any]], set[int]]:
-    """`_APPLY` one transition at a time, in the open transaction."""
-    held: dict[int, Row[Any]] = {}
+    session: Session, transitions: Sequence[Transition], load: bool
+) -> tuple[dict[int, Notification | None], set[int]]:
+    """`_APPLY` one transition at a time, in the open transaction; with `load`, the rows
+    that changed are read back through the ORM."""
+    held: dict[int, Notification | None] = {}
     recorded: set[int] = set()
     attempts = cast(Table, DeliveryAttempt.__table__)
     for t in transitions:
@@ -624,10 +666,10 @@ def _apply_one_by_one(
             update(_TABLE)
             .where(_TABLE.c.id == t.notification_id, _guard(t))
             .values(_values(t))
-            .returning(*_COLUMNS)
+            .returning(_TABLE.c.id)
         ).first()
         if row is not None:
-            held[t.notification_id] = row
+            held[t.notification_id] = None
         attempt = t.attempt
         if attempt is None:
             continue
@@ -654,36 +696,66 @@ def _apply_one_by_one(
             continue
         if filled is not None:
             recorded.add(t.notification_id)
+    if load and held:
+        kept = _loaded_attempts(session, list(held))
+        loaded = session.scalars(
+            select(Notification)
+            .where(Notification.id.in_(list(held)))
+            .execution_options(populate_existing=True)
+        )
+        held |= {n.id: n for n in loaded}
+        _keep_attempts(session, kept)
     return held, recorded
 
 
-_MAPPED = {c.key: inspect(Notification).get_property_by_column(c).key for c in _COLUMNS}
+def _loaded_attempts(session: Session, ids: Sequence[int]) -> dict[int, list[DeliveryAttempt]]:
+    """The attempts already loaded on the session's objects of `ids`: loading a row again
+    (populate_existing) resets them, and a response must not query while it is written."""
+    mapper = inspect(Notification)
+    kept: dict[int, list[DeliveryAttempt]] = {}
+    for notification_id in ids:
+        key = mapper.identity_key_from_primary_key((notification_id,))
+        notification = session.identity_map.get(key)
+        if notification is not None and "delivery_attempts" not in inspect(notification).unloaded:
+            kept[notification_id] = list(notification.delivery_attempts)
+    return kept
 
 
-def _show(
-    notification: Notification,
-    row: Row[Any],
+def _keep_attempts(session: Session, kept: Mapping[int, list[DeliveryAttempt]]) -> None:
+    """Give the objects back the attempts `_loaded_attempts` kept."""
+    mapper = inspect(Notification)
+    for notification_id, attempts in kept.items():
+        notification = session.identity_map.get(
+            mapper.identity_key_from_primary_key((notification_id,))
+        )
+        if notification is not None:
+            set_committed_value(notification, "delivery_attempts", attempts)
+
+
+def _show_attempts(
+    held: Mapping[int, Notification | None],
     transitions: Sequence[Transition],
     recorded: set[int],
 ) -> None:
-    """Show the stored row on the in-memory notification, and the attempt stored with it
-    (no query)."""
-    stored = row._mapping
-    for stored_column in _COLUMNS:
-        set_committed_value(notification, _MAPPED[stored_column.key], stored[stored_column])
-    if notification.id not in recorded or "delivery_attempts" in inspect(notification).unloaded:
-        return
+    """Add each attempt stored under its number to its loaded notification's attempts, as
+    committed (no query)."""
     for t in transitions:
-        if t.notification_id == notification.id and t.attempt is not None:
-            number = t.attempt.number
-            if number is None:
-                continue
-            attempt = DeliveryAttempt(
-                notification_id=notification.id, number=number, **t.attempt.values()
-            )
-            set_committed_value(
-                notification, "delivery_attempts", [*notification.delivery_attempts, attempt]
-            )
+        notification = held.get(t.notification_id)
+        attempt = t.attempt
+        if (
+            notification is None
+            or attempt is None
+            or attempt.number is None
+            or t.notification_id not in recorded
+            or "delivery_attempts" in inspect(notification).unloaded
+        ):
+            continue
+        row = DeliveryAttempt(
+            notification_id=notification.id, number=attempt.number, **attempt.values()
+        )
+        set_committed_value(
+            notification, "delivery_attempts", [*notification.delivery_attempts, row]
+        )
 
 
 def _record_late_attempt(
@@ -804,7 +876,10 @@ def claim_due(
             Notification.status,
             Notification.updated_at,
             Notification.next_attempt_at,
-            has_pending.label("has_pending"),
+            # Asked of taken-over sends only: a queued row has no pending attempt.
+            case(
+                (Notification.status == NotificationStatus.SENDING, has_pending), else_=False
+            ).label("has_pending"),
         )
         .where(is_due)
         # A taken-over send has no next_attempt_at: it is due since its lease ran out.
@@ -815,6 +890,7 @@ def claim_due(
     if not due:
         session.commit()
         return []
+    # The claimed rows come back loaded (objects of them in the session show the claim).
     applied = apply_transitions(
         session=session,
         transitions=[
@@ -830,19 +906,15 @@ def claim_due(
             )
             for row in due
         ],
+        load=True,
         commit=False,
     )
-    claimed_ids = set(applied.held)
-    # Objects of these rows already in the session show the claimed row, not their own.
-    leased_rows = session.scalars(
-        select(Notification)
-        .where(Notification.id.in_(claimed_ids))
-        .execution_options(populate_existing=True)
-    ).all()
+    leased_rows = [n for n in applied.held.values() if n is not None]
+    # A taken-over send's lost attempt began when its sender last wrote the row.
     lost = {
         row.id: row.updated_at
         for row in due
-        if row.status == NotificationStatus.SENDING and row.id in claimed_ids
+        if row.status == NotificationStatus.SENDING and row.id in applied.held
     }
     if lost:
         _abandon(session, leased_rows, lost, at)

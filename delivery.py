@@ -707,9 +707,7 @@ class Deliverer:
         follows a database failure) is kept for `Unrecorded` to store later.
         """
         try:
-            applied = crud.apply_transitions(
-                session=session, transitions=[transition], show={notification.id: notification}
-            )
+            applied = crud.apply_transitions(session=session, transitions=[transition], load=True)
         except DATABASE_UNAVAILABLE:
             self._rollback(session)
             kept = keep or transition
