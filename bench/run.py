@@ -80,6 +80,17 @@ FULL = Mode(
     workers=2,
     channel_delivery=20_000,
 )
+# For A/B rounds (bench/ab.py): long enough wrk runs to compare, short deliveries.
+AB = Mode(
+    runs=1,
+    seconds=5,
+    delivery=10_000,
+    delivery_runs=1,
+    tls_delivery=2_000,
+    history_rows=50_000,
+    workers=2,
+    channel_delivery=3_000,
+)
 QUICK = Mode(
     runs=1,
     seconds=2,
@@ -158,6 +169,7 @@ class Bench:
         self.workdir = workdir
         self.python = sys.executable
         self.results: dict[str, Any] = {}
+        self.no_peers = False
         self.admin = psycopg2.connect(ADMIN_URL)
         self.admin.autocommit = True
         self.database = f"notify_bench_{int(time.time())}"
@@ -492,7 +504,9 @@ class Bench:
 
     def post_office(self, count: int, size: int) -> dict[str, Any]:
         """django-post_office (`send_many`, then `send_queued_mail --processes N`) into
-        the same sink, on a database of its own."""
+        the same sink, on a database of its own; nothing with `--no-peers`."""
+        if self.no_peers:
+            return {"msg_per_s": float("nan"), "enqueue_s": float("nan"), "deliver_s": 0.0}
         from peer import run_post_office
 
         result = run_post_office(
@@ -916,14 +930,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs: about 3 minutes")
     parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W5")
+    parser.add_argument("--ab", action="store_true", help="the A/B rounds' sizes (bench/ab.py)")
+    parser.add_argument("--no-peers", action="store_true", help="skip django-post_office")
     args = parser.parse_args()
-    mode = QUICK if args.quick else FULL
+    mode = AB if args.ab else QUICK if args.quick else FULL
     for tool in ("wrk", "smtp-sink", "smtp-source"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: run bench/setup.sh (make bench does)")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="notify-bench-"))
     bench = Bench(mode, workdir)
+    bench.no_peers = args.no_peers
     steps: dict[str, Callable[[], None]] = {
         "W1": bench.w1_sync,
         "W2": bench.w2_queued,
