@@ -104,11 +104,37 @@ def engine(database_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def db(engine: Engine) -> Iterator[sessionmaker[Session]]:
     """A session factory on clean tables."""
-    # Every table of the models, so a new one cannot carry rows from test to test.
-    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    # Every table of the models, so a new one cannot carry rows from test to test, and
+    # its ids start again at 1: what TRUNCATE ... RESTART IDENTITY does, in a millisecond
+    # on tables this small instead of 50 (TRUNCATE gives every table new files).
     with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY"))
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+        connection.execute(RESTART_SEQUENCES)
     yield make_session_factory(engine)
+
+
+RESTART_SEQUENCES = text(
+    "SELECT setval(format('%I.%I', schemaname, sequencename), start_value, false)"
+    " FROM pg_sequences WHERE schemaname = current_schema()"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trust_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The system's trust store, as the tests see it: one CA that signed nothing.
+
+    Every TLS context the service makes (each SMTP mailer, each SMS.ru and Bot API client)
+    loads the trust store as it is built, whether TLS is used or not: the system's takes
+    about 30 ms, and an app makes up to three. No test reaches a real TLS server, and what
+    the tests' own CA (`tls`) signed stays untrusted unless a test names that CA.
+    """
+    path = tmp_path_factory.mktemp("trust-store") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    # Read by OpenSSL's default paths (ssl.create_default_context) and by httpx.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SSL_CERT_FILE", str(path))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -109,6 +109,8 @@ class StallingListener:
         self.port: int = self.listener.getsockname()[1]
         self.hang_up_after = hang_up_after
         self.connections: list[socket.socket] = []
+        self._closed = False
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="stalling-listener", daemon=True).start()
 
     def _accept(self) -> None:
@@ -117,15 +119,25 @@ class StallingListener:
                 connection, _ = self.listener.accept()
             except OSError:
                 return
-            self.connections.append(connection)
+            with self._lock:
+                if self._closed:
+                    _drop(connection)
+                    return
+                self.connections.append(connection)
             if self.hang_up_after is not None:
                 hang_up = threading.Timer(self.hang_up_after, _drop, (connection,))
                 hang_up.daemon = True
                 hang_up.start()
 
     def close(self) -> None:
-        self.listener.close()
-        for connection in self.connections:
+        """Drop every connection and refuse new ones: each waiting client fails at once."""
+        with self._lock:
+            self._closed = True
+            connections = list(self.connections)
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the
+        # socket listening until that accept() returned one more connection.
+        _drop(self.listener)
+        for connection in connections:
             _drop(connection)
 
 

@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -31,6 +32,17 @@ class Received:
         parsed = message_from_bytes(self.raw, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         return parsed
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header as sent, unfolded: `message["Message-ID"]` for the plain
+        ids the service writes, read from the header block alone (parsing whole messages
+        costs a test of 10,000 of them seconds)."""
+        value = _HEADER_BLOCK.parsebytes(self.raw)["Message-ID"]
+        return "".join(str(value).splitlines())
+
+
+_HEADER_BLOCK = BytesHeaderParser(policy=policy.compat32)
 
 
 @dataclass

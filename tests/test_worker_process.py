@@ -81,6 +81,7 @@ def drain_queue(worker: Worker, db: sessionmaker[Session], timeout: float) -> No
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_batch_loses_nothing(
     smtp: ScriptedHandler,
     db: sessionmaker[Session],
@@ -106,6 +107,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     assert count(db, NotificationStatus.SENT) == MESSAGES
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_message_in_hand_and_gives_back_the_rest(
     smtp: ScriptedHandler,
     db: sessionmaker[Session],
