@@ -23,8 +23,8 @@ database could not take is kept (`recorder.Unrecorded`) and stored when it is ba
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -527,7 +527,7 @@ class Deliverer:
     ) -> Notification:
         """Store a new notification: to send now, or queued for a worker."""
         by_email = any(channel == Channel.EMAIL for channel, _ in draft.route)
-        try:
+        with self._withdrawn_if_unconfirmed(draft):
             return crud.create_notification(
                 session=session,
                 draft=draft,
@@ -537,9 +537,6 @@ class Deliverer:
                 idempotency=idempotency,
                 now=self.now,
             )
-        except crud.CommitUnconfirmed as unconfirmed:
-            self.withdraw_later(unconfirmed, draft.text if draft.sensitive else None)
-            raise unconfirmed.error from None
 
     def create_batch(
         self,
@@ -552,7 +549,7 @@ class Deliverer:
         idempotency: IdempotencyClaim | None = None,
     ) -> Batch:
         """Queue one e-mail to each of `emails`, or one notification per draft, as a batch."""
-        try:
+        with self._withdrawn_if_unconfirmed(content):
             return crud.create_batch(
                 session=session,
                 content=content,
@@ -563,20 +560,23 @@ class Deliverer:
                 idempotency=idempotency,
                 now=self.now,
             )
-        except crud.CommitUnconfirmed as unconfirmed:
-            self.withdraw_later(unconfirmed, content.text if content.sensitive else None)
-            raise unconfirmed.error from None
 
-    def withdraw_later(
-        self, unconfirmed: crud.CommitUnconfirmed, sensitive_text: str | None
-    ) -> None:
-        """The request is answered 503 (nothing sent), yet its commit may have been made:
-        once the database is back, fail what it stored before anyone sends it."""
-        erase = erased(sensitive_text, self.key) if sensitive_text is not None else {}
-        self.unrecorded.keep(
-            unconfirmed.what,
-            partial(crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase, now=self.now),
-        )
+    @contextmanager
+    def _withdrawn_if_unconfirmed(self, content: Draft) -> Iterator[None]:
+        """The request is answered 503 (the database's error, raised) when its commit is
+        unconfirmed, yet that commit may have been made: once the database is back, what
+        it stored is failed before anyone sends it."""
+        try:
+            yield
+        except crud.CommitUnconfirmed as unconfirmed:
+            erase = erased(content.text, self.key) if content.sensitive else {}
+            self.unrecorded.keep(
+                unconfirmed.what,
+                partial(
+                    crud.withdraw_unconfirmed, unconfirmed=unconfirmed, erase=erase, now=self.now
+                ),
+            )
+            raise unconfirmed.error from None
 
     # Sending
 
