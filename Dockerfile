@@ -16,6 +16,7 @@ RUN pip install -r requirements.txt
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY *.py ./
+COPY channels ./channels
 
 RUN useradd --system --uid 10001 --no-create-home app \
     && mkdir -p /app/var \
