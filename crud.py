@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 import idempotency as idempotency_keys
-from db import DATABASE_UNAVAILABLE, dialect_insert
+from db import DATABASE_UNAVAILABLE, NO_SYNC, dialect_insert
 from idempotency import IdempotencyClaim
 from lifecycle import (
     Draft,
@@ -70,9 +70,6 @@ ABANDONED_ERROR = (
     "the sender stopped before recording an outcome (its lease ran out); "
     "the message may have been delivered"
 )
-# Do not compare a conditional UPDATE's WHERE with the objects in the session: it would
-# change an object even when the row did not match (and the row is what counts).
-NO_SYNC = {"synchronize_session": False}
 
 
 def request_holder() -> str:

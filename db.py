@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Connection refused or dropped, pool exhausted: the database, not the request, is at fault.
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+# Do not compare a conditional UPDATE's WHERE with the objects in the session: it would
+# change an object even when the row did not match (and the row is what counts).
+NO_SYNC = {"synchronize_session": False}
 
 
 def make_engine(

@@ -21,12 +21,11 @@ from pydantic import BaseModel
 from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
-from db import dialect_insert
+from db import NO_SYNC, dialect_insert
 from models import IdempotencyKey, utcnow
 
 # Printable ASCII without spaces, as in the IETF draft's examples (UUIDs, ULIDs, hashes).
 KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
-NO_SYNC = {"synchronize_session": False}
 
 
 @dataclass(frozen=True)
