@@ -5,6 +5,9 @@ PORT ?= 8003
 # uvicorn processes. One for the embedded default: its rate limits (memory://) count per
 # process. With RATE_LIMIT_STORAGE=redis://… run one per core: `make run WORKERS=$$(nproc)`.
 WORKERS ?= 1
+# pytest processes for `make test` (pytest-xdist), each with its own test database. The
+# slow tests are handed out first, two tests at a time, so no long one is left for the end.
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -30,7 +33,7 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 2
 
 worker: $(VENV)/.runtime
 	$(BIN)/python worker.py

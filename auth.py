@@ -37,7 +37,7 @@ import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE
 from models import ApiKey, Scope
-from ratelimits import STORAGE_UNAVAILABLE, RateLimiter, too_many
+from ratelimits import STORAGE_UNAVAILABLE, RateLimiter, TooMany
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,13 @@ def unavailable(exc: BaseException) -> JSONResponse:
     )
 
 
+def too_many(exc: TooMany) -> JSONResponse:
+    """The 429 of a rate limit reached: the key's per minute, or an address's per hour."""
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=exc.headers
+    )
+
+
 class RequireApiKey:
     """ASGI middleware: a request without a valid key is a 401 before its body is read,
     and one over its key's request rate a 429.
@@ -228,12 +235,10 @@ class RequireApiKey:
             await self._refuse(scope, receive, send, "invalid or revoked API key")
             return
         if retry_after is not None:
-            refused = too_many(
+            refused = TooMany(
                 f"more than {limit} requests per minute for this API key", retry_after
             )
-            await JSONResponse(
-                {"detail": refused.detail}, status_code=refused.status_code, headers=refused.headers
-            )(scope, receive, send)
+            await too_many(refused)(scope, receive, send)
             return
         if api_key.id and crud.api_key_touch_due(api_key, every=TOUCH_EVERY):
             await self._touch(state, api_key)

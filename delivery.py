@@ -23,6 +23,7 @@ database could not take is kept (`recorder.Unrecorded`) and stored when it is ba
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -184,6 +185,7 @@ class Deliverer:
         retrying: Retrying | None = None,
         backoff: Callable[[int], float] | None = None,
         now: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.channels: dict[Channel, list[Sender]] = {
@@ -202,7 +204,9 @@ class Deliverer:
             backoff=backoff or queue_backoff(settings),
             key=self.key,
         )
+        # The clock: what time it is, and how a repeat waits for its first request.
         self.now = now
+        self.sleep = sleep
         self.sync_sends = threading.BoundedSemaphore(settings.sync_send_limit)
         self.unrecorded = Unrecorded()
         self.hooks: list[Hook] = []
@@ -488,7 +492,7 @@ class Deliverer:
             channel=channel,
         )
         if not allowed:
-            raise ratelimits.too_many(
+            raise ratelimits.TooMany(
                 f"more than {limit} messages per hour to this address", retry_after
             )
 
@@ -502,6 +506,7 @@ class Deliverer:
             wait=self.settings.idempotency_wait,
             lease=self.lease,
             now=self.now,
+            sleep=self.sleep,
         )
 
     def _replay(

@@ -323,6 +323,8 @@ class SMTPMailer:
         # How long a send waits for a free connection; the SMTP timeout unless given.
         self.pool_timeout = timeout if pool_timeout is None else pool_timeout
         self._slots = threading.BoundedSemaphore(pool_size)
+        # Sends waiting now for a free connection (a gauge for operators and tests).
+        self.waiting = 0
         self._idle: list[_Idle] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -349,7 +351,14 @@ class SMTPMailer:
 
     def send(self, message: EmailMessage | OutgoingMessage) -> None:
         """Hand `message` to the server, or raise a `DeliveryError`."""
-        if not self._slots.acquire(timeout=self.pool_timeout):
+        with self._lock:
+            self.waiting += 1
+        try:
+            acquired = self._slots.acquire(timeout=self.pool_timeout)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        if not acquired:
             raise TransientDeliveryError(
                 f"all {self.pool_size} SMTP connections stayed busy for {self.pool_timeout:g} s"
             )

@@ -18,12 +18,13 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import KeyCache, RequireApiKey, ensure_development_key, unavailable
+from auth import KeyCache, RequireApiKey, ensure_development_key, too_many, unavailable
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
 from idempotency import KeyInFlightError, KeyReusedError
 from lifecycle import Refused
+from ratelimits import TooMany
 from recorder import start_recorder
 from routes import health, router
 from schemas import printable
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(NoValidRecipient, no_valid_recipient)
     app.add_exception_handler(Conflict, conflict)
+    app.add_exception_handler(TooMany, rate_limited)
     app.add_exception_handler(KeyReusedError, key_reused)
     app.add_exception_handler(KeyInFlightError, key_in_flight)
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -190,6 +192,11 @@ async def dependency_unavailable(request: Request, exc: Exception) -> JSONRespon
     """A 503 naming the database or the rate-limit storage, whichever failed."""
     logger.error("%s during %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
     return unavailable(exc)
+
+
+async def rate_limited(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TooMany)
+    return too_many(exc)
 
 
 async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from anyio import to_thread
-from fastapi import HTTPException, status
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.errors import StorageError
 from limits.storage import (
@@ -42,12 +41,16 @@ RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
 STORAGE_UNAVAILABLE = "rate-limit storage unavailable, try again later"
 
 
-def too_many(detail: str, retry_after: float) -> HTTPException:
-    return HTTPException(
-        status.HTTP_429_TOO_MANY_REQUESTS,
-        detail,
-        headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
-    )
+class TooMany(Exception):
+    """A rate limit is reached: a 429 whose Retry-After is `retry_after`, rounded up."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 def recipient_subject(address: str, channel: str = "email") -> str:

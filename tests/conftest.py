@@ -4,7 +4,7 @@ import os
 import ssl
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,7 +26,7 @@ from db import (
     migration_connection,
     run_migrations,
 )
-from lifecycle import Draft
+from lifecycle import Draft, Transition
 from main import create_app
 from models import Base, Channel, Notification, NotificationStatus, utcnow
 from tests.smtpd import Credentials, ScriptedHandler, start_server
@@ -42,6 +42,11 @@ SMTP_PASSWORD = "s3cret-smtp-pass"
 # Every scope; the clients below send it unless a test says otherwise.
 ADMIN_KEY = "ntf_test-bootstrap-key-0123456789abcdefghijklmnopqrstu"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: spread over `make test`'s workers, none is left for the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _admin_connection() -> Any:
@@ -241,6 +246,25 @@ class Clock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.time += timedelta(seconds=seconds)
+
+
+class Settled:
+    """A transition hook: `wait(n)` returns once `n` notifications have been stored as
+    sent, by whichever thread sends them (the in-API worker's, say)."""
+
+    def __init__(self, app: Any) -> None:
+        self._sent = 0
+        self._changed = threading.Condition()
+        app.state.deliverer.hooks.append(self)
+
+    def __call__(self, transitions: Sequence[Transition]) -> None:
+        with self._changed:
+            self._sent += sum(t.status == NotificationStatus.SENT for t in transitions)
+            self._changed.notify_all()
+
+    def wait(self, sent: int, timeout: float = 15) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._sent >= sent, timeout)
 
 
 @pytest.fixture

@@ -58,7 +58,8 @@ class ScriptedHandler:
     port: int = 0  # set by start_server
     quit_reply: str = "221 2.0.0 Bye"
     quits: int = 0
-    data_delay: float = 0.0  # seconds each DATA takes to answer
+    data_begun: int = 0  # DATA commands begun, each counted before the gate
+    _data: threading.Condition = field(default_factory=threading.Condition)
     controller: Controller | None = None  # set by start_server
     restart: Any = None  # set by start_server: starts it again on the same port
     running: bool = False
@@ -76,6 +77,11 @@ class ScriptedHandler:
         if self.running:
             self.go_down()
 
+    def wait_data(self, count: int, timeout: float) -> bool:
+        """Whether `count` DATA commands have begun (held at the gate, say) within `timeout`."""
+        with self._data:
+            return self._data.wait_for(lambda: self.data_begun >= count, timeout)
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -86,8 +92,9 @@ class ScriptedHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.data_started.set()
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        with self._data:
+            self.data_begun += 1
+            self._data.notify_all()
         if self.gate is not None:
             await asyncio.to_thread(self.gate.wait, 10)
         if self.data_replies:

@@ -1,7 +1,6 @@
 """Idempotency-Key: a repeated request answers what the first one did and sends nothing again."""
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -201,12 +200,20 @@ def test_a_repeat_waiting_for_its_first_request_holds_no_synchronous_slot(
         thread.start()
         return thread
 
+    deliverer = client.app.state.deliverer  # type: ignore[attr-defined]
+    waiting, wait = threading.Event(), deliverer.sleep
+
+    def poll(seconds: float) -> None:  # the repeat's wait for the first one's answer
+        waiting.set()
+        wait(seconds)
+
+    deliverer.sleep = poll
     threads = [start("first", BOOKING, key("k-slot"))]
-    assert smtp.data_started.wait(5)
+    assert smtp.wait_data(1, 5)
     threads.append(start("repeat", BOOKING, key("k-slot")))
-    time.sleep(0.5)  # the repeat waits for the first one's answer
+    assert waiting.wait(5), "the repeat never waited for the first one's answer"
     threads.append(start("other", {**BOOKING, "email": "anna@example.com"}, {}))
-    time.sleep(0.5)
+    assert smtp.wait_data(2, 5), "the other send found no synchronous slot"
     smtp.gate.set()
     for thread in threads:
         thread.join(15)

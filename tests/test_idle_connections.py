@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from serving import GuardedHTTP
 from tests.conftest import AUTH, BOOKING
-from tests.faults import LiveServer, wait_for
+from tests.faults import LiveServer
 from tests.smtpd import ScriptedHandler
 
 IDLE = 200
@@ -101,8 +101,8 @@ def test_a_pipelined_request_waiting_behind_a_slow_one_is_not_cut_off(
     sock = connect(server)
 
     sock.sendall(slow + quick + b"GET /healthz HTTP/1.1\r\n")  # the third: headers begun
-    wait_for(smtp.data_started.is_set, 10, "the first request to reach SMTP")
-    wait_for(QuickGuardedHTTP.deadline_reached.is_set, 10, "a header deadline to pass")
+    assert smtp.data_started.wait(10), "the first request never reached SMTP"
+    assert QuickGuardedHTTP.deadline_reached.wait(10), "no header deadline passed"
     sock.sendall(b"Host: x\r\n\r\n")
     smtp.gate.set()
 

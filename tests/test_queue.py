@@ -2,14 +2,14 @@
 
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import crud
@@ -17,6 +17,7 @@ from models import Notification, NotificationStatus
 from tests.conftest import (
     BOOKING,
     Clock,
+    Settled,
     booking_draft,
     drain,
     drain_in_parallel,
@@ -287,13 +288,12 @@ def test_the_api_runs_its_own_worker_by_default(
     make_client: Callable[..., TestClient], smtp: ScriptedHandler
 ) -> None:
     client = make_client(worker_poll_interval=0.05)
+    settled = Settled(client.app)
 
     queued = client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
 
-    deadline = time.monotonic() + 10
-    while status_of(client, queued["id"])["status"] != "sent":
-        assert time.monotonic() < deadline, "the in-API worker never sent it"
-        time.sleep(0.05)
+    assert settled.wait(1), "the in-API worker never sent it"
+    assert status_of(client, queued["id"])["status"] == "sent"
     assert len(smtp.received) == 1
 
 
@@ -478,44 +478,106 @@ def test_a_released_synchronous_send_is_due_again(
     assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "abandoned"), (2, "sent")]
 
 
-@pytest.mark.slow
+# Where the worker's claim lands in the cancel request, and what the cancel must answer.
+# "inside the write": the cancel's UPDATE holds the row, uncommitted; the claim skips it.
+CANCEL_RACE = {
+    ("before the read", "sending"): "sending",
+    ("before the read", "sent"): "sent",
+    ("between the read and the write", "sending"): "sending",
+    ("between the read and the write", "sent"): "sent",
+    ("inside the write", "sending"): "cancelled",
+    ("inside the write", "sent"): "cancelled",
+    ("after the answer", "sending"): "cancelled",
+    ("after the answer", "sent"): "cancelled",
+}
+
+
 def test_cancel_racing_a_worker_names_the_true_state_every_time(
     queue_client: TestClient,
     smtp: ScriptedHandler,
     db: sessionmaker[Session],
     make_worker: Callable[..., Worker],
 ) -> None:
+    """The worker's claim is placed at each point of the cancel request (by statement
+    listeners, not by timing), with the send held in DATA ("sending") or let through."""
     worker = make_worker(worker_batch_size=1)
+    engine: Engine = queue_client.app.state.session_factory.kw["bind"]  # type: ignore[attr-defined]
     outcomes: Counter[str] = Counter()
-    chance = random.Random(300)
+    racers: set[int] = set()
+    armed: list[str] = []  # the point the next claim waits for, while a round is on
+    rounds = [point for point in CANCEL_RACE for _ in range(5)]
+    random.Random(300).shuffle(rounds)
 
-    def claim_after(delay: float) -> None:
-        time.sleep(delay)
-        worker.run_once()
+    def claim() -> threading.Thread:
+        """Start the worker; return once it has finished, or is held in DATA."""
+        ready = threading.Event()
+        if smtp.gate is not None:
+            smtp.data_started = ready
 
-    for _ in range(300):
-        queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
-        # Spread over the cancel request, so the claim lands before, inside and after it.
-        racer = threading.Thread(target=claim_after, args=(chance.uniform(0, 0.012),))
+        def run() -> None:
+            racers.add(threading.get_ident())
+            worker.run_once()
+            ready.set()
+
+        racer = threading.Thread(target=run)
         racer.start()
-        answer = queue_client.post(f"/notifications/{queued['id']}/cancel")
-        racer.join(10)
-        final = status_of(queue_client, queued["id"])["status"]
-        if answer.status_code == 200:
-            assert answer.json()["status"] == "cancelled" == final
-            outcomes["cancelled"] += 1
-            continue
-        assert answer.status_code == 409
-        # The worker had it: sending, or already sent, never "cancelled" or "queued".
-        named = answer.json()["detail"].split()[2].rstrip(",")
-        assert named in {"sending", "sent"}, answer.json()
-        assert final == "sent"
-        outcomes[named] += 1
+        assert ready.wait(10), "the worker neither sent nor finished"
+        return racer
+
+    started: list[threading.Thread] = []
+
+    def fire(point: str) -> None:
+        if threading.get_ident() not in racers and armed == [point]:
+            armed.clear()
+            started.append(claim())
+
+    def before(_c: Any, _k: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM notifications" in statement:
+            fire("before the read")
+        elif "UPDATE notifications" in statement:
+            fire("between the read and the write")
+
+    def after(_c: Any, _k: Any, statement: str, *_: Any) -> None:
+        if "UPDATE notifications" in statement:
+            fire("inside the write")
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        for point, send in rounds:
+            queued = queue_client.post("/notify/email", json=BOOKING, headers=ASYNC).json()
+            smtp.gate = threading.Event() if send == "sending" else None
+            started.clear()
+            armed[:] = [point]
+            answer = queue_client.post(f"/notifications/{queued['id']}/cancel")
+            armed.clear()
+            if point == "after the answer":
+                started.append(claim())
+            if smtp.gate is not None:
+                smtp.gate.set()
+            assert len(started) == 1, (point, send)
+            started[0].join(10)
+            final = status_of(queue_client, queued["id"])["status"]
+            if answer.status_code == 200:
+                assert answer.json()["status"] == "cancelled" == final
+                outcomes["cancelled"] += 1
+                assert CANCEL_RACE[point, send] == "cancelled", (point, send)
+                continue
+            assert answer.status_code == 409
+            # The worker had it: sending, or already sent, never "cancelled" or "queued".
+            named = answer.json()["detail"].split()[2].rstrip(",")
+            assert named in {"sending", "sent"}, answer.json()
+            assert final == "sent"
+            outcomes[named] += 1
+            assert CANCEL_RACE[point, send] == named, (point, send)
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
 
     sent = sum(1 for r in smtp.received)
     print("FIGURES cancel racing a worker:", dict(outcomes))
     assert sent == outcomes["sending"] + outcomes["sent"]
-    assert outcomes["cancelled"] + sent == 300
+    assert outcomes["cancelled"] + sent == len(rounds)
 
 
 def test_a_synchronous_send_whose_process_died_is_taken_over_with_its_lost_attempt(
@@ -566,6 +628,7 @@ def test_send_at_in_the_past_is_due_at_once(
         "0001-01-01T00:00:00+00:00",
         (datetime.now(UTC) + timedelta(days=400)).isoformat(),
     ],
+    ids=["epoch-ms", "epoch-s", "no-offset", "year-9999", "year-1", "in-400-days"],
 )
 def test_send_at_must_be_an_iso_string_with_an_offset_within_the_horizon(
     queue_client: TestClient, smtp: ScriptedHandler, send_at: object

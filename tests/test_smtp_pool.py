@@ -2,7 +2,6 @@
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -16,6 +15,7 @@ from mailer import SMTPMailer, TransientDeliveryError, build_message
 from main import create_app
 from models import utcnow
 from tests.conftest import AUTH, BOOKING
+from tests.faults import wait_for
 from tests.smtpd import ScriptedHandler
 
 
@@ -63,7 +63,9 @@ def test_no_more_connections_than_the_pool_size(
     senders = [threading.Thread(target=mailer.send, args=(message(n),)) for n in range(6)]
     for sender in senders:
         sender.start()
-    time.sleep(0.3)  # let all six try to get a connection
+    # All six try to get a connection: two are in DATA, four wait for one.
+    assert smtp.wait_data(2, 5)
+    wait_for(lambda: mailer.waiting == 4, 5, "four sends to wait for a connection")
     smtp.gate.set()
     for sender in senders:
         sender.join(10)
