@@ -30,6 +30,7 @@ engine = create_engine(
     pool_size=8,
     max_overflow=0,
 )
+# The table is the bench's (`bench/run.py` creates it with DURABLE_TABLE), not a migration's.
 metadata = MetaData()
 accepted = Table(
     "durable_accepted",
@@ -41,10 +42,6 @@ accepted = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
-with engine.begin() as connection:  # each of the workers: the first one creates it
-    connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7340)")
-    metadata.create_all(connection)
-
 app = FastAPI()
 
 

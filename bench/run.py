@@ -39,6 +39,12 @@ AUTH: dict[str, str] = {}
 # W2's hand-written durable reference, and the bearer token it checks.
 DURABLE = "bench.durable:app"
 DURABLE_TOKEN = "durable-bench-token-0123456789"
+DURABLE_TABLE = (
+    "DROP TABLE IF EXISTS durable_accepted;"
+    " CREATE TABLE durable_accepted (id bigserial PRIMARY KEY, email varchar(320) NOT NULL,"
+    " subject varchar(998) NOT NULL, text text NOT NULL, status varchar(16) NOT NULL,"
+    " created_at timestamptz NOT NULL)"
+)
 SMTP_USER, SMTP_PASSWORD = "bench", "bench-password"
 BODY = {
     "email": "member{n}@example.com",  # numbered per request by the wrk script
@@ -430,6 +436,7 @@ class Bench:
                     )
                 )
                 ceiling.append(self.wrk(f"{base}/healthz", connections=16, server=api))
+            self.sql(DURABLE_TABLE)
             with self.service("durable-w2", reference_env, app=DURABLE) as reference:
                 durable.append(
                     self.wrk(
