@@ -279,6 +279,12 @@ async def authenticate(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
     """The caller's key (found by RequireApiKey), if it holds the scopes."""
+    return caller(request, security_scopes.scopes)
+
+
+def caller(request: Request, scopes: Sequence[str]) -> ApiKey:
+    """The key RequireApiKey found for `request`: a 401 if none, a 403 if it lacks one of
+    `scopes`."""
     api_key: ApiKey | None = getattr(request.state, "api_key", None)
     if api_key is None:
         raise unauthorized("an API key is required: Authorization: Bearer <key>")
@@ -286,7 +292,7 @@ async def authenticate(
     # Operators manage recipients too.
     if Scope.ADMIN in granted:
         granted.add(Scope.RECIPIENTS)
-    missing = [scope for scope in security_scopes.scopes if scope not in granted]
+    missing = [scope for scope in scopes if scope not in granted]
     if missing:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, f"this API key lacks the scope: {', '.join(missing)}"

@@ -160,6 +160,9 @@ def change(*, session: Session, notification: Notification, transition: Transiti
     return True
 
 
+_INSERT_NOTIFICATION = insert(Notification).returning(Notification)
+
+
 def create_notification(
     *,
     session: Session,
@@ -180,21 +183,22 @@ def create_notification(
     """
     at = now()
     key_id = idempotency_keys.claim_key(session, idempotency, at) if idempotency else None
-    notification = Notification(
+    values = {
         **draft.columns(),
-        status=NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
-        attempts=0,
-        channel_attempts=0,
-        route_position=0,
-        message_id=message_id,
-        next_attempt_at=(draft.send_at or at) if queued else None,
-        leased_by=None if queued else holder or request_holder(),
-        lease_expires_at=None if queued else at + lease,
-        created_at=at,
-        updated_at=at,
-    )
-    session.add(notification)
-    session.flush()
+        "status": NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
+        "attempts": 0,
+        "channel_attempts": 0,
+        "route_position": 0,
+        "message_id": message_id,
+        "next_attempt_at": (draft.send_at or at) if queued else None,
+        "leased_by": None if queued else holder or request_holder(),
+        "lease_expires_at": None if queued else at + lease,
+        "created_at": at,
+        "updated_at": at,
+    }
+    # One INSERT … RETURNING, without the unit of work's flush; the object it returns is
+    # the session's own, as a flush would have left it.
+    notification = session.scalars(_INSERT_NOTIFICATION, [values]).one()
     if key_id is not None:
         # A queued request's answer is known now; a synchronous one's after the send.
         status_code = 202 if queued else None

@@ -17,6 +17,7 @@ from deps import (
     ADMIN,
     READ,
     RECIPIENTS,
+    SEND_SECURITY,
     BatchId,
     DelivererDep,
     KeyId,
@@ -111,15 +112,16 @@ SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model=NotificationDetail,
     responses=SEND_RESPONSES,
     tags=["notify"],
+    openapi_extra=SEND_SECURITY,
 )
 def notify_email(
-    data: EmailNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
-) -> Notification:
+    data: EmailNotificationCreate, ctx: SendingDep, deliverer: DelivererDep
+) -> Response:
     """Send an e-mail now (201/502), or queue it (202) when asked to or when `send_at` is set.
 
     When SYNC_SEND_LIMIT synchronous sends are already in progress, it is queued (202).
     """
-    return answered(deliverer.submit_email(ctx, data), response)
+    return answered(deliverer.submit_email(ctx, data))
 
 
 @router.post(
@@ -128,12 +130,11 @@ def notify_email(
     response_model=NotificationDetail,
     responses=SEND_RESPONSES,
     tags=["notify"],
+    openapi_extra=SEND_SECURITY,
 )
-def notify_sms(
-    data: SmsNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
-) -> Notification:
+def notify_sms(data: SmsNotificationCreate, ctx: SendingDep, deliverer: DelivererDep) -> Response:
     """Send an SMS (through SMS.ru), as `/notify/email` sends an e-mail."""
-    return answered(deliverer.submit_sms(ctx, data), response)
+    return answered(deliverer.submit_sms(ctx, data))
 
 
 @router.post(
@@ -142,12 +143,13 @@ def notify_sms(
     response_model=NotificationDetail,
     responses=SEND_RESPONSES,
     tags=["notify"],
+    openapi_extra=SEND_SECURITY,
 )
 def notify_telegram(
-    data: TelegramNotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
-) -> Notification:
+    data: TelegramNotificationCreate, ctx: SendingDep, deliverer: DelivererDep
+) -> Response:
     """Send a Telegram message (through the Bot API), as `/notify/email` sends an e-mail."""
-    return answered(deliverer.submit_telegram(ctx, data), response)
+    return answered(deliverer.submit_telegram(ctx, data))
 
 
 @router.post(
@@ -156,10 +158,9 @@ def notify_telegram(
     response_model=NotificationDetail,
     responses=SEND_RESPONSES,
     tags=["notify"],
+    openapi_extra=SEND_SECURITY,
 )
-def notify(
-    data: NotificationCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
-) -> Notification:
+def notify(data: NotificationCreate, ctx: SendingDep, deliverer: DelivererDep) -> Response:
     """Send one message to one recipient on the first of its channels that delivers it.
 
     The order is the request's `channels`, else the recipient's own, else CHANNEL_ORDER;
@@ -167,17 +168,19 @@ def notify(
     permanent failure on a channel, or its retries running out, moves on to the next;
     201 once one delivers, 502 when all failed, 202 when queued.
     """
-    return answered(deliverer.submit_routed(ctx, data), response)
+    return answered(deliverer.submit_routed(ctx, data))
 
 
-def answered(submitted: Submitted, response: Response) -> Notification:
-    """A submitted notification, with its status code and headers set on `response`."""
-    response.status_code = submitted.status_code
+def answered(submitted: Submitted) -> Response:
+    """A submitted notification's answer, serialised here, in the route's thread: returned
+    as a Response, FastAPI neither validates it again nor hops to a thread to do so."""
+    headers = {}
     if submitted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
     if submitted.preference_applied:
-        response.headers["Preference-Applied"] = "respond-async"
-    return submitted.notification
+        headers["Preference-Applied"] = "respond-async"
+    body = NotificationDetail.model_validate(submitted.notification).model_dump_json()
+    return Response(body, submitted.status_code, headers, media_type="application/json")
 
 
 @router.post(
@@ -186,6 +189,7 @@ def answered(submitted: Submitted, response: Response) -> Notification:
     response_model=BatchCreated,
     responses={**IDEMPOTENCY, **DATABASE_DOWN},
     tags=["notify"],
+    openapi_extra=SEND_SECURITY,
 )
 def notify_bulk(
     data: BulkEmailCreate, ctx: SendingDep, deliverer: DelivererDep, response: Response
