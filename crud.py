@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import text as sql  # `text` is also a column name
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 import idempotency as idempotency_keys
@@ -160,7 +160,25 @@ def change(*, session: Session, notification: Notification, transition: Transiti
     return True
 
 
-_INSERT_NOTIFICATION = insert(Notification).returning(Notification)
+_NOTIFICATIONS = Notification.__table__
+_INSERT_NOTIFICATION = insert(_NOTIFICATIONS).returning(
+    _NOTIFICATIONS.c.id, _NOTIFICATIONS.c.version
+)
+# Every column of a notification, None unless set.
+_NO_VALUES = dict.fromkeys(
+    c.key for c in inspect(Notification).column_attrs if c.key not in ("id", "version")
+)
+
+
+def _inserted(session: Session, values: dict[str, Any]) -> Notification:
+    """Insert a notification with one Core INSERT … RETURNING on the session's connection
+    (the unit of work's flush costs more than the statement), and make it the session's
+    own object, as loaded: every column set, so none is read again."""
+    row = session.connection().execute(_INSERT_NOTIFICATION, values).one()
+    notification = Notification(**(_NO_VALUES | values), id=row.id, version=row.version)
+    make_transient_to_detached(notification)
+    session.add(notification)
+    return notification
 
 
 def create_notification(
@@ -196,9 +214,7 @@ def create_notification(
         "created_at": at,
         "updated_at": at,
     }
-    # One INSERT … RETURNING, without the unit of work's flush; the object it returns is
-    # the session's own, as a flush would have left it.
-    notification = session.scalars(_INSERT_NOTIFICATION, [values]).one()
+    notification = _inserted(session, values)
     if key_id is not None:
         # A queued request's answer is known now; a synchronous one's after the send.
         status_code = 202 if queued else None
