@@ -37,7 +37,7 @@ import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE
 from models import ApiKey, Scope
-from ratelimits import STORAGE_UNAVAILABLE, RateLimiter, TooMany
+from ratelimits import STORAGE_UNAVAILABLE, KeyCount, RateLimiter, TooMany
 
 logger = logging.getLogger(__name__)
 
@@ -195,15 +195,23 @@ class RequireApiKey:
     state.
     """
 
-    def __init__(self, app: ASGIApp, *, protected: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        protected: Sequence[BaseRoute],
+        counted_by_route: Sequence[BaseRoute] = (),
+    ) -> None:
+        """`counted_by_route`: routes that count the key's request themselves, with their
+        recipients, in one round trip (`ratelimits.KeyCount`)."""
         self.app = app
         # Any other path is open: health, documentation, and unknown paths (a 404).
         self.protected = protected
+        self.counted_by_route = {id(route) for route in counted_by_route}
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not any(
-            route.matches(scope)[0] != Match.NONE for route in self.protected
-        ):
+        route = self._route(scope) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
         scheme, _, credentials = (Headers(scope=scope).get("authorization") or "").partition(" ")
@@ -225,7 +233,10 @@ class RequireApiKey:
                     return
                 cache.put(presented, api_key)
             limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
-            revoked, retry_after = await limiter.admit(api_key, limit)
+            counted_later = id(route) in self.counted_by_route
+            revoked, retry_after = (
+                (False, None) if counted_later else await limiter.admit(api_key, limit)
+            )
         except (*DATABASE_UNAVAILABLE, StorageError) as exc:
             logger.exception("storage unavailable while checking an API key")
             await unavailable(exc)(scope, receive, send)
@@ -240,10 +251,37 @@ class RequireApiKey:
             )
             await too_many(refused)(scope, receive, send)
             return
+        if not counted_later:
+            await self._admitted(scope, receive, send, api_key)
+            return
+        count = KeyCount(api_key, limit)
+        scope.setdefault("state", {})["key_count"] = count
+        await self._admitted(scope, receive, send, api_key)
+        if not count.done:
+            # Answered before its route counted it (a 422, say): counted now all the same.
+            await self._count_late(limiter, cache, count)
+
+    def _route(self, scope: Scope_) -> BaseRoute | None:
+        """The protected route `scope` is for, if any."""
+        return next((r for r in self.protected if r.matches(scope)[0] != Match.NONE), None)
+
+    async def _admitted(self, scope: Scope_, receive: Receive, send: Send, api_key: ApiKey) -> None:
         if api_key.id and crud.api_key_touch_due(api_key, every=TOUCH_EVERY):
-            await self._touch(state, api_key)
+            await self._touch(scope["app"].state, api_key)
         scope.setdefault("state", {})["api_key"] = api_key
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _count_late(limiter: RateLimiter, cache: KeyCache, count: KeyCount) -> None:
+        """Count a request that ended before its route counted it (the answer is sent)."""
+        count.done = True
+        try:
+            revoked, _ = await limiter.admit(count.api_key, count.limit)
+        except StorageError as exc:
+            logger.warning("could not count a request of key %d: %s", count.api_key.id, exc)
+            return
+        if revoked:
+            cache.forget(count.api_key.id)
 
     @staticmethod
     def _identify(state: Any, key_hash: str) -> ApiKey | None:

@@ -160,9 +160,8 @@ def change(*, session: Session, notification: Notification, transition: Transiti
     return True
 
 
-_NOTIFICATIONS = Notification.__table__
-_INSERT_NOTIFICATION = insert(_NOTIFICATIONS).returning(
-    _NOTIFICATIONS.c.id, _NOTIFICATIONS.c.version
+_INSERT_NOTIFICATION = insert(cast(Table, Notification.__table__)).returning(
+    Notification.__table__.c.id, Notification.__table__.c.version
 )
 # Every column of a notification, None unless set.
 _NO_VALUES = dict.fromkeys(

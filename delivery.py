@@ -106,6 +106,8 @@ class Sending:
     limiter: RateLimiter
     prefer_async: bool = False
     idempotency_key: str | None = None
+    # The request's count against its key, when the key check left it to the send.
+    key_count: ratelimits.KeyCount | None = None
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ class Deliverer:
             except IdempotencyKeyUsed as used:
                 # A repeat sends nothing: its wait for the first request holds no slot.
                 slot.release()
-                return self._replay(session, claim, used)
+                return self._replay(ctx, session, claim, used)
             if not slot.held:
                 return Submitted(
                     notification, HTTPStatus.ACCEPTED, preference_applied=ctx.prefer_async
@@ -357,6 +359,7 @@ class Deliverer:
             )
         except IdempotencyKeyUsed as used:
             assert claim is not None
+            self._count_key(ctx)
             record = self._first_answer(session, claim, used)
             assert record.batch_id is not None
             found = crud.get_batch(session=session, batch_id=record.batch_id)
@@ -446,6 +449,7 @@ class Deliverer:
                 caller=ctx.caller,
                 recipients=[address for _, address in on_channel],
                 channel=channel,
+                key=ctx.key_count,
             )
             for (i, _), ok in zip(on_channel, granted, strict=True):
                 if ok:
@@ -483,18 +487,30 @@ class Deliverer:
         )
 
     def _count_recipient(self, ctx: Sending, channel: Channel, address: str) -> None:
-        """Count the message against its address's hourly limit; a 429 past it."""
+        """Count the message against its address's hourly limit, and the request against
+        its key's if that is left to it (one round trip); a 429 past either."""
         [allowed], limit, retry_after = ratelimits.take_recipients(
             limiter=ctx.limiter,
             settings=self.settings,
             caller=ctx.caller,
             recipients=[address],
             channel=channel,
+            key=ctx.key_count,
         )
         if not allowed:
             raise ratelimits.TooMany(
                 f"more than {limit} messages per hour to this address", retry_after
             )
+
+    def _count_key(self, ctx: Sending) -> None:
+        """Count a repeated request against its key (it counts no recipient)."""
+        ratelimits.take_recipients(
+            limiter=ctx.limiter,
+            settings=self.settings,
+            caller=ctx.caller,
+            recipients=[],
+            key=ctx.key_count,
+        )
 
     def _first_answer(
         self, session: Session, claim: IdempotencyClaim, used: IdempotencyKeyUsed
@@ -510,10 +526,15 @@ class Deliverer:
         )
 
     def _replay(
-        self, session: Session, claim: IdempotencyClaim | None, used: IdempotencyKeyUsed
+        self,
+        ctx: Sending,
+        session: Session,
+        claim: IdempotencyClaim | None,
+        used: IdempotencyKeyUsed,
     ) -> Submitted:
         """What a repeated request answers: its first request's notification and status."""
         assert claim is not None
+        self._count_key(ctx)
         record = self._first_answer(session, claim, used)
         # The key's fingerprint names this endpoint, so it points at a notification.
         assert record.notification_id is not None

@@ -118,7 +118,8 @@ async def sending(
     costs more than the pieces). The routes declare the scope in OpenAPI (`SEND_SECURITY`)."""
     caller = auth.caller(request, [Scope.SEND])
     limiter: RateLimiter = request.app.state.limiter
-    return Sending(caller, session, limiter, wants_async(prefer), idempotency_key)
+    key_count = getattr(request.state, "key_count", None)
+    return Sending(caller, session, limiter, wants_async(prefer), idempotency_key, key_count)
 
 
 SendingDep = Annotated[Sending, Depends(sending)]

@@ -24,9 +24,9 @@ from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
 from idempotency import KeyInFlightError, KeyReusedError
 from lifecycle import Refused
-from ratelimits import TooMany
+from ratelimits import KeyRevoked, TooMany
 from recorder import start_recorder
-from routes import health, router
+from routes import COUNTED_BY_ROUTE, health, router
 from schemas import printable
 from wiring import build_database, build_deliverer, build_limiter, configure_logging
 from worker import Worker
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so it runs first: no key, no body read, whatever its size.
-    app.add_middleware(RequireApiKey, protected=router.routes)
+    app.add_middleware(RequireApiKey, protected=router.routes, counted_by_route=COUNTED_BY_ROUTE)
     for error in (*DATABASE_UNAVAILABLE, StorageError):
         app.add_exception_handler(error, dependency_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(NoValidRecipient, no_valid_recipient)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(TooMany, rate_limited)
+    app.add_exception_handler(KeyRevoked, key_revoked)
     app.add_exception_handler(KeyReusedError, key_reused)
     app.add_exception_handler(KeyInFlightError, key_in_flight)
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -197,6 +198,15 @@ async def dependency_unavailable(request: Request, exc: Exception) -> JSONRespon
 async def rate_limited(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TooMany)
     return too_many(exc)
+
+
+async def key_revoked(request: Request, exc: Exception) -> JSONResponse:
+    """A key revoked through another process, seen when its request was counted."""
+    assert isinstance(exc, KeyRevoked)
+    request.app.state.key_cache.forget(exc.key_id)
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:

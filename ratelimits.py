@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ from limits.storage import (
     storage_from_string,
 )
 from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import NoScriptError
 
 from config import Settings
 from models import ApiKey
@@ -39,6 +41,29 @@ from models import ApiKey
 RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
 # The 503 of a request the rate-limit storage did not answer.
 STORAGE_UNAVAILABLE = "rate-limit storage unavailable, try again later"
+
+
+class KeyRevoked(Exception):
+    """The caller's key was revoked through another process (`mark_revoked`): a 401."""
+
+    def __init__(self, key_id: int) -> None:
+        super().__init__("invalid or revoked API key")
+        self.key_id = key_id
+
+
+@dataclass
+class KeyCount:
+    """A request's count against its key's per-minute `limit`, left by the key check
+    (`auth.RequireApiKey`) to the send, which makes it with its recipients' counts in one
+    round trip (`RateLimiter.take_recipients`); what is left uncounted when the request
+    ends, the key check counts then."""
+
+    api_key: ApiKey
+    limit: int
+    done: bool = False
+
+    def refusal(self, retry_after: float) -> "TooMany":
+        return TooMany(f"more than {self.limit} requests per minute for this API key", retry_after)
 
 
 class TooMany(Exception):
@@ -119,15 +144,22 @@ class RateLimiter:
                 return False, self.hit(item, subject)  # in memory: no I/O
             # Another storage (a Redis cluster or sentinel): blocking, so in a thread.
             return False, await to_thread.run_sync(self.hit, item, subject)
+        window = self._redis.prefixed_key(item.key_for(subject))
         try:
-            async with self._async.pipeline(transaction=False) as pipe:
-                pipe.exists(self._revoked_key(self._redis, api_key.id))
-                await self._acquire(
-                    keys=[self._redis.prefixed_key(item.key_for(subject))],
-                    args=[time.time(), item.amount, item.get_expiry(), 1],
-                    client=pipe,
-                )
-                revoked, acquired = await pipe.execute()
+            for loaded in (True, False):
+                async with self._async.pipeline(transaction=False) as pipe:
+                    pipe.exists(self._revoked_key(self._redis, api_key.id))
+                    # EVALSHA itself, as in `_acquire_pipelined`: no SCRIPT EXISTS first.
+                    pipe.evalsha(
+                        self._acquire.sha, 1, window, time.time(), item.amount, item.get_expiry(), 1
+                    )
+                    try:
+                        revoked, acquired = await pipe.execute()
+                        break
+                    except NoScriptError:
+                        if not loaded:
+                            raise
+                await self._async.script_load(self._acquire.script)
         except aioredis.RedisError as exc:
             raise StorageError(exc) from exc
         if revoked:
@@ -167,16 +199,28 @@ class RateLimiter:
         return max(0.0, stats.reset_time - time.time())
 
     def take_recipients(
-        self, addresses: Sequence[str], limit: int, channel: str = "email"
+        self,
+        addresses: Sequence[str],
+        limit: int,
+        channel: str = "email",
+        *,
+        key: KeyCount | None = None,
     ) -> tuple[list[bool], float]:
         """Count a message for each address on `channel` (an address given twice counts
-        twice); whether each was let through, and the longest wait of the others."""
+        twice); whether each was let through, and the longest wait of the others. With
+        `key` not yet counted, the request is counted against its key first, in the same
+        round trip: `KeyRevoked` or the key's `TooMany`, and no address counted, if it
+        is not let through."""
         item = RateLimitItemPerHour(limit)
         subjects = [f"rcpt:{recipient_subject(address, channel)}" for address in addresses]
+        if key is not None and key.done:
+            key = None
         # Plain Redis only: a cluster pipeline does not load the script on its nodes.
-        if type(self.storage) is RedisStorage and len(subjects) > 1:
-            granted = self._acquire_pipelined(item, subjects)
+        if type(self.storage) is RedisStorage and (len(subjects) > 1 or key is not None):
+            granted = self._acquire_pipelined(item, subjects, key)
         else:
+            if key is not None:
+                self._count_key(key)
             granted = [self.strategy.hit(item, subject) for subject in subjects]
         wait = 0.0
         for subject in {s for s, ok in zip(subjects, granted, strict=True) if not ok}:
@@ -184,22 +228,89 @@ class RateLimiter:
             wait = max(wait, stats.reset_time - time.time())
         return granted, wait
 
-    def _acquire_pipelined(self, item: RateLimitItem, subjects: Sequence[str]) -> list[bool]:
+    def _count_key(self, key: KeyCount) -> None:
+        """Count `key`'s request, outside Redis (the key's `admit`, without I/O here)."""
+        key.done = True
+        if self._revoked.get(key.api_key.id, 0.0) > time.monotonic():
+            raise KeyRevoked(key.api_key.id)
+        retry_after = self.hit(RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}")
+        if retry_after is not None:
+            raise key.refusal(retry_after)
+
+    def _acquire_pipelined(
+        self, item: RateLimitItem, subjects: Sequence[str], key: KeyCount | None = None
+    ) -> list[bool]:
         """`strategy.hit` for many subjects in one round trip: the library's own atomic
         moving-window script, once per subject, sent as one Redis pipeline (a bulk of
-        10,000 would otherwise wait on 10,000 round trips)."""
+        10,000 would otherwise wait on 10,000 round trips). With `key`, its revocation
+        mark and per-minute window go first in the same pipeline; if the key is not let
+        through, the subjects' hits are taken back (`_take_back`)."""
+        storage = self.storage
+        assert isinstance(storage, RedisStorage)
+        # The hit's time, in sixteenths of a second: a number every formatting of it (Lua's
+        # %.14g, Redis's, Python's) writes alike, so `_take_back` finds it by value.
+        at = math.floor(time.time() * 16) / 16
+        windows = [(item, subject) for subject in subjects]
+        if key is not None:
+            key.done = True
+            windows.insert(0, (RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}"))
+        # A redis.Redis client; the library types it as a narrower protocol.
+        client: Any = storage.get_connection()
+        script = storage.lua_acquire_moving_window
+        try:
+            for loaded in (True, False):
+                pipe = client.pipeline(transaction=False)
+                if key is not None:
+                    pipe.exists(self._revoked_key(storage, key.api_key.id))
+                for window, subject in windows:
+                    # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS
+                    # round trip first, every time.
+                    pipe.evalsha(
+                        script.sha,
+                        1,
+                        storage.prefixed_key(window.key_for(subject)),
+                        at,
+                        window.amount,
+                        window.get_expiry(),
+                        1,
+                    )
+                try:
+                    answers = [bool(answer) for answer in pipe.execute()]
+                    break
+                except NoScriptError:
+                    # Redis lost its scripts (a restart): no window was counted.
+                    if not loaded:
+                        raise
+                    client.script_load(script.script)
+        except storage.base_exceptions as exc:
+            raise StorageError(exc) from exc
+        if key is None:
+            return answers
+        revoked, key_granted, granted = answers[0], answers[1], answers[2:]
+        if revoked or not key_granted:
+            self._take_back(item, [s for s, ok in zip(subjects, granted, strict=True) if ok], at)
+            if key_granted:
+                self._take_back(RateLimitItemPerMinute(key.limit), [f"key:{key.api_key.id}"], at)
+            if revoked:
+                raise KeyRevoked(key.api_key.id)
+            stats = self.strategy.get_window_stats(
+                RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}"
+            )
+            raise key.refusal(max(0.0, stats.reset_time - time.time()))
+        return granted
+
+    def _take_back(self, item: RateLimitItem, subjects: Sequence[str], at: float) -> None:
+        """Remove one hit made at `at` from each subject's window (a request that was not
+        let through after all): the moving window is a list of hit times."""
+        if not subjects:
+            return
         storage = self.storage
         assert isinstance(storage, RedisStorage)
         try:
-            # A redis.Redis client; the library types it as a narrower protocol.
             pipe = storage.get_connection().pipeline(transaction=False)  # type: ignore[attr-defined]
             for subject in subjects:
-                storage.lua_acquire_moving_window(
-                    keys=[storage.prefixed_key(item.key_for(subject))],
-                    args=[time.time(), item.amount, item.get_expiry(), 1],
-                    client=pipe,
-                )
-            return [bool(acquired) for acquired in pipe.execute()]
+                pipe.lrem(storage.prefixed_key(item.key_for(subject)), 1, f"{at:.14g}")
+            pipe.execute()
         except storage.base_exceptions as exc:
             raise StorageError(exc) from exc
 
@@ -211,12 +322,13 @@ def take_recipients(
     caller: ApiKey,
     recipients: Sequence[str],
     channel: str = "email",
+    key: KeyCount | None = None,
 ) -> tuple[list[bool], int, float]:
     """Count a message for each address on `channel` in the hour that ends now; whether
     each was within the limit, the limit, and the seconds until a refused one would be
     let through."""
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
-    allowed, retry_after = limiter.take_recipients(recipients, limit, channel)
+    allowed, retry_after = limiter.take_recipients(recipients, limit, channel, key=key)
     return allowed, limit, retry_after
 
 

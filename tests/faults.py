@@ -27,6 +27,10 @@ class CuttableLink:
         self.deaf = threading.Event()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        # Round trips: how often a client spoke after its server did (or first), on
+        # every connection; `_replied` holds the clients whose server spoke last.
+        self.turns = 0
+        self._replied: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
 
     def cut(self) -> None:
@@ -67,17 +71,26 @@ class CuttableLink:
                 continue
             with self._lock:
                 self._open |= {client, server}
+                self._replied.add(client)
             for source, target, replies in ((client, server, False), (server, client, True)):
                 threading.Thread(
                     target=self._pump,
-                    args=(source, target, replies),
+                    args=(source, target, replies, client),
                     name="link-pump",
                     daemon=True,
                 ).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
+    def _pump(
+        self, source: socket.socket, target: socket.socket, replies: bool, client: socket.socket
+    ) -> None:
         try:
             while data := source.recv(65536):
+                with self._lock:
+                    if replies:
+                        self._replied.add(client)
+                    elif client in self._replied:
+                        self._replied.discard(client)
+                        self.turns += 1
                 if not (replies and self.deaf.is_set()):
                     target.sendall(data)
         except OSError:

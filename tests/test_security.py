@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 import limits.storage.redis
@@ -22,6 +23,7 @@ import ratelimits
 from config import Settings
 from models import ApiKey, IdempotencyKey, Notification
 from tests.conftest import ADMIN_KEY, BOOKING, SECRET_KEY
+from tests.faults import CuttableLink
 from tests.smtpd import ScriptedHandler
 
 OPEN = {"/healthz", "/readyz"}
@@ -559,3 +561,77 @@ def test_an_erased_code_cannot_be_found_by_trying_every_code(
     assert again.headers["idempotent-replayed"] == "true"
     # And the evidence still proves what was sent, to whoever holds the key.
     assert evidence == lifecycle.text_hmac(SECRET_KEY.encode(), "Ваш код: 482913")
+
+
+def test_a_queued_send_counts_its_key_and_recipient_in_one_redis_round_trip(
+    make_client: Callable[..., TestClient], settings: Settings
+) -> None:
+    redis = urlsplit(settings.rate_limit_storage)
+    assert redis.hostname is not None and redis.port is not None
+    link = CuttableLink((redis.hostname, redis.port))
+    try:
+        client = make_client(rate_limit_storage=f"redis://127.0.0.1:{link.port}{redis.path}")
+        headers = bearer(new_key(client, ["send"])) | {"Prefer": "respond-async"}
+        # The first loads the scripts and opens the connection.
+        assert client.post("/notify/email", json=BOOKING, headers=headers).status_code == 202
+        before = link.turns
+
+        statuses = [
+            client.post(
+                "/notify/email", json={**BOOKING, "email": f"m{i}@example.org"}, headers=headers
+            ).status_code
+            for i in range(5)
+        ]
+
+        assert statuses == [202] * 5
+        assert link.turns - before == 5
+    finally:
+        link.close()
+
+
+def test_a_send_answered_before_it_counts_still_counts_against_its_key(
+    client: TestClient,
+) -> None:
+    key = new_key(client, ["send"], requests_per_minute=2)
+    invalid = {**BOOKING, "email": "not an address"}
+
+    statuses = [
+        call(client, "POST", "/notify/email", json=invalid, headers=bearer(key)) for _ in range(2)
+    ]
+
+    assert statuses == [422, 422]
+    assert call(client, "POST", "/notify/email", json=BOOKING, headers=bearer(key)) == 429
+
+
+def test_a_send_over_its_keys_limit_does_not_count_against_its_recipient(
+    client: TestClient, smtp: ScriptedHandler
+) -> None:
+    limited = new_key(client, ["send"], requests_per_minute=1, recipient_hourly_limit=1)
+    other = new_key(client, ["send", "read"], recipient_hourly_limit=1)
+    anna = {**BOOKING, "email": "anna@example.com"}
+    assert call(client, "POST", "/notify/email", json=BOOKING, headers=bearer(limited)) == 201
+
+    over = client.post("/notify/email", json=anna, headers=bearer(limited))
+
+    assert over.status_code == 429
+    assert "per minute for this API key" in over.json()["detail"]
+    # Anna's one message an hour is still hers to get, once.
+    assert call(client, "POST", "/notify/email", json=anna, headers=bearer(other)) == 201
+    assert call(client, "POST", "/notify/email", json=anna, headers=bearer(other)) == 429
+    assert len(smtp.received) == 2
+
+
+def test_a_send_with_a_key_revoked_through_another_process_is_a_401(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler
+) -> None:
+    first, second = make_client(), make_client()
+    key = new_key(first, ["send", "read"])
+    assert call(first, "GET", "/notifications", headers=bearer(key)) == 200  # cached here
+    key_id = second.get("/keys").json()[-1]["id"]
+    assert second.post(f"/keys/{key_id}/revoke").status_code == 200
+
+    for _ in range(2):
+        refused = first.post("/notify/email", json=BOOKING, headers=bearer(key))
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"
+    assert smtp.received == []
