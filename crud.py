@@ -483,6 +483,12 @@ _APPLY_STATEMENTS = {
     for shown in (False, True)
     for attempts in (False, True)
 }
+# The shown ones as ORM statements, built once: SQLAlchemy memoizes a statement's cache
+# key on the object, and a new one per call cost a walk of the whole statement.
+_LOADING_STATEMENTS = {
+    attempts: select(Notification, *_FLAGS).from_statement(_APPLY_STATEMENTS[True, attempts])
+    for attempts in (False, True)
+}
 
 
 def apply_transitions(
@@ -542,7 +548,7 @@ def _apply_together(
     if load:
         kept = _loaded_attempts(session, [t.notification_id for t in transitions])
         loaded = session.execute(
-            select(Notification, *_FLAGS).from_statement(statement),
+            _LOADING_STATEMENTS[with_attempts],
             parameters,
             execution_options={"populate_existing": True},
         )
