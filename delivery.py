@@ -99,7 +99,9 @@ class Conflict(Exception):
 
 @dataclass(frozen=True)
 class Sending:
-    """Who sends, and how they asked: what every send endpoint is given."""
+    """Who sends, and how they asked: what every send endpoint is given. Its session is the
+    request's: the endpoint closes it, in its own thread, by `with` (a generator dependency
+    per request cost more than the rest of the dependencies together)."""
 
     caller: ApiKey
     session: Session
@@ -108,6 +110,17 @@ class Sending:
     idempotency_key: str | None = None
     # The request's count against its key, when the key check left it to the send.
     key_count: ratelimits.KeyCount | None = None
+
+    def __enter__(self) -> "Sending":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # Closing rolls back what is open: on a connection the database dropped that may
+        # fail, and must not replace the request's own answer (its 503, say).
+        try:
+            self.session.close()
+        except DATABASE_UNAVAILABLE as exc:
+            logger.warning("closing a database session failed: %s", exc)
 
 
 @dataclass(frozen=True)

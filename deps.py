@@ -109,7 +109,6 @@ def wants_async(prefer: str | None) -> bool:
 
 async def sending(
     request: Request,
-    session: SessionDep,
     prefer: PreferHeader = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Sending:
@@ -119,6 +118,8 @@ async def sending(
     caller = auth.caller(request, [Scope.SEND])
     limiter: RateLimiter = request.app.state.limiter
     key_count = getattr(request.state, "key_count", None)
+    # Opened here, closed by the endpoint (`with ctx:`); it holds no connection until used.
+    session = request.app.state.session_factory()
     return Sending(caller, session, limiter, wants_async(prefer), idempotency_key, key_count)
 
 

@@ -121,7 +121,8 @@ def notify_email(
 
     When SYNC_SEND_LIMIT synchronous sends are already in progress, it is queued (202).
     """
-    return answered(deliverer.submit_email(ctx, data))
+    with ctx:
+        return answered(deliverer.submit_email(ctx, data))
 
 
 @router.post(
@@ -134,7 +135,8 @@ def notify_email(
 )
 def notify_sms(data: SmsNotificationCreate, ctx: SendingDep, deliverer: DelivererDep) -> Response:
     """Send an SMS (through SMS.ru), as `/notify/email` sends an e-mail."""
-    return answered(deliverer.submit_sms(ctx, data))
+    with ctx:
+        return answered(deliverer.submit_sms(ctx, data))
 
 
 @router.post(
@@ -149,7 +151,8 @@ def notify_telegram(
     data: TelegramNotificationCreate, ctx: SendingDep, deliverer: DelivererDep
 ) -> Response:
     """Send a Telegram message (through the Bot API), as `/notify/email` sends an e-mail."""
-    return answered(deliverer.submit_telegram(ctx, data))
+    with ctx:
+        return answered(deliverer.submit_telegram(ctx, data))
 
 
 @router.post(
@@ -168,7 +171,8 @@ def notify(data: NotificationCreate, ctx: SendingDep, deliverer: DelivererDep) -
     permanent failure on a channel, or its retries running out, moves on to the next;
     201 once one delivers, 502 when all failed, 202 when queued.
     """
-    return answered(deliverer.submit_routed(ctx, data))
+    with ctx:
+        return answered(deliverer.submit_routed(ctx, data))
 
 
 def answered(submitted: Submitted) -> Response:
@@ -197,12 +201,12 @@ def notify_bulk(
     """Queue one message to each item as a batch: an e-mail to each of `emails`, or to each
     stored recipient of `recipients`, on its channel order (`channels`, else its own,
     else CHANNEL_ORDER). Invalid, unknown or unreachable items are listed, not fatal."""
-    submitted: BatchSubmitted = deliverer.submit_bulk(ctx, data)
+    with ctx:
+        submitted: BatchSubmitted = deliverer.submit_bulk(ctx, data)
+        batch = batch_public(ctx.session, submitted.batch)
     if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return BatchCreated(
-        batch=batch_public(ctx.session, submitted.batch), rejected=submitted.rejected
-    )
+    return BatchCreated(batch=batch, rejected=submitted.rejected)
 
 
 @router.get(
