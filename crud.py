@@ -368,6 +368,7 @@ class Applied:
 
 _TABLE = cast(Table, Notification.__table__)
 _COLUMNS = list(_TABLE.c)
+_COLUMN_NAMES = [c.name for c in _COLUMNS]
 
 # Every transition of a list in one statement: what each row may leave (its guard) and
 # what it becomes, one array per column. Each attempt fills its pending row (or the one a
@@ -545,6 +546,20 @@ def _apply_together(
     held: dict[int, Notification | None] = {}
     recorded: set[int] = set()
     parameters = _transition_columns(transitions)
+    if load and all(_in_session(session, t.notification_id) for t in transitions):
+        # The session has each object (a synchronous send's): the stored columns are set
+        # on it as loaded, without the ORM's loading of rows (a fifth of such a send's CPU).
+        for row in session.execute(_APPLY_STATEMENTS[True, with_attempts], parameters):
+            if row.held:
+                notification = _in_session(session, row.transition_id)
+                assert notification is not None
+                # By position: the columns follow the flags (`_apply_statement`).
+                for name, value in zip(_COLUMN_NAMES, row[len(_FLAGS) :], strict=False):
+                    set_committed_value(notification, name, value)
+                held[row.transition_id] = notification
+            if row.recorded:
+                recorded.add(row.transition_id)
+        return held, recorded
     if load:
         kept = _loaded_attempts(session, [t.notification_id for t in transitions])
         loaded = session.execute(
@@ -728,6 +743,13 @@ def _apply_one_by_one(
         held |= {n.id: n for n in loaded}
         _keep_attempts(session, kept)
     return held, recorded
+
+
+def _in_session(session: Session, notification_id: int) -> Notification | None:
+    """The session's own object of a notification, if it has one (no query)."""
+    key = inspect(Notification).identity_key_from_primary_key((notification_id,))
+    found: Notification | None = session.identity_map.get(key)
+    return found
 
 
 def _loaded_attempts(session: Session, ids: Sequence[int]) -> dict[int, list[DeliveryAttempt]]:
