@@ -37,7 +37,14 @@ import crud
 from config import Settings
 from db import DATABASE_UNAVAILABLE
 from models import ApiKey, Scope
-from ratelimits import STORAGE_UNAVAILABLE, KeyCount, RateLimiter, TooMany
+from ratelimits import (
+    KEY_REFUSED,
+    STORAGE_UNAVAILABLE,
+    KeyCount,
+    RateLimiter,
+    TooMany,
+    key_limit_reached,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +236,7 @@ class RequireApiKey:
                 # Not seen lately: the database says, in a thread.
                 api_key = await to_thread.run_sync(self._identify, state, presented)
                 if api_key is None:
-                    await self._refuse(scope, receive, send, "invalid or revoked API key")
+                    await self._refuse(scope, receive, send, KEY_REFUSED)
                     return
                 cache.put(presented, api_key)
             limit = api_key.requests_per_minute or settings.rate_limit_requests_per_minute
@@ -243,13 +250,10 @@ class RequireApiKey:
             return
         if revoked:
             cache.forget(api_key.id)
-            await self._refuse(scope, receive, send, "invalid or revoked API key")
+            await self._refuse(scope, receive, send, KEY_REFUSED)
             return
         if retry_after is not None:
-            refused = TooMany(
-                f"more than {limit} requests per minute for this API key", retry_after
-            )
-            await too_many(refused)(scope, receive, send)
+            await too_many(key_limit_reached(limit, retry_after))(scope, receive, send)
             return
         if not counted_later:
             await self._admitted(scope, receive, send, api_key)
@@ -304,10 +308,12 @@ class RequireApiKey:
 
     @staticmethod
     async def _refuse(scope: Scope_, receive: Receive, send: Send, detail: str) -> None:
-        response = JSONResponse(
-            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-        await response(scope, receive, send)
+        await no_valid_key(detail)(scope, receive, send)
+
+
+def no_valid_key(detail: str) -> JSONResponse:
+    """The 401 of a request without a valid key."""
+    return JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
 async def authenticate(

@@ -18,7 +18,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import KeyCache, RequireApiKey, ensure_development_key, too_many, unavailable
+from auth import (
+    KeyCache,
+    RequireApiKey,
+    ensure_development_key,
+    no_valid_key,
+    too_many,
+    unavailable,
+)
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
@@ -204,9 +211,7 @@ async def key_revoked(request: Request, exc: Exception) -> JSONResponse:
     """A key revoked through another process, seen when its request was counted."""
     assert isinstance(exc, KeyRevoked)
     request.app.state.key_cache.forget(exc.key_id)
-    return JSONResponse(
-        {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-    )
+    return no_valid_key(str(exc))
 
 
 async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse:

@@ -43,12 +43,24 @@ RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
 STORAGE_UNAVAILABLE = "rate-limit storage unavailable, try again later"
 
 
+KEY_REFUSED = "invalid or revoked API key"
+
+
 class KeyRevoked(Exception):
     """The caller's key was revoked through another process (`mark_revoked`): a 401."""
 
     def __init__(self, key_id: int) -> None:
-        super().__init__("invalid or revoked API key")
+        super().__init__(KEY_REFUSED)
         self.key_id = key_id
+
+
+def key_window(key_id: int, limit: int) -> tuple[RateLimitItem, str]:
+    """The per-minute window a key's requests are counted in, and its subject."""
+    return RateLimitItemPerMinute(limit), f"key:{key_id}"
+
+
+def key_limit_reached(limit: int, retry_after: float) -> "TooMany":
+    return TooMany(f"more than {limit} requests per minute for this API key", retry_after)
 
 
 @dataclass
@@ -62,8 +74,16 @@ class KeyCount:
     limit: int
     done: bool = False
 
-    def refusal(self, retry_after: float) -> "TooMany":
-        return TooMany(f"more than {self.limit} requests per minute for this API key", retry_after)
+    @property
+    def window(self) -> tuple[RateLimitItem, str]:
+        return key_window(self.api_key.id, self.limit)
+
+    def settle(self, revoked: bool, retry_after: float | None) -> None:
+        """The count's answer: `KeyRevoked`, or the key's `TooMany`, unless let through."""
+        if revoked:
+            raise KeyRevoked(self.api_key.id)
+        if retry_after is not None:
+            raise key_limit_reached(self.limit, retry_after)
 
 
 class TooMany(Exception):
@@ -135,15 +155,12 @@ class RateLimiter:
         """Whether `api_key` was revoked lately (see `mark_revoked`), and, counting this
         request in its per-minute window, None if within it or the seconds until one more
         would be let through. One round trip to Redis, on the event loop."""
-        item = RateLimitItemPerMinute(limit)
-        subject = f"key:{api_key.id}"
         if self._async is None or self._redis is None:
-            if self._revoked.get(api_key.id, 0.0) > time.monotonic():
-                return True, None
             if isinstance(self.storage, MemoryWindowStorage):
-                return False, self.hit(item, subject)  # in memory: no I/O
+                return self._admit_here(api_key, limit)  # in memory: no I/O
             # Another storage (a Redis cluster or sentinel): blocking, so in a thread.
-            return False, await to_thread.run_sync(self.hit, item, subject)
+            return await to_thread.run_sync(self._admit_here, api_key, limit)
+        item, subject = key_window(api_key.id, limit)
         window = self._redis.prefixed_key(item.key_for(subject))
         try:
             for loaded in (True, False):
@@ -169,6 +186,13 @@ class RateLimiter:
         # Refused (rare): how long until one more would pass, read in a thread.
         stats = await to_thread.run_sync(self.strategy.get_window_stats, item, subject)
         return False, max(0.0, stats.reset_time - time.time())
+
+    def _admit_here(self, api_key: ApiKey, limit: int) -> tuple[bool, float | None]:
+        """`admit` without the asyncio Redis client: the revocations this process keeps
+        (memory) and a blocking count."""
+        if self._revoked.get(api_key.id, 0.0) > time.monotonic():
+            return True, None
+        return False, self.hit(*key_window(api_key.id, limit))
 
     def mark_revoked(self, key_id: int, *, seconds: float) -> None:
         """Tell every process sharing this storage that a key is revoked, for `seconds`
@@ -220,22 +244,14 @@ class RateLimiter:
             granted = self._acquire_pipelined(item, subjects, key)
         else:
             if key is not None:
-                self._count_key(key)
+                key.done = True
+                key.settle(*self._admit_here(key.api_key, key.limit))
             granted = [self.strategy.hit(item, subject) for subject in subjects]
         wait = 0.0
         for subject in {s for s, ok in zip(subjects, granted, strict=True) if not ok}:
             stats = self.strategy.get_window_stats(item, subject)
             wait = max(wait, stats.reset_time - time.time())
         return granted, wait
-
-    def _count_key(self, key: KeyCount) -> None:
-        """Count `key`'s request, outside Redis (the key's `admit`, without I/O here)."""
-        key.done = True
-        if self._revoked.get(key.api_key.id, 0.0) > time.monotonic():
-            raise KeyRevoked(key.api_key.id)
-        retry_after = self.hit(RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}")
-        if retry_after is not None:
-            raise key.refusal(retry_after)
 
     def _acquire_pipelined(
         self, item: RateLimitItem, subjects: Sequence[str], key: KeyCount | None = None
@@ -253,7 +269,7 @@ class RateLimiter:
         windows = [(item, subject) for subject in subjects]
         if key is not None:
             key.done = True
-            windows.insert(0, (RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}"))
+            windows.insert(0, key.window)
         # A redis.Redis client; the library types it as a narrower protocol.
         client: Any = storage.get_connection()
         script = storage.lua_acquire_moving_window
@@ -289,14 +305,13 @@ class RateLimiter:
         revoked, key_granted, granted = answers[0], answers[1], answers[2:]
         if revoked or not key_granted:
             self._take_back(item, [s for s, ok in zip(subjects, granted, strict=True) if ok], at)
+            key_item, key_subject = key.window
             if key_granted:
-                self._take_back(RateLimitItemPerMinute(key.limit), [f"key:{key.api_key.id}"], at)
+                self._take_back(key_item, [key_subject], at)
             if revoked:
                 raise KeyRevoked(key.api_key.id)
-            stats = self.strategy.get_window_stats(
-                RateLimitItemPerMinute(key.limit), f"key:{key.api_key.id}"
-            )
-            raise key.refusal(max(0.0, stats.reset_time - time.time()))
+            stats = self.strategy.get_window_stats(key_item, key_subject)
+            key.settle(False, max(0.0, stats.reset_time - time.time()))
         return granted
 
     def _take_back(self, item: RateLimitItem, subjects: Sequence[str], at: float) -> None:
