@@ -17,6 +17,7 @@ COPY alembic.ini ./
 COPY migrations ./migrations
 COPY *.py ./
 COPY channels ./channels
+COPY templates ./templates
 
 RUN useradd --system --uid 10001 --no-create-home app \
     && mkdir -p /app/var \

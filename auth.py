@@ -333,9 +333,9 @@ def caller(request: Request, scopes: Sequence[str]) -> ApiKey:
     if api_key is None:
         raise unauthorized("an API key is required: Authorization: Bearer <key>")
     granted = set(api_key.scopes.split())
-    # Operators manage recipients too.
+    # Operators manage recipients and templates too.
     if Scope.ADMIN in granted:
-        granted.add(Scope.RECIPIENTS)
+        granted |= {Scope.RECIPIENTS, Scope.TEMPLATES}
     missing = [scope for scope in scopes if scope not in granted]
     if missing:
         raise HTTPException(

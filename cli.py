@@ -4,6 +4,7 @@
                                    [--recipient-hourly-limit N]
     python cli.py keys list
     python cli.py keys revoke NAME
+    python cli.py templates install
 
 A key is printed once, when it is created. A revocation is written to the database and
 announced in the rate-limit storage (RATE_LIMIT_STORAGE, RATE_LIMIT_PREFIX), so the
@@ -16,7 +17,9 @@ from contextlib import closing
 
 import crud
 from auth import Scope, announce_revocation, issue_key
+from catalogue import Catalogue
 from config import Settings
+from templating import Renderer
 from wiring import build_database, build_limiter
 
 Command = Callable[[argparse.Namespace, Settings], None]
@@ -38,13 +41,35 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command group (one for now: keys)."""
+    """The parser of every command group: keys, templates."""
     parser = argparse.ArgumentParser(
         prog="python cli.py", description="The notification service's command line."
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     add_key_commands(groups)
+    add_template_commands(groups)
     return parser
+
+
+def add_template_commands(groups: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """The `templates` group: install the shipped catalogue (templates/)."""
+    templates = groups.add_parser("templates", help="manage templates")
+    commands = templates.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    install = commands.add_parser(
+        "install", help="install the shipped templates: a new version where a file changed"
+    )
+    install.set_defaults(run=install_templates, usage=install)
+
+
+def install_templates(args: argparse.Namespace, settings: Settings) -> None:
+    """Install the catalogue and print what became a new version."""
+    catalogue = Catalogue(Renderer(brand=settings.brand()))
+    with (
+        closing(build_database(settings, migrate=settings.auto_migrate)) as database,
+        database.session_factory() as session,
+    ):
+        installed = catalogue.install(session)
+    print("\n".join(installed) if installed else "every template is up to date")
 
 
 def add_key_commands(groups: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     # How far ahead (and behind) `send_at` may be; a time in the past is due at once.
     send_at_horizon: float = Field(default=366 * 86_400.0, gt=0)
 
+    # Templates: the coworking as the shipped layouts name it (`brand.name`, `brand.url`,
+    # `brand.support_email` in a template), and whether the API installs the shipped
+    # catalogue (templates/) at start-up; `python cli.py templates install` does it too.
+    brand_name: str = "Коворкинг «Точка»"
+    brand_url: str = "http://127.0.0.1:8003"
+    brand_support_email: str = "support@coworking.local"
+    templates_install: bool = True
+
     # Keys the HMACs kept instead of erased sensitive texts and of idempotency
     # fingerprints. Required with a real SMTP server; generated in development.
     secret_key: SecretStr | None = None
@@ -229,6 +237,14 @@ class Settings(BaseSettings):
     @property
     def uses_dev_mail_catcher(self) -> bool:
         return self.development and not self.smtp_host
+
+    def brand(self) -> dict[str, str]:
+        """What every template is given as `brand`."""
+        return {
+            "name": self.brand_name,
+            "url": self.brand_url,
+            "support_email": self.brand_support_email,
+        }
 
     def hmac_key(self) -> bytes:
         """SECRET_KEY, or in development a random key kept in DEV_SECRET_KEY_FILE."""

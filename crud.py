@@ -60,6 +60,8 @@ from models import (
     Notification,
     NotificationStatus,
     Recipient,
+    Template,
+    TemplateVersion,
     UTCDateTime,
     utcnow,
 )
@@ -273,8 +275,9 @@ def create_batch(
             insert(cast(Table, Notification.__table__)),
             [
                 {
-                    **draft.columns(),
                     **shared,
+                    # The draft's own content (a template rendered for its recipient).
+                    **draft.columns(),
                     "message_id": message_id,
                     "attempts": 0,
                     "channel_attempts": 0,
@@ -408,6 +411,7 @@ WITH v AS (
         sent_at = CASE WHEN v.status = 'sent' THEN v.at ELSE n.sent_at END,
         updated_at = v.at,
         text = CASE WHEN v.text_hmac IS NULL THEN n.text ELSE '' END,
+        content = CASE WHEN v.text_hmac IS NULL THEN n.content ELSE NULL END,
         text_length = COALESCE(v.text_length, n.text_length),
         text_hmac = COALESCE(v.text_hmac, n.text_hmac),
         route_position = COALESCE(v.next_position, n.route_position),
@@ -1251,4 +1255,110 @@ def update_recipient(*, session: Session, recipient: Recipient, data: RecipientU
 def delete_recipient(*, session: Session, recipient: Recipient) -> None:
     """Erase a recipient's contacts; its notifications stay in the history."""
     session.delete(recipient)
+    session.commit()
+
+
+def get_template(*, session: Session, key: str) -> Template | None:
+    return session.scalars(select(Template).where(Template.key == key)).one_or_none()
+
+
+def list_templates(*, session: Session) -> list[Template]:
+    return list(session.scalars(select(Template).order_by(Template.key)))
+
+
+def get_template_version(
+    *, session: Session, template: Template, number: int
+) -> TemplateVersion | None:
+    return session.scalars(
+        select(TemplateVersion).where(
+            TemplateVersion.template_id == template.id, TemplateVersion.number == number
+        )
+    ).one_or_none()
+
+
+def latest_template_version(*, session: Session, template: Template) -> TemplateVersion | None:
+    return session.scalars(
+        select(TemplateVersion)
+        .where(TemplateVersion.template_id == template.id)
+        .order_by(TemplateVersion.number.desc())
+        .limit(1)
+    ).one_or_none()
+
+
+def list_template_versions(*, session: Session, template: Template) -> list[TemplateVersion]:
+    return list(
+        session.scalars(
+            select(TemplateVersion)
+            .where(TemplateVersion.template_id == template.id)
+            .order_by(TemplateVersion.number)
+        )
+    )
+
+
+def resolve_template(
+    *, session: Session, key: str, number: int | None
+) -> tuple[Template, TemplateVersion] | None:
+    """A template by key and its version `number` (None: the active one), in one query."""
+    number_wanted = Template.active_version if number is None else number
+    row = session.execute(
+        select(Template, TemplateVersion)
+        .join(TemplateVersion, TemplateVersion.template_id == Template.id)
+        .where(Template.key == key, TemplateVersion.number == number_wanted)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def create_template(
+    *, session: Session, values: Mapping[str, Any], version: Mapping[str, Any], activate: bool
+) -> tuple[Template, TemplateVersion]:
+    """Store a template and its first version; IntegrityError if the key is taken."""
+    template = Template(**values, active_version=1 if activate else None)
+    stored = TemplateVersion(**version, number=1)
+    template.versions.append(stored)
+    session.add(template)
+    session.commit()
+    return template, stored
+
+
+def add_template_version(
+    *, session: Session, template: Template, version: Mapping[str, Any], activate: bool
+) -> TemplateVersion:
+    """Store the template's next version (activated if asked); IntegrityError when another
+    writer took the same number first."""
+    latest = latest_template_version(session=session, template=template)
+    stored = TemplateVersion(
+        **version, template_id=template.id, number=(latest.number if latest else 0) + 1
+    )
+    session.add(stored)
+    # Bumps the template's row version: an If-Match read before this no longer holds.
+    template.updated_at = utcnow()
+    if activate:
+        template.active_version = stored.number
+    session.commit()
+    return stored
+
+
+def activate_template_version(
+    *, session: Session, template: Template, number: int, expected: int | None
+) -> bool:
+    """Make version `number` the active one, if the template's row version is still
+    `expected` (None: whatever it is); False if another write came first."""
+    table = cast(Table, Template.__table__)
+    statement = (
+        update(Template)
+        .where(table.c.id == template.id)
+        .values(active_version=number, updated_at=utcnow(), version=table.c.version + 1)
+    )
+    if expected is not None:
+        statement = statement.where(table.c.version == expected)
+    changed = session.execute(statement, execution_options={"synchronize_session": False})
+    session.commit()
+    session.refresh(template)
+    return bool(cast(Any, changed).rowcount)
+
+
+def delete_template(*, session: Session, template: Template) -> None:
+    """Delete a template and its versions; notifications sent by it keep their key,
+    version and rendered content."""
+    session.delete(template)
     session.commit()

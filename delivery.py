@@ -60,7 +60,17 @@ from lifecycle import (
     resent,
 )
 from mailer import new_message_id, new_message_ids
-from models import ApiKey, Batch, Channel, Notification, NotificationStatus, Recipient, utcnow
+from models import (
+    ApiKey,
+    Batch,
+    Channel,
+    Notification,
+    NotificationStatus,
+    Recipient,
+    Template,
+    TemplateVersion,
+    utcnow,
+)
 from ratelimits import RateLimiter
 from recorder import Unrecorded
 from retries import queue_backoff, quick_retries
@@ -74,6 +84,7 @@ from schemas import (
     TelegramNotificationCreate,
     printable,
 )
+from templating import Renderer, TemplateError, Variable, pick_locale
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +155,15 @@ class BatchSubmitted:
 
 
 @dataclass(frozen=True)
+class Chosen:
+    """The template version a request sends by, read once per request."""
+
+    template: Template
+    version: TemplateVersion
+    variables: Sequence[Variable]
+
+
+@dataclass(frozen=True)
 class Target:
     """Where a message goes: its order of channels with the recipient's address on
     each; `requested` if the order is the caller's own."""
@@ -201,8 +221,11 @@ class Deliverer:
         backoff: Callable[[int], float] | None = None,
         now: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], None] = time.sleep,
+        renderer: Renderer | None = None,
     ) -> None:
         self.settings = settings
+        # Templates are rendered here, once, when a notification is accepted.
+        self.renderer = renderer or Renderer(brand=settings.brand())
         self.channels: dict[Channel, list[Sender]] = {
             channel: list(senders) if isinstance(senders, Sequence) else [senders]
             for channel, senders in channels.items()
@@ -275,28 +298,102 @@ class Deliverer:
         )
         return self.submit(ctx, data, target, endpoint="/notify")
 
-    def draft(self, target: Target, data: MessageContent) -> Draft:
-        """The notification to store for `data` on the channels of `target` that can
-        reach the recipient; `lifecycle.Unroutable` if none can."""
+    def choose_template(self, session: Session, data: MessageContent) -> Chosen | None:
+        """The template version `data` sends by (its `version`, else the active one), or
+        None when it has a text of its own; `Refused` if there is no such version."""
+        if data.template is None:
+            return None
+        found = crud.resolve_template(session=session, key=data.template, number=data.version)
+        if found is None:
+            what = "template" if data.version is None else f"version {data.version} of the template"
+            raise Refused(f"no {what} {data.template!r} to send", field="template")
+        template, version = found
+        variables = [Variable(**spec) for spec in version.variables]
+        return Chosen(template, version, variables)
+
+    def render(
+        self,
+        chosen: Chosen,
+        target: Target,
+        data: MessageContent,
+        values: Mapping[str, object] | None = None,
+    ) -> tuple[str, dict[Channel, tuple[str | None, str]], dict[str, dict[str, str]]]:
+        """`chosen` rendered for the channels of `target.order` with `values` (default:
+        `data.data`): its locale, each channel's (subject, text), and what to store."""
         recipient = target.recipient
+        version = chosen.version
+        locale = pick_locale(
+            version.content,
+            data.locale,
+            recipient.locale if recipient is not None else None,
+            chosen.template.default_locale,
+        )
+        if locale is None or (data.locale and not data.locale.lower().startswith(locale)):
+            raise Refused(
+                f"version {version.number} of {chosen.template.key!r} has no locale "
+                f"{data.locale or 'ru'}",
+                field="locale",
+            )
+        try:
+            rendered = self.renderer.render(
+                version.content,
+                chosen.variables,
+                data.data or {} if values is None else values,
+                locale=locale,
+                channels=target.order,
+                telegram_html=version.telegram_parse_mode == "HTML",
+            )
+        except TemplateError as exc:
+            raise Refused(str(exc), field=exc.field) from None
+        parts = {channel: (r.subject, r.text) for channel, r in rendered.items()}
+        stored = {str(channel): r.stored() for channel, r in rendered.items()}
+        return locale, parts, stored
+
+    def draft(
+        self,
+        target: Target,
+        data: MessageContent,
+        chosen: Chosen | None = None,
+        values: Mapping[str, object] | None = None,
+    ) -> Draft:
+        """The notification to store for `data` (its text, or `chosen` rendered with
+        `values`) on the channels of `target` that can reach the recipient;
+        `lifecycle.Unroutable` if none can."""
+        recipient = target.recipient
+        rendered: dict[Channel, tuple[str | None, str]] | None = None
+        template: dict[str, object] = {}
+        text, subject = data.text or "", target.subject
+        if chosen is not None:
+            locale, rendered, stored = self.render(chosen, target, data, values)
         route, skipped = plan_route(
             order=target.order,
             addresses=target.addresses,
             configured=self.channels.keys(),
             unreachable=recipient.unreachable if recipient is not None else None,
             subject=target.subject,
-            text=data.text,
+            text=text,
             requested=target.requested,
+            rendered=rendered,
         )
+        if chosen is not None:
+            assert rendered is not None
+            subject, text = rendered[route[0][0]]
+            template = {
+                "template_key": chosen.template.key,
+                "template_version": chosen.version.number,
+                "locale": locale,
+                "content": {str(c): stored[str(c)] for c, _ in route},
+            }
         return Draft(
             route=route,
             skipped=skipped,
-            text=data.text,
-            subject=target.subject,
-            sensitive=data.sensitive,
+            text=text,
+            subject=subject,
+            sensitive=data.sensitive or (chosen is not None and chosen.template.sensitive),
             send_at=data.send_at,
             parse_mode=target.parse_mode,
             recipient_id=recipient.id if recipient is not None else None,
+            **template,  # type: ignore[arg-type]
         )
 
     def submit(
@@ -305,7 +402,7 @@ class Deliverer:
         """Store the message and send it now on its first channel (201/502), or queue it
         (202) when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in
         progress. A repeat of an Idempotency-Key answers what its first request did."""
-        draft = self.draft(target, data)
+        draft = self.draft(target, data, self.choose_template(ctx.session, data))
         self.check_send_at(draft.send_at)
         queued = draft.send_at is not None or ctx.prefer_async
         claim = self._claim(ctx, endpoint, data, queued=queued)
@@ -341,13 +438,19 @@ class Deliverer:
         for channel in data.channels or ():
             if channel not in self.channels:
                 raise Refused(f"the {channel} channel is not configured")
-        if Channel.TELEGRAM in (data.channels or ()) and len(data.text) > TELEGRAM_MAX_TEXT:
+        telegram = Channel.TELEGRAM in (data.channels or ())
+        if telegram and data.text is not None and len(data.text) > TELEGRAM_MAX_TEXT:
             raise Refused(f"Telegram takes at most {TELEGRAM_MAX_TEXT} characters", field="text")
+        chosen = self.choose_template(session, data)
         drafts: dict[int, Draft] = {}
-        if data.emails is not None:
+        if data.emails is not None and chosen is None:
             items, refused = self._email_items(data)
         else:
-            drafts, refused = self._recipient_drafts(session, data)
+            if data.emails is not None:
+                assert chosen is not None
+                drafts, refused = self._email_drafts(data, chosen)
+            else:
+                drafts, refused = self._recipient_drafts(session, data, chosen)
             items = {i: draft.route[0] for i, draft in drafts.items()}
         if not items:
             raise NoValidRecipient(refused)
@@ -357,9 +460,9 @@ class Deliverer:
             sendable, limited = self._within_recipient_limits(ctx, data, items)
             content = Draft(
                 route=(),
-                text=data.text,
+                text=data.text or "",
                 subject=data.subject,
-                sensitive=data.sensitive,
+                sensitive=data.sensitive or (chosen is not None and chosen.template.sensitive),
                 send_at=data.send_at,
             )
             batch = self.create_batch(
@@ -398,7 +501,7 @@ class Deliverer:
                     addresses={Channel.EMAIL: address},
                     configured=configured,
                     subject=data.subject,
-                    text=data.text,
+                    text=data.text or "",
                 )
             except Refused as exc:
                 rejected.append(RejectedRecipient(index=index, email=address, error=str(exc)))
@@ -406,17 +509,33 @@ class Deliverer:
             items[index] = step
         return items, rejected
 
+    def _email_drafts(
+        self, data: BulkEmailCreate, chosen: Chosen
+    ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
+        """A draft for each valid address of `data.emails` (by item index), the template
+        rendered with the item's data, and the items refused."""
+        emails, rejected = data.valid_emails()
+        drafts: dict[int, Draft] = {}
+        for address, index in emails.items():
+            target = Target([Channel.EMAIL], {Channel.EMAIL: address})
+            try:
+                drafts[index] = self.draft(target, data, chosen, data.item_data(index))
+            except Refused as exc:
+                error = printable(f"{exc.field}: {exc}")
+                rejected.append(RejectedRecipient(index=index, email=address, error=error))
+        return drafts, rejected
+
     def _recipient_drafts(
-        self, session: Session, data: BulkEmailCreate
+        self, session: Session, data: BulkEmailCreate, chosen: Chosen | None = None
     ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
         """A draft for each stored recipient of `data.recipients` (by item index), and the
         items refused: unknown, repeated, or no channel of the order reaches them."""
-        assert data.recipients is not None
-        found = crud.get_recipients(session=session, external_ids=list(set(data.recipients)))
+        external_ids = data.external_ids()
+        found = crud.get_recipients(session=session, external_ids=list(set(external_ids)))
         drafts: dict[int, Draft] = {}
         rejected: list[RejectedRecipient] = []
         seen: dict[str, int] = {}
-        for index, external_id in enumerate(data.recipients):
+        for index, external_id in enumerate(external_ids):
             recipient = found.get(external_id)
             if external_id in seen:
                 error = f"duplicate of item {seen[external_id]}"
@@ -434,11 +553,12 @@ class Deliverer:
                     recipient=recipient,
                     subject=data.subject,
                 )
+                values = data.item_data(index) if chosen is not None else None
                 try:
-                    drafts[index] = self.draft(target, data)
+                    drafts[index] = self.draft(target, data, chosen, values)
                     continue
                 except Refused as exc:
-                    error = printable(str(exc))
+                    error = printable(str(exc) if chosen is None else f"{exc.field}: {exc}")
             rejected.append(
                 RejectedRecipient(index=index, external_id=printable(external_id), error=error)
             )
@@ -451,6 +571,7 @@ class Deliverer:
         the others as rejected items."""
         allowed: list[int] = []
         limited: list[RejectedRecipient] = []
+        external_ids = data.external_ids() if data.recipients is not None else None
         for channel in Channel:
             on_channel = [(i, address) for i, (c, address) in items.items() if c == channel]
             if not on_channel:
@@ -471,8 +592,8 @@ class Deliverer:
                 limited.append(
                     RejectedRecipient(
                         index=i,
-                        email=data.emails[i] if data.emails is not None else None,
-                        external_id=data.recipients[i] if data.recipients is not None else None,
+                        email=data.email_item(i),
+                        external_id=external_ids[i] if external_ids is not None else None,
                         error=ratelimits.RECIPIENT_LIMITED,
                     )
                 )

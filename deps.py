@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 import auth
 import crud
 import idempotency
+from catalogue import Catalogue
 from config import Settings
 from delivery import Deliverer, Sending
-from models import Notification, Recipient, Scope
+from models import Notification, Recipient, Scope, Template, TemplateVersion
 from ratelimits import RateLimiter
 from schemas import MAX_ID
 
@@ -70,7 +71,13 @@ async def get_limiter(request: Request) -> RateLimiter:
     return limiter
 
 
+async def get_catalogue(request: Request) -> Catalogue:
+    catalogue: Catalogue = request.app.state.catalogue
+    return catalogue
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+CatalogueDep = Annotated[Catalogue, Depends(get_catalogue)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
 DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
@@ -79,8 +86,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SEND_SECURITY = {"security": [{auth.bearer.scheme_name: [Scope.SEND.value]}]}
 READ = [Security(auth.authenticate, scopes=[Scope.READ])]
 ADMIN = [Security(auth.authenticate, scopes=[Scope.ADMIN])]
-# A key with `admin` has this one too.
+# A key with `admin` has these too.
 RECIPIENTS = [Security(auth.authenticate, scopes=[Scope.RECIPIENTS])]
+TEMPLATES = [Security(auth.authenticate, scopes=[Scope.TEMPLATES])]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -98,6 +106,16 @@ NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
 KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
 ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+TemplateKeyPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
+IfMatchHeader = Annotated[
+    str | None,
+    Header(
+        max_length=64,
+        description="The template's ETag as last read: the activation is refused (412) if "
+        "the template changed since.",
+    ),
+]
 
 
 def wants_async(prefer: str | None) -> bool:
@@ -144,3 +162,44 @@ def valid_recipient(external_id: ExternalIdPath, session: SessionDep) -> Recipie
 
 
 RecipientDep = Annotated[Recipient, Depends(valid_recipient)]
+
+
+def valid_template(key: TemplateKeyPath, session: SessionDep) -> Template:
+    template = crud.get_template(session=session, key=key)
+    if template is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "template not found")
+    return template
+
+
+TemplateDep = Annotated[Template, Depends(valid_template)]
+
+
+def valid_version(
+    number: VersionNumber, template: TemplateDep, session: SessionDep
+) -> TemplateVersion:
+    version = crud.get_template_version(session=session, template=template, number=number)
+    if version is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "version not found")
+    return version
+
+
+VersionDep = Annotated[TemplateVersion, Depends(valid_version)]
+
+
+def etag(template: Template) -> str:
+    """The template's ETag: its row version, bumped by every write."""
+    return f'"{template.version}"'
+
+
+def if_match_version(if_match: str | None) -> int | None:
+    """The row version an If-Match names (a strong or weak ETag of ours); `*` is any."""
+    if if_match is None:
+        return None
+    value = if_match.strip().removeprefix("W/").strip('"')
+    if if_match.strip() == "*":
+        return None
+    if not value.isdigit():
+        raise HTTPException(
+            status.HTTP_412_PRECONDITION_FAILED, "If-Match names no version of this template"
+        )
+    return int(value)

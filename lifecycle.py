@@ -39,8 +39,14 @@ def text_hmac(key: bytes, text: str) -> str:
 
 
 def erased(text: str, key: bytes) -> dict[str, Any]:
-    """The column values that erase a sensitive text, keeping its length and HMAC."""
-    return {"text": "", "text_length": len(text), "text_hmac": text_hmac(key, text)}
+    """The column values that erase a sensitive text (and every part a template rendered,
+    HTML included), keeping the text's length and HMAC."""
+    return {
+        "text": "",
+        "content": None,
+        "text_length": len(text),
+        "text_hmac": text_hmac(key, text),
+    }
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class Draft:
     recipient_id: int | None = None
     # Channels of the order left out, and why.
     skipped: Sequence[dict[str, str]] = ()
+    # Sent by template: its key, version and locale, and each route channel's rendering.
+    template_key: str | None = None
+    template_version: int | None = None
+    locale: str | None = None
+    content: Mapping[str, Mapping[str, str]] | None = None
 
     def columns(self) -> dict[str, Any]:
         """The notification's columns that say what to send where."""
@@ -74,6 +85,10 @@ class Draft:
             "sensitive": self.sensitive,
             "parse_mode": self.parse_mode,
             "send_at": self.send_at,
+            "template_key": self.template_key,
+            "template_version": self.template_version,
+            "locale": self.locale,
+            "content": dict(self.content) if self.content is not None else None,
         }
 
 
@@ -98,9 +113,12 @@ def plan_route(
     subject: str | None = None,
     text: str = "",
     requested: bool = True,
+    rendered: Mapping[Channel, tuple[str | None, str]] | None = None,
 ) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
     """The channels to try, in `order`, each with its address; and those left out, with
     why (no address for the recipient, or the address refused the channel for good).
+    A templated message gives each channel's (subject, text) as `rendered`: a channel
+    the template has no part for is left out.
 
     Raises `Unroutable` when a `requested` order (the caller's own) names a channel that is
     not configured, or Telegram for a text over 4,096 characters; an order that is not the
@@ -123,6 +141,11 @@ def plan_route(
             reason = f"unreachable: {unreachable[str(channel)]}"
             skipped.append({"channel": str(channel), "reason": reason})
             continue
+        if rendered is not None:
+            if channel not in rendered:
+                skipped.append({"channel": str(channel), "reason": "not in the template"})
+                continue
+            subject, text = rendered[channel]
         if channel == Channel.EMAIL and subject is None:
             skipped.append({"channel": str(channel), "reason": "no subject"})
             continue
@@ -181,7 +204,19 @@ def channel_views(
 
 
 def message_for(notification: Notification) -> Message:
-    """What to send on the notification's channel now."""
+    """What to send on the notification's channel now: a templated one's snapshot for
+    that channel, as rendered when it was accepted (never rendered again)."""
+    part = (notification.content or {}).get(str(notification.channel))
+    if part is not None:
+        return Message(
+            address=notification.recipient,
+            text=part["text"],
+            subject=part.get("subject"),
+            html=part.get("html"),
+            message_id=notification.message_id,
+            sensitive=notification.sensitive,
+            parse_mode=part.get("parse_mode"),
+        )
     return Message(
         address=notification.recipient,
         text=notification.text,

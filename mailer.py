@@ -21,6 +21,7 @@ could differ. `SMTPMailer.send` takes either.
 import io
 import logging
 import re
+import secrets
 import smtplib
 import ssl
 import threading
@@ -67,9 +68,19 @@ def new_message_ids(sender: str, count: int) -> list[str]:
 
 
 def build_message(
-    *, sender: str, recipient: str, subject: str, text: str, message_id: str, date: datetime
+    *,
+    sender: str,
+    recipient: str,
+    subject: str,
+    text: str,
+    message_id: str,
+    date: datetime,
+    html: str | None = None,
+    boundary: str | None = None,
 ) -> EmailMessage:
-    """An RFC 5322 message; non-ASCII headers become RFC 2047 encoded words."""
+    """An RFC 5322 message; non-ASCII headers become RFC 2047 encoded words. With `html`,
+    multipart/alternative: the text part first, then the HTML (RFC 2046 section 5.1.4:
+    the last part is the richest), under `boundary` if given."""
     message = EmailMessage()
     message["From"] = sender
     message["To"] = recipient
@@ -83,6 +94,10 @@ def build_message(
     message["Message-ID"] = message_id
     # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
     message.set_content(text, charset="utf-8", cte="quoted-printable")
+    if html is not None:
+        message.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        if boundary is not None:
+            message.set_boundary(boundary)
     return message
 
 
@@ -134,8 +149,13 @@ class MessageRenderer:
         message_id: str,
         date: datetime,
         sensitive: bool = False,
+        html: str | None = None,
+        boundary: str | None = None,
     ) -> OutgoingMessage:
-        """The message `build_message` makes of these, as `smtplib` would send it."""
+        """The message `build_message` makes of these, as `smtplib` would send it (an HTML
+        one under `boundary`, by default a new random one)."""
+        if html is not None and boundary is None:
+            boundary = new_boundary()
         if self._fast:
             outgoing = self._render_fast(
                 recipient=recipient,
@@ -144,6 +164,8 @@ class MessageRenderer:
                 message_id=message_id,
                 date=date,
                 cache_body=not sensitive,
+                html=html,
+                boundary=boundary,
             )
             if outgoing is not None:
                 return outgoing
@@ -155,6 +177,8 @@ class MessageRenderer:
             text=text,
             message_id=message_id,
             date=date,
+            html=html,
+            boundary=boundary,
         )
         return _flattened(message)
 
@@ -167,6 +191,8 @@ class MessageRenderer:
         message_id: str,
         date: datetime,
         cache_body: bool = True,
+        html: str | None = None,
+        boundary: str | None = None,
     ) -> OutgoingMessage | None:
         if len(recipient) > _MAX_PLAIN_ADDRESS or not _PLAIN_ADDRESS.fullmatch(recipient):
             return None
@@ -174,6 +200,11 @@ class MessageRenderer:
             body = self._body(text)
         else:
             body = _body_bytes(text)
+        if html is not None:
+            assert boundary is not None
+            if not _PLAIN_BOUNDARY.fullmatch(boundary):
+                return None
+            body = _alternative(boundary.encode("ascii"), body, _body_bytes(html))
         data = b"".join(
             (
                 self._from_line,
@@ -181,7 +212,7 @@ class MessageRenderer:
                 self._subject_line(subject),
                 self._date_line(date),
                 self._message_id_line(message_id),
-                _CONTENT_HEADERS,
+                _CONTENT_HEADERS if html is None else b"",
                 body,
             )
         )
@@ -213,6 +244,42 @@ class MessageRenderer:
             return b"Message-ID: " + message_id.encode("ascii") + b"\r\n"
         self.fallbacks["message-id"] += 1
         return _header_line("Message-ID", message_id)
+
+
+def new_boundary() -> str:
+    """A MIME boundary as the email package makes one: "=" cannot start a line of a
+    quoted-printable body, so no part can contain it."""
+    return f"==============={secrets.randbelow(10**19):019d}=="
+
+
+def _alternative(boundary: bytes, text: bytes, html: bytes) -> bytes:
+    """The headers and body `build_message` gives a message with both parts, as the
+    generator writes them (the HTML part carries its own MIME-Version, as add_alternative
+    leaves it)."""
+    delimiter = b"--" + boundary
+    content_type = b'Content-Type: multipart/alternative; boundary="' + boundary + b'"'
+    if len(content_type) > _MAX_LINE:
+        # Folded where the generator folds it: before the parameter.
+        content_type = content_type.replace(b"; ", b";\r\n ", 1)
+    return b"".join(
+        (
+            b"MIME-Version: 1.0\r\n",
+            content_type,
+            b"\r\n\r\n",
+            delimiter,
+            b'\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+            text,
+            b"\r\n",
+            delimiter,
+            b'\r\nContent-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0\r\n\r\n",
+            html,
+            b"\r\n",
+            delimiter,
+            b"--\r\n",
+        )
+    )
 
 
 def _flattened(message: EmailMessage) -> OutgoingMessage:
@@ -253,6 +320,8 @@ _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _PLAIN_ADDRESS = re.compile(rf"{_DOT_ATOM}@{_DOT_ATOM}")
 _PLAIN_MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
 # Longer values would be folded.
+# A boundary the Content-Type line holds unfolded, quoted as the email package quotes it.
+_PLAIN_BOUNDARY = re.compile(r"[A-Za-z0-9'()+_,./:=?-]{1,40}")
 _MAX_PLAIN_ADDRESS = _MAX_LINE - len("To: ")
 _MAX_PLAIN_MESSAGE_ID = _MAX_LINE - len("Message-ID: ")
 _BODY_CACHE_SIZE = 32
@@ -524,7 +593,7 @@ ACCEPTED = 250
 
 
 class EmailChannel:
-    """The e-mail channel: plain-text messages from one sender, composed by
+    """The e-mail channel: plain-text (or text and HTML) messages from one sender, composed by
     `MessageRenderer` and sent over `mailer`'s pooled SMTP connections."""
 
     def __init__(
@@ -549,6 +618,7 @@ class EmailChannel:
                 message_id=message.message_id or new_message_id(self.sender),
                 date=self.now(),
                 sensitive=message.sensitive,
+                html=message.html,
             )
         )
         return Receipt(code=ACCEPTED, provider_message_id=message.message_id)

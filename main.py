@@ -26,6 +26,7 @@ from auth import (
     too_many,
     unavailable,
 )
+from catalogue import Catalogue, PreconditionFailed, VersionTaken
 from config import Settings
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
@@ -35,7 +36,8 @@ from ratelimits import KeyRevoked, TooMany
 from recorder import start_recorder
 from routes import COUNTED_BY_ROUTE, health, router
 from schemas import printable
-from wiring import build_database, build_deliverer, build_limiter, configure_logging
+from templating import TemplateError
+from wiring import Database, build_database, build_deliverer, build_limiter, configure_logging
 from worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.development and settings.bootstrap_api_key is None:
             await to_thread.run_sync(development_key, settings, app.state.session_factory)
         app.state.deliverer = deliverer
+        app.state.catalogue = Catalogue(deliverer.renderer)
+        if settings.templates_install:
+            await to_thread.run_sync(install_templates, app.state.catalogue, database)
         worker = Worker(
             session_factory=app.state.session_factory,
             deliverer=deliverer,
@@ -108,6 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(error, dependency_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(TemplateError, refused)
+    app.add_exception_handler(VersionTaken, conflict)
+    app.add_exception_handler(PreconditionFailed, precondition_failed)
     app.add_exception_handler(NoValidRecipient, no_valid_recipient)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(TooMany, rate_limited)
@@ -126,6 +134,12 @@ def hide_query_strings(record: logging.LogRecord) -> bool:
         if isinstance(path, str) and "?" in path:
             record.args = (*record.args[:2], path.partition("?")[0], *record.args[3:])
     return True
+
+
+def install_templates(catalogue: Catalogue, database: Database) -> None:
+    """The shipped catalogue, installed where its files changed (`catalogue.install`)."""
+    with database.session_factory() as session:
+        catalogue.install(session)
 
 
 def development_key(settings: Settings, session_factory: sessionmaker[Session]) -> None:
@@ -233,7 +247,7 @@ async def outcome_not_recorded(request: Request, exc: Exception) -> JSONResponse
 async def refused(request: Request, exc: Exception) -> JSONResponse:
     """A request the service cannot take as asked: a 422 shaped like FastAPI's own, about
     one field of the body."""
-    assert isinstance(exc, Refused)
+    assert isinstance(exc, Refused | TemplateError)
     location = ("body", *exc.field.split("."))
     error = {"type": "value_error", "loc": location, "msg": str(exc)}
     return await invalid_request(request, RequestValidationError([error]))
@@ -247,6 +261,11 @@ async def no_valid_recipient(request: Request, exc: Exception) -> JSONResponse:
         {"detail": {"message": str(exc), "rejected": rejected}},
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
     )
+
+
+async def precondition_failed(request: Request, exc: Exception) -> JSONResponse:
+    """If-Match named a version of the row that is not the current one."""
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_412_PRECONDITION_FAILED)
 
 
 async def conflict(request: Request, exc: Exception) -> JSONResponse:

@@ -1,9 +1,10 @@
 """Database tables: notifications, their delivery attempts, recipients, bulk batches,
-idempotency keys and API keys."""
+templates and their versions, idempotency keys and API keys."""
 
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -79,12 +80,20 @@ ADDRESS_FIELDS = {
 
 
 class Scope(StrEnum):
-    """What an API key may do; `admin` implies `recipients`."""
+    """What an API key may do; `admin` implies `recipients` and `templates`."""
 
     SEND = "send"
     READ = "read"
     RECIPIENTS = "recipients"
+    TEMPLATES = "templates"
     ADMIN = "admin"
+
+
+class Category(StrEnum):
+    """What kind of mail a notification is: `marketing` may be unsubscribed from."""
+
+    TRANSACTIONAL = "transactional"
+    MARKETING = "marketing"
 
 
 class NotificationStatus(StrEnum):
@@ -203,7 +212,16 @@ class Notification(Base):
     # Telegram's parse_mode, when the caller asked for one.
     parse_mode: Mapped[str | None] = mapped_column(String(16))
     subject: Mapped[str | None] = mapped_column(String(998))
+    # The first channel's text (and subject); a templated notification has every
+    # channel's own in `content`.
     text: Mapped[str] = mapped_column(Text)
+    # Sent by template: which version, in which locale, and what it rendered to for each
+    # channel of the route when accepted, {channel: {"subject", "text", "html",
+    # "parse_mode"}}: what every attempt sends, whatever the template becomes later.
+    template_key: Mapped[str | None] = mapped_column(String(64))
+    template_version: Mapped[int | None] = mapped_column(Integer)
+    locale: Mapped[str | None] = mapped_column(String(35))
+    content: Mapped[dict[str, dict[str, str]] | None] = mapped_column(JSON)
     # A sensitive text (a code, a reset link) is erased once the notification is settled;
     # its length and an HMAC under SECRET_KEY stay as evidence of what was sent (a plain
     # hash of a six-digit code is reversed by trying a million codes).
@@ -268,6 +286,62 @@ class Notification(Base):
         if self.route is None or not 0 <= position < len(self.route):
             return None
         return Channel(self.route[position]["channel"]), self.route[position]["address"]
+
+
+class Template(Base):
+    """A message the callers send by key (`booking_confirmed`), in versions; one active.
+
+    Notifications keep its key and version number, not a foreign key: deleting a template
+    leaves their history as it was.
+    """
+
+    __tablename__ = "templates"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    category: Mapped[Category] = mapped_column(_str_enum(Category))
+    # Every notification made from it is sensitive (a code): callers cannot forget it.
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    default_locale: Mapped[str] = mapped_column(String(35))
+    description: Mapped[str | None] = mapped_column(Text)
+    active_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Bumped by every write: the ETag an activation's If-Match must name.
+    version: Mapped[int] = mapped_column(Integer, server_default=sql("1"))
+
+    versions: Mapped[list["TemplateVersion"]] = relationship(
+        back_populates="template",
+        order_by="TemplateVersion.number",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+    __mapper_args__ = {"version_id_col": version}
+
+
+class TemplateVersion(Base):
+    """One immutable version of a template: its variables, and its sources per locale,
+    {locale: {"subject", "text", "html", "sms", "telegram"}} (each optional)."""
+
+    __tablename__ = "template_versions"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    # [{"name", "type", "required", "example"}]
+    variables: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    content: Mapped[dict[str, dict[str, str]]] = mapped_column(JSON)
+    # "HTML": the Telegram text is HTML, autoescaped; None: plain text.
+    telegram_parse_mode: Mapped[str | None] = mapped_column(String(16))
+    # Where it came from ("api", "catalogue") and, for the catalogue, the hash of its
+    # files: installing again adds a version only when they changed.
+    source: Mapped[str] = mapped_column(String(16), default="api")
+    source_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    template: Mapped[Template] = relationship(back_populates="versions")
+
+    __table_args__ = (UniqueConstraint("template_id", "number"),)
 
 
 class DeliveryAttempt(Base):

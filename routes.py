@@ -18,8 +18,11 @@ from deps import (
     READ,
     RECIPIENTS,
     SEND_SECURITY,
+    TEMPLATES,
     BatchId,
+    CatalogueDep,
     DelivererDep,
+    IfMatchHeader,
     KeyId,
     LimiterDep,
     NotificationDep,
@@ -28,8 +31,12 @@ from deps import (
     SendingDep,
     SessionDep,
     SettingsDep,
+    TemplateDep,
+    VersionDep,
+    etag,
+    if_match_version,
 )
-from models import ApiKey, Batch, Notification, Recipient
+from models import ApiKey, Batch, Notification, Recipient, Template, TemplateVersion
 from schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -48,6 +55,14 @@ from schemas import (
     RecipientUpdate,
     SmsNotificationCreate,
     TelegramNotificationCreate,
+    TemplateCreate,
+    TemplateCreated,
+    TemplatePreview,
+    TemplatePreviewRequest,
+    TemplatePublic,
+    TemplateVersionCreate,
+    TemplateVersionPublic,
+    VersionCreated,
 )
 from strictjson import StrictJSONRoute
 
@@ -348,6 +363,183 @@ def update_recipient(
 def delete_recipient(recipient: RecipientDep, session: SessionDep) -> None:
     """Erase a recipient's contacts; the notifications sent to it stay in the history."""
     crud.delete_recipient(session=session, recipient=recipient)
+
+
+TEMPLATE_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"description": "No template with this key (or no such version)."}
+}
+TEMPLATE_REFUSED: dict[int | str, dict[str, Any]] = {
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {
+        "description": "A source the sandbox refuses (syntax, a private attribute, an "
+        "undeclared variable, a limit), or an example that does not render; `loc` names it."
+    }
+}
+
+
+@router.post(
+    "/templates",
+    dependencies=TEMPLATES,
+    status_code=status.HTTP_201_CREATED,
+    response_model=TemplateCreated,
+    responses={
+        status.HTTP_409_CONFLICT: {"description": "A template with this key exists."},
+        **TEMPLATE_REFUSED,
+    },
+    tags=["templates"],
+)
+def create_template(
+    data: TemplateCreate, session: SessionDep, catalogue: CatalogueDep, response: Response
+) -> TemplateCreated:
+    """Store a template and its first version (active unless `activate` is false)."""
+    template, version, warnings = catalogue.create(session, data)
+    response.headers["ETag"] = etag(template)
+    return TemplateCreated(
+        **TemplatePublic.model_validate(template).model_dump(),
+        version=TemplateVersionPublic.model_validate(version),
+        warnings=warnings,
+    )
+
+
+@router.get(
+    "/templates", dependencies=TEMPLATES, response_model=list[TemplatePublic], tags=["templates"]
+)
+def list_templates(session: SessionDep) -> list[Template]:
+    """Every template, by key."""
+    return crud.list_templates(session=session)
+
+
+@router.get(
+    "/templates/{key}",
+    dependencies=TEMPLATES,
+    response_model=TemplatePublic,
+    responses=TEMPLATE_NOT_FOUND,
+    tags=["templates"],
+)
+def read_template(template: TemplateDep, response: Response) -> Template:
+    """A template; its ETag is what an activation's If-Match names."""
+    response.headers["ETag"] = etag(template)
+    return template
+
+
+@router.delete(
+    "/templates/{key}",
+    dependencies=TEMPLATES,
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=TEMPLATE_NOT_FOUND,
+    tags=["templates"],
+)
+def delete_template(template: TemplateDep, session: SessionDep) -> None:
+    """Delete a template and its versions; notifications sent by it keep their history."""
+    crud.delete_template(session=session, template=template)
+
+
+@router.post(
+    "/templates/{key}/versions",
+    dependencies=TEMPLATES,
+    status_code=status.HTTP_201_CREATED,
+    response_model=VersionCreated,
+    responses={
+        **TEMPLATE_NOT_FOUND,
+        **TEMPLATE_REFUSED,
+        status.HTTP_409_CONFLICT: {"description": "Another version was added at once."},
+    },
+    tags=["templates"],
+)
+def add_version(
+    data: TemplateVersionCreate,
+    template: TemplateDep,
+    session: SessionDep,
+    catalogue: CatalogueDep,
+    response: Response,
+) -> VersionCreated:
+    """Add an immutable version (active at once if `activate`)."""
+    version, warnings = catalogue.add_version(session, template, data)
+    response.headers["ETag"] = etag(template)
+    return VersionCreated(
+        **TemplateVersionPublic.model_validate(version).model_dump(), warnings=warnings
+    )
+
+
+@router.get(
+    "/templates/{key}/versions",
+    dependencies=TEMPLATES,
+    response_model=list[TemplateVersionPublic],
+    responses=TEMPLATE_NOT_FOUND,
+    tags=["templates"],
+)
+def list_versions(template: TemplateDep, session: SessionDep) -> list[TemplateVersion]:
+    """Every version of a template, oldest first."""
+    return crud.list_template_versions(session=session, template=template)
+
+
+@router.get(
+    "/templates/{key}/versions/{number}",
+    dependencies=TEMPLATES,
+    response_model=TemplateVersionPublic,
+    responses=TEMPLATE_NOT_FOUND,
+    tags=["templates"],
+)
+def read_version(version: VersionDep) -> TemplateVersion:
+    """One version of a template."""
+    return version
+
+
+@router.post(
+    "/templates/{key}/versions/{number}/activate",
+    dependencies=TEMPLATES,
+    response_model=TemplatePublic,
+    responses={
+        **TEMPLATE_NOT_FOUND,
+        status.HTTP_412_PRECONDITION_FAILED: {
+            "description": "The template changed since the ETag in If-Match was read."
+        },
+        status.HTTP_428_PRECONDITION_REQUIRED: {"description": "If-Match is required."},
+    },
+    tags=["templates"],
+)
+def activate_version(
+    template: TemplateDep,
+    version: VersionDep,
+    session: SessionDep,
+    catalogue: CatalogueDep,
+    response: Response,
+    if_match: IfMatchHeader = None,
+) -> Template:
+    """Make a version the active one (activating an older one is the rollback); sends
+    already accepted keep what they rendered."""
+    if if_match is None:
+        raise HTTPException(
+            status.HTTP_428_PRECONDITION_REQUIRED, "If-Match is required: the template's ETag"
+        )
+    catalogue.activate(session, template, version.number, if_match=if_match_version(if_match))
+    response.headers["ETag"] = etag(template)
+    return template
+
+
+@router.post(
+    "/templates/{key}/preview",
+    dependencies=TEMPLATES,
+    response_model=TemplatePreview,
+    responses={**TEMPLATE_NOT_FOUND, **TEMPLATE_REFUSED},
+    tags=["templates"],
+)
+def preview_template(
+    data: TemplatePreviewRequest,
+    template: TemplateDep,
+    session: SessionDep,
+    catalogue: CatalogueDep,
+) -> TemplatePreview:
+    """Render a version (default: the active one) with `data` in a locale: every channel's
+    output, the SMS parts and encoding, and warnings. Nothing is stored or sent."""
+    number = data.version or template.active_version
+    version = (
+        crud.get_template_version(session=session, template=template, number=number)
+        if number is not None
+        else None
+    )
+    if version is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "version not found")
+    return catalogue.preview(template, version, data)
 
 
 @health.get("/healthz")

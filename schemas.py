@@ -6,7 +6,7 @@ import re
 from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
@@ -17,8 +17,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     computed_field,
     create_model,
@@ -28,7 +30,8 @@ from pydantic import (
 
 from headers import HEADER_UNSAFE, header_problem
 from lifecycle import TELEGRAM_MAX_TEXT, channel_views
-from models import ADDRESS_FIELDS, AttemptOutcome, Channel, NotificationStatus, Scope
+from models import ADDRESS_FIELDS, AttemptOutcome, Category, Channel, NotificationStatus, Scope
+from templating import LOCALES, MAX_SOURCE, VARIABLE_TYPES
 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
@@ -175,10 +178,47 @@ def subject_line(subject: str | None) -> str | None:
     return subject
 
 
-class MessageContent(BaseModel):
-    """A plain-text body, and when to send it."""
+TemplateKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="A template's key: booking_confirmed.",
+    ),
+]
+TemplateData = Annotated[
+    dict[str, Any],
+    Field(max_length=200, description="The template's variables, by name."),
+]
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH)
+
+class MessageContent(BaseModel):
+    """What to send: a plain-text body, or a stored template with its data; and when."""
+
+    template: TemplateKey | None = Field(
+        default=None,
+        description="Send by a stored template (rendered now, before anything is stored), "
+        "in place of `subject` and `text`.",
+    )
+    version: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="The template's version; default: active."
+    )
+    locale: Locale | None = Field(
+        default=None,
+        description="The template's locale: this one, else the recipient's, else the "
+        "template's default, else ru.",
+    )
+    data: TemplateData | None = None
+    # After `template`: its validator reads whether a template was given.
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TEXT_LENGTH,
+        description="Or `template`.",
+        examples=["Переговорная «Байкал» забронирована на 25 ноября, 10:00–12:00."],
+        validate_default=True,
+    )
     send_at: SendAt = Field(
         default=None,
         description="Send at this time through the queue (answered 202): an ISO 8601 string "
@@ -197,18 +237,45 @@ class MessageContent(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def text_is_printable(cls, text: str) -> str:
+    def text_is_printable(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None:
+            if info.data.get("template") is None:
+                raise ValueError("give `text` (and `subject` for e-mail), or `template`")
+            return None
         if BODY_UNSAFE.search(text):
             raise ValueError("must not contain control characters other than tab and line breaks")
         if not text.strip():
             raise ValueError("must not be blank")
         return text
 
+    @model_validator(mode="after")
+    def text_or_template(self) -> "MessageContent":
+        if self.text is not None and self.template is not None:
+            raise ValueError("give either `text` (and `subject` for e-mail) or `template`")
+        if self.template is None and (self.version, self.locale, self.data) != (None,) * 3:
+            raise ValueError("`version`, `locale` and `data` go with `template`")
+        if self.template is not None and getattr(self, "subject", None) is not None:
+            raise ValueError("a template has its own subject: give `template` or `subject`")
+        return self
+
 
 class EmailContent(MessageContent):
-    """A subject and a plain-text body, and when to send them."""
+    """A subject and a plain-text body (or a template), and when to send them."""
 
-    subject: Annotated[str, AfterValidator(subject_line)] = Field(min_length=1, max_length=998)
+    subject: Annotated[str | None, AfterValidator(subject_line)] = Field(
+        default=None,
+        min_length=1,
+        max_length=998,
+        description="Required with `text`.",
+        validate_default=True,
+    )
+
+    @field_validator("subject")
+    @classmethod
+    def subject_with_text(cls, subject: str | None, info: ValidationInfo) -> str | None:
+        if subject is None and info.data.get("text") is not None:
+            raise ValueError("is required with `text`")
+        return subject
 
 
 class EmailNotificationCreate(EmailContent):
@@ -247,15 +314,82 @@ class RejectedRecipient(BaseModel):
     error: str
 
 
+class EmailItem(BaseModel):
+    """A bulk item with data of its own for the template (over the shared `data`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: str
+    data: TemplateData
+
+
+class RecipientItem(BaseModel):
+    """A bulk item: a stored recipient with data of its own for the template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    external_id: ExternalId
+    data: TemplateData
+
+
+def _item(kind: type[BaseModel], plain: TypeAdapter[str]) -> Any:
+    """A bulk item given as a plain value, or as an object with data of its own: an error
+    is reported at the item itself, whichever form it has."""
+
+    def validate(value: object) -> object:
+        if isinstance(value, dict):
+            try:
+                return kind.model_validate(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise ValueError(f"{where}: {error['msg']}") from None
+        try:
+            return plain.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+
+    return validate
+
+
+_EXTERNAL_ID = TypeAdapter(ExternalId)
+_ANY_STRING = TypeAdapter(str)
+BulkEmail = Annotated[
+    str | EmailItem,
+    PlainValidator(_item(EmailItem, _ANY_STRING)),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/EmailItem"}]}),
+]
+BulkRecipient = Annotated[
+    str | RecipientItem,
+    PlainValidator(_item(RecipientItem, _EXTERNAL_ID)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "string",
+                    "pattern": r"^[A-Za-z0-9._:@-]+$",
+                    "minLength": 1,
+                    "maxLength": 128,
+                },
+                {"$ref": "#/components/schemas/RecipientItem"},
+            ]
+        }
+    ),
+]
+
+
 class BulkEmailCreate(MessageContent):
     """One message to many recipients: e-mail addresses (the body the booking system's
-    gateway uses), or stored recipients by external id, each reached on its own order."""
+    gateway uses), or stored recipients by external id, each reached on its own order.
+    With a template, an item may carry data of its own."""
 
     subject: Annotated[str | None, AfterValidator(subject_line)] = Field(
         default=None, min_length=1, max_length=998, description="Required with `emails`."
     )
-    emails: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BULK_RECIPIENTS)
-    recipients: list[ExternalId] | None = Field(
+    emails: list[BulkEmail] | None = Field(
+        default=None, min_length=1, max_length=MAX_BULK_RECIPIENTS
+    )
+    recipients: list[BulkRecipient] | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_BULK_RECIPIENTS,
@@ -267,8 +401,11 @@ class BulkEmailCreate(MessageContent):
     def one_kind_of_recipient(self) -> "BulkEmailCreate":
         if (self.emails is None) == (self.recipients is None):
             raise ValueError("give either `emails` or `recipients`")
-        if self.emails is not None and self.subject is None:
+        if self.emails is not None and self.subject is None and self.template is None:
             raise ValueError("`subject` is required with `emails`")
+        items = [*(self.emails or ()), *(self.recipients or ())]
+        if self.template is None and any(isinstance(i, BaseModel) for i in items):
+            raise ValueError("items with `data` go with `template`")
         if self.emails is not None and self.channels not in (None, [Channel.EMAIL]):
             raise ValueError("`channels` goes with `recipients`; `emails` are sent by e-mail")
         return self
@@ -277,13 +414,32 @@ class BulkEmailCreate(MessageContent):
     def requested(self) -> int:
         return len(self.emails or self.recipients or ())
 
+    def item_data(self, index: int) -> dict[str, Any]:
+        """The template data of item `index`: the shared `data`, and the item's own over it."""
+        items = self.emails or self.recipients or ()
+        item = items[index]
+        own = item.data if isinstance(item, EmailItem | RecipientItem) else {}
+        return {**(self.data or {}), **own}
+
+    def email_item(self, index: int) -> str | None:
+        """Item `index` of `emails` as given (its address), if `emails` is given."""
+        if self.emails is None:
+            return None
+        item = self.emails[index]
+        return printable(item if isinstance(item, str) else item.email)
+
+    def external_ids(self) -> list[str]:
+        """The external id of each item of `recipients`."""
+        return [i if isinstance(i, str) else i.external_id for i in self.recipients or ()]
+
     def valid_emails(self) -> tuple[dict[str, int], list[RejectedRecipient]]:
         """The valid addresses, normalised and each once (with their index), and the items
         refused, with why."""
         rejected: list[RejectedRecipient] = []
         accepted: dict[str, int] = {}
         seen: dict[str, int] = {}
-        for index, item in enumerate(self.emails or ()):
+        for index, given in enumerate(self.emails or ()):
+            item = given if isinstance(given, str) else given.email
             try:
                 address = _email_address.validate_python(item)
             except ValidationError as exc:
@@ -311,7 +467,13 @@ class TelegramNotificationCreate(MessageContent):
     """A Telegram message: the `/notify/email` body with a chat id."""
 
     chat_id: TelegramChatId
-    text: str = Field(min_length=1, max_length=TELEGRAM_MAX_TEXT)
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=TELEGRAM_MAX_TEXT,
+        examples=["Переговорная «Байкал» забронирована."],
+        validate_default=True,
+    )
     parse_mode: ParseMode | None = Field(
         default=None, description="Bot API formatting; plain text unless asked."
     )
@@ -441,6 +603,13 @@ class NotificationPublic(BaseModel):
     text: str | None = Field(description="Null for a sensitive notification.")
     sensitive: bool
     text_length: int | None = Field(description="Length of a sensitive text, once erased.")
+    template_key: str | None = Field(description="The template it was sent by, if any.")
+    template_version: int | None
+    locale: str | None
+    content: dict[Channel, dict[str, str]] | None = Field(
+        description="What the template rendered for each channel of the order, as sent; "
+        "null for a sensitive notification."
+    )
     batch_id: int | None
     status: NotificationStatus
     attempts: int
@@ -456,6 +625,7 @@ class NotificationPublic(BaseModel):
     def hide_sensitive_text(self) -> "NotificationPublic":
         if self.sensitive:
             self.text = None
+            self.content = None
         return self
 
 
@@ -633,3 +803,124 @@ class HistoryQuery(BaseModel):
     @property
     def position(self) -> HistoryCursor | None:
         return None if self.cursor is None else HistoryCursor.decode(self.cursor)
+
+
+VariableName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+TemplateSource = Annotated[str | None, Field(default=None, max_length=MAX_SOURCE)]
+
+
+class VariableSpec(BaseModel):
+    """A variable a template's version takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: VariableName
+    type: Literal[tuple(VARIABLE_TYPES)] = "string"  # type: ignore[valid-type]
+    required: bool = True
+    example: Any = Field(default=None, description="Required for a required variable.")
+
+
+class LocaleContent(BaseModel):
+    """A version's sources in one locale, each a Jinja2 template (sandboxed); at least one.
+    E-mail needs `subject` and `text` or `html` (then the text is made from the HTML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subject: TemplateSource
+    text: TemplateSource
+    html: TemplateSource
+    sms: TemplateSource
+    telegram: TemplateSource
+
+
+class TemplateVersionCreate(BaseModel):
+    """A new version: its variables and its sources per locale (ru, en)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variables: list[VariableSpec] = Field(default_factory=list, max_length=100)
+    content: dict[Literal[LOCALES], LocaleContent] = Field(  # type: ignore[valid-type]
+        min_length=1, examples=[{"ru": {"sms": "Ваш код: {{ code }}"}}]
+    )
+    telegram_parse_mode: Literal["HTML"] | None = Field(
+        default=None, description="HTML: the Telegram text is HTML, its data escaped."
+    )
+    activate: bool = Field(default=False, description="Make it the active version now.")
+
+    @field_validator("variables")
+    @classmethod
+    def names_once(cls, variables: list[VariableSpec]) -> list[VariableSpec]:
+        names = [v.name for v in variables]
+        if len(set(names)) != len(names):
+            raise ValueError("must name each variable once")
+        return variables
+
+
+class TemplateCreate(TemplateVersionCreate):
+    """A template and its first version (active)."""
+
+    key: TemplateKey
+    category: Category = Category.TRANSACTIONAL
+    sensitive: bool = Field(
+        default=False, description="Every notification sent by it is sensitive (a code)."
+    )
+    default_locale: Literal[LOCALES] = "ru"  # type: ignore[valid-type]
+    description: str | None = Field(default=None, max_length=1000)
+    activate: bool = True
+
+
+class TemplateVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    number: int
+    variables: list[VariableSpec]
+    content: dict[str, dict[str, str]]
+    telegram_parse_mode: str | None
+    source: str = Field(description="api, or catalogue (the service's shipped files).")
+    created_at: datetime
+
+
+class TemplatePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    key: str
+    category: Category
+    sensitive: bool
+    default_locale: str
+    description: str | None
+    active_version: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class TemplateCreated(TemplatePublic):
+    version: TemplateVersionPublic
+    warnings: list[str]
+
+
+class VersionCreated(TemplateVersionPublic):
+    warnings: list[str]
+
+
+class TemplatePreviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Default: active.")
+    locale: Locale | None = None
+    data: TemplateData = Field(default_factory=dict)
+
+
+class SmsPreview(BaseModel):
+    text: str
+    encoding: str = Field(description="gsm7 or ucs2")
+    segments: int
+    characters: int
+
+
+class TemplatePreview(BaseModel):
+    version: int
+    locale: str
+    email: dict[str, str] | None = Field(description="subject, text and html")
+    sms: SmsPreview | None
+    telegram: dict[str, str] | None = Field(description="text and parse_mode")
+    warnings: list[str]

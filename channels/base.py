@@ -66,6 +66,7 @@ class Message:
     address: str  # e-mail address, E.164 phone number, Telegram chat id
     text: str
     subject: str | None = None  # e-mail only
+    html: str | None = None  # e-mail only: an HTML alternative to `text`
     message_id: str | None = None  # e-mail: the Message-ID header
     sensitive: bool = False  # a code or reset link: never logged, never cached
     parse_mode: str | None = None  # Telegram only, when the caller asked for it

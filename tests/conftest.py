@@ -189,6 +189,8 @@ def settings(database_url: str, smtp: ScriptedHandler) -> Settings:
         # Tests send many messages to one address; the limit tests lower it again.
         rate_limit_per_recipient_per_hour=100_000,
         rate_limit_requests_per_minute=100_000,
+        # The catalogue's tests install it themselves.
+        templates_install=False,
     )
 
 

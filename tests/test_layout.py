@@ -37,10 +37,12 @@ ORDER = [
     "mailer",
     "retries",
     "lifecycle",
+    "templating",
     "schemas",
     "strictjson",
     "idempotency",
     "crud",
+    "catalogue",
     "auth",
     "recorder",
     "delivery",
@@ -101,8 +103,8 @@ def test_routes_are_endpoints_only() -> None:
     # One: a duplicate key name is a 409.
     assert [ast.unparse(h.type) for t in tries for h in t.handlers if h.type] == ["IntegrityError"]
     assert all(not t.finalbody for t in tries)
-    # crud from routes: reads, and the recipients' and keys' own records; nothing of a
-    # notification's lifecycle.
+    # crud from routes: reads, and the recipients', templates' and keys' own records;
+    # nothing of a notification's lifecycle.
     assert calls("routes", "crud") <= {
         "get_batch",
         "count_batch",
@@ -110,6 +112,10 @@ def test_routes_are_endpoints_only() -> None:
         "upsert_recipient",
         "update_recipient",
         "delete_recipient",
+        "list_templates",
+        "list_template_versions",
+        "get_template_version",
+        "delete_template",
         "list_api_keys",
         "get_api_key",
         "revoke_api_key",

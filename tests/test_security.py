@@ -76,9 +76,10 @@ def test_no_endpoint_but_health_answers_without_a_valid_key(client: TestClient) 
 
 
 def test_every_endpoint_demands_its_scope(client: TestClient) -> None:
-    keys = {scope: new_key(client, [scope]) for scope in ("send", "read", "recipients", "admin")}
-    # An operator (admin) may also correct a recipient's contacts.
-    implied = {"recipients": {"admin"}}
+    scopes = ("send", "read", "recipients", "templates", "admin")
+    keys = {scope: new_key(client, [scope]) for scope in scopes}
+    # An operator (admin) may also correct a recipient's contacts and manage templates.
+    implied = {"recipients": {"admin"}, "templates": {"admin"}}
 
     for method, path, scope in endpoints(client):
         assert scope in keys, (method, path, "has no scope")
