@@ -339,13 +339,21 @@ def _body_bytes(text: str) -> bytes:
     return payload.replace("\n", "\r\n").encode("ascii")
 
 
+_TOO_BIG = re.compile(r"4\.3\.4\b")
+
+
 def classify_reply(code: int, text: bytes | str) -> DeliveryError:
-    """Our error for an SMTP reply: 4xx may pass, 5xx will not."""
+    """Our error for an SMTP reply: 4xx may pass, 5xx will not (552, the message is too
+    large, among them), and neither will a 452 4.3.4 (too big for the system)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     error_type: type[DeliveryError]
     if code == 421:  # "closing transmission channel"
         error_type = ConnectionLostError
+    elif code == 452 and _TOO_BIG.match(text):
+        # RFC 3463 4.3.4 "message too big for system": this message will never fit,
+        # whenever it is tried again; the server's other 452s (storage) may pass.
+        error_type = PermanentDeliveryError
     elif 400 <= code < 500:
         error_type = TransientDeliveryError
     else:

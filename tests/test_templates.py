@@ -357,3 +357,59 @@ def test_every_shipped_template_renders_its_examples_in_both_locales() -> None:
             rendered = renderer.render(checked.content, variables, examples, locale=locale)
             assert len(rendered) == 3, (folder.name, locale)
         assert len(digest) == len(hashlib.sha256().hexdigest())
+
+
+@pytest.mark.parametrize(
+    "reply", ["552 5.3.4 Message size exceeds fixed limit", "452 4.3.4 Message too big for system"]
+)
+def test_a_message_too_large_for_the_server_fails_at_once_without_retries(
+    client: TestClient, smtp: ScriptedHandler, reply: str
+) -> None:
+    smtp.data_replies.append(reply)
+    response = client.post(
+        "/notify/email",
+        json={"email": "ivan@example.com", "subject": "Большое письмо", "text": "вложения"},
+    )
+    assert response.status_code == 502
+    body = response.json()
+    assert (body["status"], body["attempts"]) == ("failed", 1)
+    assert body["delivery_attempts"][0]["outcome"] == "permanent_error"
+    assert body["delivery_attempts"][0]["code"] == int(reply[:3])
+
+
+def test_a_452_for_storage_is_still_retried(client: TestClient, smtp: ScriptedHandler) -> None:
+    smtp.data_replies.append("452 4.3.1 Insufficient system storage")
+    response = client.post(
+        "/notify/email", json={"email": "ivan@example.com", "subject": "s", "text": "t"}
+    )
+    assert response.status_code == 201
+    assert [a["outcome"] for a in response.json()["delivery_attempts"]] == [
+        "transient_error",
+        "sent",
+    ]
+
+
+def test_a_telegram_html_template_escapes_its_data() -> None:
+    renderer = Renderer(brand={}, layouts={})
+    content = {"ru": {"telegram": "<b>{{ room }}</b>"}}
+    rendered = renderer.render(
+        content, [Variable("room")], {"room": "<script>"}, locale="ru", telegram_html=True
+    )
+    [telegram] = rendered.values()
+    assert (telegram.text, telegram.parse_mode) == ("<b>&lt;script&gt;</b>", "HTML")
+    plain = renderer.render(content, [Variable("room")], {"room": "<i>"}, locale="ru")
+    assert next(iter(plain.values())).text == "<b><i></b>"
+
+
+def test_a_version_with_html_only_gets_a_readable_text_twin() -> None:
+    renderer = Renderer(brand={}, layouts={})
+    content = {
+        "ru": {
+            "subject": "Бронь",
+            "html": "<h1>Бронь</h1><p>Зал «{{ room }}»</p><p><a href='https://x.test/b'>Открыть</a></p>",
+        }
+    }
+    [email] = renderer.render(content, [Variable("room")], {"room": "Байкал"}, locale="ru").values()
+    assert email.text.splitlines()[0] == "Бронь"
+    assert "Зал «Байкал»" in email.text and "https://x.test/b" in email.text
+    assert "<" not in email.text
