@@ -338,7 +338,7 @@ class Deliverer:
             rendered = self.renderer.render(
                 version.content,
                 chosen.variables,
-                data.data or {} if values is None else values,
+                (data.data or {}) if values is None else values,
                 locale=locale,
                 channels=target.order,
                 telegram_html=version.telegram_parse_mode == "HTML",
