@@ -120,6 +120,24 @@ class Settings(BaseSettings):
     brand_support_email: str = "support@coworking.local"
     templates_install: bool = True
 
+    # Attachments (POST /attachments, or inline base64 in a send): what an e-mail may
+    # weigh once encoded (its text, HTML and every attachment in base64), the content
+    # types taken, and how long an attachment no notification refers to is kept.
+    attachment_max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=64 * 1024)
+    attachment_types: Annotated[list[str], NoDecode] = [
+        "application/pdf",
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "text/plain",
+        "text/csv",
+        "text/calendar",
+        "application/zip",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ]
+    attachment_retention: float = Field(default=7 * 86_400.0, gt=0)
+
     # Keys the HMACs kept instead of erased sensitive texts and of idempotency
     # fingerprints. Required with a real SMTP server; generated in development.
     secret_key: SecretStr | None = None
@@ -202,7 +220,7 @@ class Settings(BaseSettings):
         """`SMS_RU_API_ID=` (compose's `${SMS_RU_API_ID:-}`) leaves the channel unconfigured."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("channel_order", mode="before")
+    @field_validator("channel_order", "attachment_types", mode="before")
     @classmethod
     def comma_separated(cls, order: object) -> object:
         if isinstance(order, str):

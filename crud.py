@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     ColumnElement,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     tuple_,
@@ -53,11 +55,14 @@ from lifecycle import (
 from models import (
     ADDRESS_FIELDS,
     ApiKey,
+    Attachment,
+    AttachmentBlob,
     AttemptOutcome,
     Batch,
     Channel,
     DeliveryAttempt,
     Notification,
+    NotificationAttachment,
     NotificationStatus,
     Recipient,
     Template,
@@ -216,6 +221,7 @@ def create_notification(
         "updated_at": at,
     }
     notification = _inserted(session, values)
+    _link_attachments(session, draft, notification_id=notification.id)
     if key_id is not None:
         # A queued request's answer is known now; a synchronous one's after the send.
         status_code = 202 if queued else None
@@ -261,6 +267,7 @@ def create_batch(
         "status": NotificationStatus.QUEUED.value,
         "send_at": content.send_at,
         "next_attempt_at": content.send_at or at,
+        "attachments": [dict(a) for a in content.attachments] or None,
     }
     if emails:
         _insert_batch_rows(
@@ -289,6 +296,7 @@ def create_batch(
                 for draft, message_id in zip(drafts, message_ids, strict=True)
             ],
         )
+    _link_attachments(session, content, batch_id=batch.id)
     if key_id is not None:
         idempotency_keys.link_key(session, key_id, batch_id=batch.id, status_code=202)
     _commit_new(session, batch_id=batch.id)
@@ -300,10 +308,10 @@ _INSERT_BATCH = sql(
     """
 INSERT INTO notifications (
     batch_id, channel, recipient, subject, text, sensitive, status, attempts, message_id,
-    send_at, next_attempt_at, created_at, updated_at, version
+    send_at, next_attempt_at, created_at, updated_at, version, attachments
 )
 SELECT :batch_id, :channel, r.recipient, :subject, :text, :sensitive, :status, 0, r.message_id,
-       :send_at, :next_attempt_at, :now, :now, 1
+       :send_at, :next_attempt_at, :now, :now, 1, CAST(:attachments AS json)
 FROM unnest(CAST(:recipients AS varchar[]), CAST(:message_ids AS varchar[]))
     AS r(recipient, message_id)
 """
@@ -311,6 +319,7 @@ FROM unnest(CAST(:recipients AS varchar[]), CAST(:message_ids AS varchar[]))
     bindparam("send_at", type_=UTCDateTime()),
     bindparam("next_attempt_at", type_=UTCDateTime()),
     bindparam("now", type_=UTCDateTime()),
+    bindparam("attachments", type_=JSON(none_as_null=True)),
 )
 
 
@@ -1362,3 +1371,84 @@ def delete_template(*, session: Session, template: Template) -> None:
     version and rendered content."""
     session.delete(template)
     session.commit()
+
+
+def store_attachment(
+    *,
+    session: Session,
+    sha256: str,
+    data: bytes,
+    filename: str,
+    content_type: str,
+    now: Callable[[], datetime] = utcnow,
+) -> Attachment:
+    """Store an attachment; its bytes only if no other upload has stored the same ones."""
+    at = now()
+    session.execute(
+        dialect_insert(session, AttachmentBlob)
+        .values(sha256=sha256, size=len(data), data=data, created_at=at)
+        .on_conflict_do_nothing(index_elements=["sha256"])
+    )
+    attachment = Attachment(
+        sha256=sha256, filename=filename, content_type=content_type, size=len(data), created_at=at
+    )
+    session.add(attachment)
+    session.commit()
+    return attachment
+
+
+def get_attachments(*, session: Session, ids: Sequence[int]) -> dict[int, Attachment]:
+    found = session.scalars(select(Attachment).where(Attachment.id.in_(ids)))
+    return {attachment.id: attachment for attachment in found}
+
+
+def attachment_data(*, session: Session, sha256s: Sequence[str]) -> dict[str, bytes]:
+    """The bytes stored under each of `sha256s` (those that are)."""
+    rows = session.execute(
+        select(AttachmentBlob.sha256, AttachmentBlob.data).where(AttachmentBlob.sha256.in_(sha256s))
+    )
+    return {sha: bytes(data) for sha, data in rows}
+
+
+def _link_attachments(
+    session: Session,
+    draft: Draft,
+    *,
+    notification_id: int | None = None,
+    batch_id: int | None = None,
+) -> None:
+    """Record that a notification (or every one of a batch) refers to the draft's
+    attachments, in the transaction that stores it."""
+    ids = sorted({a["id"] for a in draft.attachments})
+    if not ids:
+        return
+    table = cast(Table, NotificationAttachment.__table__)
+    if notification_id is not None:
+        session.execute(
+            insert(table), [{"notification_id": notification_id, "attachment_id": i} for i in ids]
+        )
+        return
+    for attachment_id in ids:
+        session.execute(
+            insert(table).from_select(
+                ["notification_id", "attachment_id"],
+                select(Notification.id, literal(attachment_id, BigInteger)).where(
+                    Notification.batch_id == batch_id
+                ),
+            )
+        )
+
+
+def expire_attachments(*, session: Session, before: datetime) -> int:
+    """Delete the attachments uploaded before `before` that no notification refers to,
+    then the bytes no attachment shares any more; how many attachments went."""
+    referred = select(NotificationAttachment.attachment_id).where(
+        NotificationAttachment.attachment_id == Attachment.id
+    )
+    gone = session.execute(
+        delete(Attachment).where(Attachment.created_at < before, ~referred.exists())
+    )
+    shared = select(Attachment.id).where(Attachment.sha256 == AttachmentBlob.sha256)
+    session.execute(delete(AttachmentBlob).where(~shared.exists()))
+    session.commit()
+    return int(cast(Any, gone).rowcount)

@@ -39,7 +39,15 @@ import crud
 import idempotency
 import ratelimits
 import recorder
-from channels.base import DeliveryError, PermanentDeliveryError, Receipt, Sender
+from attachments import Attachments, described
+from channels.base import (
+    DeliveryError,
+    File,
+    PermanentDeliveryError,
+    Receipt,
+    Sender,
+    TransientDeliveryError,
+)
 from config import Settings
 from db import DATABASE_UNAVAILABLE
 from idempotency import IdempotencyClaim, IdempotencyKeyUsed
@@ -185,6 +193,13 @@ def outcome_status(notification: Notification, *, sent: int = HTTPStatus.CREATED
     return HTTPStatus.ACCEPTED
 
 
+def _email_parts(draft: Draft) -> list[str]:
+    """The subject and bodies a draft's e-mail would carry."""
+    email = (draft.content or {}).get(str(Channel.EMAIL))
+    parts = [draft.subject, draft.text] if email is None else [*email.values()]
+    return [part for part in parts if part]
+
+
 class SyncSlot:
     """One of SYNC_SEND_LIMIT synchronous sends at once, if one is free: slow providers
     must not take every request thread (past the limit, the queue sends)."""
@@ -226,6 +241,7 @@ class Deliverer:
         self.settings = settings
         # Templates are rendered here, once, when a notification is accepted.
         self.renderer = renderer or Renderer(brand=settings.brand())
+        self.attachments = Attachments(settings, now=now)
         self.channels: dict[Channel, list[Sender]] = {
             channel: list(senders) if isinstance(senders, Sequence) else [senders]
             for channel, senders in channels.items()
@@ -396,6 +412,28 @@ class Deliverer:
             **template,  # type: ignore[arg-type]
         )
 
+    def attach(
+        self, session: Session, data: MessageContent, content: Draft, drafts: Sequence[Draft]
+    ) -> Draft:
+        """`content` with the attachments `data` names (inline ones stored now), for the
+        `drafts` it is sent as (none: `content` itself, by e-mail). `Refused` when no
+        draft has e-mail on its route or the message is sensitive (attachments are not
+        erased); `AttachmentRefused` when an attachment is missing, of a type not allowed,
+        or the largest e-mail would weigh too much."""
+        assert data.attachments
+        if content.sensitive:
+            raise Refused("a sensitive notification carries no attachments", field="attachments")
+        emails = [d for d in drafts or [content] if not d.route or Channel.EMAIL in dict(d.route)]
+        if not emails:
+            raise Refused(
+                "attachments go by e-mail only, and no channel of the route is e-mail",
+                field="attachments",
+            )
+        resolved = self.attachments.resolve(session=session, items=data.attachments)
+        largest = max((_email_parts(d) for d in emails), key=lambda parts: sum(map(len, parts)))
+        self.attachments.check_size(largest, resolved)
+        return replace(content, attachments=[described(a) for a in resolved])
+
     def submit(
         self, ctx: Sending, data: MessageContent, target: Target, *, endpoint: str
     ) -> Submitted:
@@ -404,6 +442,8 @@ class Deliverer:
         progress. A repeat of an Idempotency-Key answers what its first request did."""
         draft = self.draft(target, data, self.choose_template(ctx.session, data))
         self.check_send_at(draft.send_at)
+        if data.attachments:
+            draft = self.attach(ctx.session, data, draft, [draft])
         queued = draft.send_at is not None or ctx.prefer_async
         claim = self._claim(ctx, endpoint, data, queued=queued)
         session = ctx.session
@@ -465,6 +505,10 @@ class Deliverer:
                 sensitive=data.sensitive or (chosen is not None and chosen.template.sensitive),
                 send_at=data.send_at,
             )
+            if data.attachments:
+                shown = [drafts[i] for i in sendable] if drafts else []
+                content = self.attach(session, data, content, shown)
+                drafts = {i: replace(d, attachments=content.attachments) for i, d in drafts.items()}
             batch = self.create_batch(
                 session=session,
                 content=content,
@@ -740,14 +784,36 @@ class Deliverer:
 
     # Sending
 
-    def transmit(self, notification: Notification) -> Receipt | DeliveryError:
-        """Hand the message to its channel's providers, in order while one fails
-        transiently; the receipt, or the last error."""
+    def files(
+        self, session: Session, notification: Notification
+    ) -> tuple[File, ...] | DeliveryError:
+        """The files to attach on the notification's current channel (none but on e-mail),
+        read in `session` and its transaction ended, so no connection is held while they
+        are sent; a transient error if the database is unavailable."""
+        if not notification.attachments or notification.channel != Channel.EMAIL:
+            return ()
+        try:
+            files = self.attachments.files(session=session, notification=notification)
+            session.commit()
+        except DATABASE_UNAVAILABLE as exc:
+            self._rollback(session)
+            return TransientDeliveryError(
+                f"the attachments could not be read: {exc.__class__.__name__}"
+            )
+        if len(files) < len(notification.attachments):
+            return PermanentDeliveryError("an attachment's content is no longer stored")
+        return files
+
+    def transmit(
+        self, notification: Notification, files: Sequence[File] = ()
+    ) -> Receipt | DeliveryError:
+        """Hand the message (with `files` attached, on e-mail) to its channel's providers,
+        in order while one fails transiently; the receipt, or the last error."""
         senders = self.channels.get(notification.channel)
         if not senders:
             # Queued before a configuration change took the channel away.
             return PermanentDeliveryError(f"the {notification.channel} channel is not configured")
-        message = message_for(notification)
+        message = message_for(notification, files)
         error: DeliveryError | None = None
         for sender in senders:
             try:
@@ -769,12 +835,14 @@ class Deliverer:
         *,
         attempt_id: int | None = None,
         number: int | None = None,
+        files: Sequence[File] | DeliveryError = (),
     ) -> tuple[Transition, DeliveryError | None]:
-        """One try on the notification's current channel, and the transition it makes
+        """One try on the notification's current channel with the `files` of its
+        attachments (`files()`; its error is the attempt's), and the transition it makes
         (not stored: the caller stores it); the error, if it failed. The attempt is named
         by its pending row (`attempt_id`, a worker's) or its `number` (a synchronous one)."""
         started_at = self.now()
-        result = self.transmit(notification)
+        result = files if isinstance(files, DeliveryError) else self.transmit(notification, files)
         attempt = Attempt.of(
             result,
             channel=notification.channel,
@@ -820,11 +888,14 @@ class Deliverer:
         each attempt; the last one with the state it leaves (sent, queued, failed, or
         sending on to the next channel)."""
         final: Transition | None = None
+        files = self.files(session, notification)
         try:
             # copy(): the policy object is shared by every request thread.
             for retry in self.retrying.copy():
                 with retry:
-                    transition, error = self.attempt(notification, number=notification.attempts + 1)
+                    transition, error = self.attempt(
+                        notification, number=notification.attempts + 1, files=files
+                    )
                     final = self._in_request(transition)
                     if error is None:
                         self._store(session, notification, final)

@@ -17,7 +17,7 @@ import idempotency
 from catalogue import Catalogue
 from config import Settings
 from delivery import Deliverer, Sending
-from models import Notification, Recipient, Scope, Template, TemplateVersion
+from models import Attachment, Notification, Recipient, Scope, Template, TemplateVersion
 from ratelimits import RateLimiter
 from schemas import MAX_ID
 
@@ -85,6 +85,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 # What `sending` checks, as OpenAPI says it (the key's scheme is `auth.bearer`'s).
 SEND_SECURITY = {"security": [{auth.bearer.scheme_name: [Scope.SEND.value]}]}
 READ = [Security(auth.authenticate, scopes=[Scope.READ])]
+SEND = [Security(auth.authenticate, scopes=[Scope.SEND])]
 ADMIN = [Security(auth.authenticate, scopes=[Scope.ADMIN])]
 # A key with `admin` has these too.
 RECIPIENTS = [Security(auth.authenticate, scopes=[Scope.RECIPIENTS])]
@@ -105,6 +106,7 @@ PreferHeader = Annotated[
 NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
 KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
+AttachmentId = Annotated[int, Path(ge=1, le=MAX_ID)]
 ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 TemplateKeyPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -162,6 +164,16 @@ def valid_recipient(external_id: ExternalIdPath, session: SessionDep) -> Recipie
 
 
 RecipientDep = Annotated[Recipient, Depends(valid_recipient)]
+
+
+def valid_attachment(attachment_id: AttachmentId, session: ReadSessionDep) -> Attachment:
+    found = crud.get_attachments(session=session, ids=[attachment_id])
+    if attachment_id not in found:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "attachment not found")
+    return found[attachment_id]
+
+
+AttachmentDep = Annotated[Attachment, Depends(valid_attachment)]
 
 
 def valid_template(key: TemplateKeyPath, session: SessionDep) -> Template:

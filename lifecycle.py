@@ -24,6 +24,7 @@ from typing import Any
 
 from channels.base import (
     DeliveryError,
+    File,
     Message,
     Receipt,
     RecipientUnreachable,
@@ -68,6 +69,8 @@ class Draft:
     template_version: int | None = None
     locale: str | None = None
     content: Mapping[str, Mapping[str, str]] | None = None
+    # The e-mail's attachments, as `Notification.attachments` describes them.
+    attachments: Sequence[Mapping[str, Any]] = ()
 
     def columns(self) -> dict[str, Any]:
         """The notification's columns that say what to send where."""
@@ -89,6 +92,7 @@ class Draft:
             "template_version": self.template_version,
             "locale": self.locale,
             "content": dict(self.content) if self.content is not None else None,
+            "attachments": [dict(a) for a in self.attachments] or None,
         }
 
 
@@ -170,11 +174,12 @@ def channel_views(
     status: NotificationStatus,
     skipped: Sequence[tuple[Channel, str]],
     attempts: Sequence[tuple[Channel, str | None]],
+    attachments: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Each channel of a notification's order as history shows it: skipped at request
     time, failed (before the current one), sent, failed, cancelled or trying (the current
-    one), or not tried (after it); with its attempts (channel, error) counted and its
-    last error."""
+    one), or not tried (after it); with its attempts (channel, error) counted, its last
+    error, and the `attachments` (their names) it leaves out if it is not e-mail."""
     views: list[dict[str, Any]] = [
         {"channel": channel, "status": "skipped", "attempts": 0, "error": reason}
         for channel, reason in skipped
@@ -198,14 +203,24 @@ def channel_views(
                 "status": state,
                 "attempts": sum(1 for on, _ in attempts if on == channel),
                 "error": errors[-1] if errors else None,
+                "left_out": left_out(channel, attachments),
             }
         )
     return views
 
 
-def message_for(notification: Notification) -> Message:
+def left_out(channel: Channel, attachments: Sequence[str]) -> str | None:
+    """What `channel` leaves out of a message with `attachments` (their names)."""
+    if channel == Channel.EMAIL or not attachments:
+        return None
+    return f"{len(attachments)} attachment(s), e-mail only: {', '.join(attachments)}"
+
+
+def message_for(notification: Notification, files: Sequence[File] = ()) -> Message:
     """What to send on the notification's channel now: a templated one's snapshot for
-    that channel, as rendered when it was accepted (never rendered again)."""
+    that channel, as rendered when it was accepted (never rendered again); on e-mail,
+    with the `files` of its attachments."""
+    attachments = tuple(files) if notification.channel == Channel.EMAIL else ()
     part = (notification.content or {}).get(str(notification.channel))
     if part is not None:
         return Message(
@@ -216,6 +231,7 @@ def message_for(notification: Notification) -> Message:
             message_id=notification.message_id,
             sensitive=notification.sensitive,
             parse_mode=part.get("parse_mode"),
+            attachments=attachments,
         )
     return Message(
         address=notification.recipient,
@@ -224,6 +240,7 @@ def message_for(notification: Notification) -> Message:
         message_id=notification.message_id,
         sensitive=notification.sensitive,
         parse_mode=notification.parse_mode,
+        attachments=attachments,
     )
 
 

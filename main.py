@@ -2,7 +2,7 @@
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from attachments import AttachmentRefused
 from auth import (
     KeyCache,
     RequireApiKey,
@@ -106,13 +107,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(health)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # An upload may be as large as the largest e-mail (and its form's few headers).
+    uploads = {"/attachments": settings.attachment_max_message_bytes + 64 * 1024}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, larger=uploads)
     # Added last, so it runs first: no key, no body read, whatever its size.
     app.add_middleware(RequireApiKey, protected=router.routes, counted_by_route=COUNTED_BY_ROUTE)
     for error in (*DATABASE_UNAVAILABLE, StorageError):
         app.add_exception_handler(error, dependency_unavailable)
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(AttachmentRefused, attachment_refused)
     app.add_exception_handler(TemplateError, refused)
     app.add_exception_handler(VersionTaken, conflict)
     app.add_exception_handler(PreconditionFailed, precondition_failed)
@@ -151,17 +155,22 @@ def development_key(settings: Settings, session_factory: sessionmaker[Session]) 
 class BodySizeLimit:
     """ASGI middleware: a request body over `max_bytes` is a 413 before anything reads it."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, larger: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # Paths whose bodies may be larger (uploads), and how large.
+        self.larger = dict(larger or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope["path"], self.max_bytes)
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
 
@@ -170,19 +179,19 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     # FastAPI re-raises an HTTPException met while reading the body.
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self.detail)
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self.detail(limit))
             return message
 
         await self.app(scope, counted, send)
 
-    @property
-    def detail(self) -> str:
-        return f"request body larger than {self.max_bytes} bytes"
+    @staticmethod
+    def detail(limit: int) -> str:
+        return f"request body larger than {limit} bytes"
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"detail": self.detail}, status_code=413)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = JSONResponse({"detail": self.detail(limit)}, status_code=413)
         await response(scope, receive, send)
 
 
@@ -251,6 +260,16 @@ async def refused(request: Request, exc: Exception) -> JSONResponse:
     location = ("body", *exc.field.split("."))
     error = {"type": "value_error", "loc": location, "msg": str(exc)}
     return await invalid_request(request, RequestValidationError([error]))
+
+
+async def attachment_refused(request: Request, exc: Exception) -> JSONResponse:
+    """An attachment too big (413), of a type not taken (415), or not found (422)."""
+    assert isinstance(exc, AttachmentRefused)
+    if exc.status == status.HTTP_422_UNPROCESSABLE_CONTENT:
+        location = ("body", *exc.field.split("."))
+        error = {"type": "value_error", "loc": location, "msg": str(exc)}
+        return await invalid_request(request, RequestValidationError([error]))
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
 
 async def no_valid_recipient(request: Request, exc: Exception) -> JSONResponse:

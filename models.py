@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -222,6 +223,10 @@ class Notification(Base):
     template_version: Mapped[int | None] = mapped_column(Integer)
     locale: Mapped[str | None] = mapped_column(String(35))
     content: Mapped[dict[str, dict[str, str]] | None] = mapped_column(JSON)
+    # The attachments an e-mail carries, as [{"id", "filename", "content_type", "size",
+    # "sha256"}] in order (`notification_attachments` links them for their expiry); other
+    # channels leave them out and say so. None: no attachment, and no query to send.
+    attachments: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # A sensitive text (a code, a reset link) is erased once the notification is settled;
     # its length and an HMAC under SECRET_KEY stay as evidence of what was sent (a plain
     # hash of a six-digit code is reversed by trying a million codes).
@@ -342,6 +347,45 @@ class TemplateVersion(Base):
     template: Mapped[Template] = relationship(back_populates="versions")
 
     __table_args__ = (UniqueConstraint("template_id", "number"),)
+
+
+class AttachmentBlob(Base):
+    """An attachment's bytes, stored once per SHA-256 however often they are uploaded."""
+
+    __tablename__ = "attachment_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Attachment(Base):
+    """A file a caller uploaded (or sent inline) to attach to e-mail: its name and type,
+    and its bytes by hash. One no notification refers to expires after
+    ATTACHMENT_RETENTION."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("attachment_blobs.sha256"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(127))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class NotificationAttachment(Base):
+    """That a notification refers to an attachment: it is kept while one does."""
+
+    __tablename__ = "notification_attachments"
+
+    notification_id: Mapped[int] = mapped_column(
+        ForeignKey("notifications.id", ondelete="CASCADE"), primary_key=True
+    )
+    attachment_id: Mapped[int] = mapped_column(
+        ForeignKey("attachments.id"), primary_key=True, index=True
+    )
 
 
 class DeliveryAttempt(Base):

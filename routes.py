@@ -4,7 +4,7 @@ of the layers below are mapped to responses by main.py's exception handlers."""
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -17,8 +17,10 @@ from deps import (
     ADMIN,
     READ,
     RECIPIENTS,
+    SEND,
     SEND_SECURITY,
     TEMPLATES,
+    AttachmentDep,
     BatchId,
     CatalogueDep,
     DelivererDep,
@@ -36,11 +38,12 @@ from deps import (
     etag,
     if_match_version,
 )
-from models import ApiKey, Batch, Notification, Recipient, Template, TemplateVersion
+from models import ApiKey, Attachment, Batch, Notification, Recipient, Template, TemplateVersion
 from schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
+    AttachmentCreated,
     BatchCreated,
     BatchPublic,
     BulkEmailCreate,
@@ -363,6 +366,47 @@ def update_recipient(
 def delete_recipient(recipient: RecipientDep, session: SessionDep) -> None:
     """Erase a recipient's contacts; the notifications sent to it stay in the history."""
     crud.delete_recipient(session=session, recipient=recipient)
+
+
+ATTACHMENT_REFUSED: dict[int | str, dict[str, Any]] = {
+    status.HTTP_400_BAD_REQUEST: {"description": "The body is not readable multipart/form-data."},
+    status.HTTP_413_CONTENT_TOO_LARGE: {
+        "description": "The file, once encoded, is over ATTACHMENT_MAX_MESSAGE_BYTES."
+    },
+    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE: {"description": "A type not in ATTACHMENT_TYPES."},
+}
+
+
+@router.post(
+    "/attachments",
+    dependencies=SEND,
+    status_code=status.HTTP_201_CREATED,
+    response_model=AttachmentCreated,
+    responses=ATTACHMENT_REFUSED,
+    tags=["attachments"],
+)
+def upload_attachment(
+    file: Annotated[UploadFile, File(description="The file; its part's Content-Type is its type.")],
+    session: SessionDep,
+    deliverer: DelivererDep,
+) -> Attachment:
+    """Store a file to attach to e-mail (multipart/form-data, field `file`); sends name it
+    by its `id`. Its bytes are stored once however often they are uploaded; one no
+    notification refers to expires after ATTACHMENT_RETENTION."""
+    return deliverer.attachments.upload(
+        session=session, file=file.file, filename=file.filename, content_type=file.content_type
+    )
+
+
+@router.get(
+    "/attachments/{attachment_id}",
+    dependencies=READ,
+    response_model=AttachmentCreated,
+    responses={status.HTTP_404_NOT_FOUND: {"description": "No such attachment."}},
+    tags=["attachments"],
+)
+def read_attachment(attachment: AttachmentDep) -> Attachment:
+    return attachment
 
 
 TEMPLATE_NOT_FOUND: dict[int | str, dict[str, Any]] = {

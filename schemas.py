@@ -193,6 +193,47 @@ TemplateData = Annotated[
 ]
 
 
+MAX_ATTACHMENTS = 10
+INLINE_MAX = 1024 * 1024
+
+
+def _base64(value: object) -> object:
+    """Inline content: base64 (RFC 4648; line breaks allowed), strictly decoded."""
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+
+
+class AttachmentRef(BaseModel):
+    """An attachment uploaded by `POST /attachments`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int = Field(ge=1, le=MAX_ID)
+
+
+class InlineAttachment(BaseModel):
+    """A file given in the request itself, stored as an upload would be."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # No examples: the schema's examples of a send are sends that reach SMS and Telegram.
+    filename: str = Field(min_length=1, max_length=255, description="Счёт № 5.pdf, say.")
+    content_type: str = Field(min_length=3, max_length=127, description="application/pdf, say.")
+    content: Annotated[
+        bytes,
+        BeforeValidator(_base64),
+        WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+        Field(max_length=INLINE_MAX, description="The file in base64, at most 1 MB decoded."),
+    ]
+
+
+AttachmentItem = AttachmentRef | InlineAttachment
+
+
 class MessageContent(BaseModel):
     """What to send: a plain-text body, or a stored template with its data; and when."""
 
@@ -228,6 +269,12 @@ class MessageContent(BaseModel):
         default=False,
         description="A code or reset link: the text is never returned by the API and is "
         "erased from the database once the notification is sent, failed or cancelled.",
+    )
+    attachments: list[AttachmentItem] | None = Field(
+        default=None,
+        max_length=MAX_ATTACHMENTS,
+        description="Files for e-mail, by id (`POST /attachments`) or inline; SMS and "
+        "Telegram leave them out, and history says so.",
     )
 
     @field_validator("send_at")
@@ -587,6 +634,20 @@ class SkippedChannel(BaseModel):
     reason: str
 
 
+class AttachmentPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    filename: str = Field(description="As it is sent (sanitised).")
+    content_type: str
+    size: int = Field(description="Bytes, before encoding.")
+    sha256: str
+
+
+class AttachmentCreated(AttachmentPublic):
+    created_at: datetime
+
+
 class NotificationPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -609,6 +670,9 @@ class NotificationPublic(BaseModel):
     content: dict[Channel, dict[str, str]] | None = Field(
         description="What the template rendered for each channel of the order, as sent; "
         "null for a sensitive notification."
+    )
+    attachments: list[AttachmentPublic] | None = Field(
+        description="What the e-mail carries; other channels leave it out."
     )
     batch_id: int | None
     status: NotificationStatus
@@ -634,6 +698,9 @@ class ChannelOutcome(BaseModel):
     status: str = Field(description="sent, failed, trying, cancelled, skipped or not tried")
     attempts: int
     error: str | None = None
+    left_out: str | None = Field(
+        default=None, description="What this channel cannot carry (attachments), left out."
+    )
 
 
 class NotificationDetail(NotificationPublic):
@@ -651,6 +718,7 @@ class NotificationDetail(NotificationPublic):
                 status=self.status,
                 skipped=[(s.channel, s.reason) for s in self.skipped or ()],
                 attempts=[(a.channel, a.error) for a in self.delivery_attempts],
+                attachments=[a.filename for a in self.attachments or ()],
             )
         ]
 

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import crud
 import idempotency
+from channels.base import DeliveryError, File
 from config import Settings
 from delivery import Deliverer
 from lifecycle import Transition
@@ -104,7 +105,8 @@ class Worker:
             self.executor = None
 
     def _housekeeping(self) -> None:
-        """When idle, at most once a minute: forget expired Idempotency-Keys."""
+        """When idle, at most once a minute: forget expired Idempotency-Keys, and delete
+        expired attachments."""
         now = time.monotonic()
         if now < self.next_housekeeping:
             return
@@ -112,11 +114,14 @@ class Worker:
         try:
             with self.session_factory() as session:
                 purged = idempotency.purge_expired(session=session)
+                expired = self.deliverer.attachments.expire(session=session)
         except Exception:
             logger.exception("worker %s: housekeeping failed", self.worker_id)
             return
         if purged:
             logger.info("worker %s: purged %d expired idempotency keys", self.worker_id, purged)
+        if expired:
+            logger.info("worker %s: deleted %d expired attachments", self.worker_id, expired)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -237,7 +242,14 @@ class Worker:
 
     def _attempt(self, item: crud.Leased) -> Transition:
         """Send one message; its outcome, whatever happens (transmit converts every error)."""
-        transition, _ = self.deliverer.attempt(item.notification, attempt_id=item.attempt_id)
+        notification = item.notification
+        files: tuple[File, ...] | DeliveryError = ()
+        if notification.attachments:
+            with self.session_factory() as session:
+                files = self.deliverer.files(session, notification)
+        transition, _ = self.deliverer.attempt(
+            notification, attempt_id=item.attempt_id, files=files
+        )
         return transition
 
     def _settle(self, session: Session, outcomes: list[Transition]) -> None:

@@ -60,6 +60,15 @@ class RecipientUnreachable(PermanentDeliveryError):
 
 
 @dataclass(frozen=True, slots=True)
+class File:
+    """A file attached to an e-mail."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One message for one address on one channel."""
 
@@ -70,6 +79,7 @@ class Message:
     message_id: str | None = None  # e-mail: the Message-ID header
     sensitive: bool = False  # a code or reset link: never logged, never cached
     parse_mode: str | None = None  # Telegram only, when the caller asked for it
+    attachments: tuple[File, ...] = ()  # e-mail only
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ ORDER = [
     "strictjson",
     "idempotency",
     "crud",
+    "attachments",
     "catalogue",
     "auth",
     "recorder",
