@@ -5,6 +5,7 @@
     python cli.py keys list
     python cli.py keys revoke NAME
     python cli.py templates install
+    python cli.py attachments expire
 
 A key is printed once, when it is created. A revocation is written to the database and
 announced in the rate-limit storage (RATE_LIMIT_STORAGE, RATE_LIMIT_PREFIX), so the
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 
 import crud
+from attachments import Attachments
 from auth import Scope, announce_revocation, issue_key
 from catalogue import Catalogue
 from config import Settings
@@ -41,13 +43,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command group: keys, templates."""
+    """The parser of every command group: keys, templates, attachments."""
     parser = argparse.ArgumentParser(
         prog="python cli.py", description="The notification service's command line."
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     add_key_commands(groups)
     add_template_commands(groups)
+    add_attachment_commands(groups)
     return parser
 
 
@@ -70,6 +73,30 @@ def install_templates(args: argparse.Namespace, settings: Settings) -> None:
     ):
         installed = catalogue.install(session)
     print("\n".join(installed) if installed else "every template is up to date")
+
+
+def add_attachment_commands(
+    groups: "argparse._SubParsersAction[argparse.ArgumentParser]",
+) -> None:
+    """The `attachments` group: delete the expired ones (the worker does it too)."""
+    attachments = groups.add_parser("attachments", help="manage attachments")
+    commands = attachments.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    expire = commands.add_parser(
+        "expire",
+        help="delete the attachments no notification refers to, ATTACHMENT_RETENTION after "
+        "their upload",
+    )
+    expire.set_defaults(run=expire_attachments, usage=expire)
+
+
+def expire_attachments(args: argparse.Namespace, settings: Settings) -> None:
+    """Delete the expired attachments and print how many went."""
+    with (
+        closing(build_database(settings, migrate=settings.auto_migrate)) as database,
+        database.session_factory() as session,
+    ):
+        expired = Attachments(settings).expire(session=session)
+    print(f"{expired} expired attachment(s) deleted")
 
 
 def add_key_commands(groups: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
