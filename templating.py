@@ -47,8 +47,11 @@ from jinja2 import (
 from jinja2 import (
     TemplateError as JinjaError,
 )
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.filters import sync_do_join
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import pass_eval_context
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from channels.sms_ru import sms_segments
@@ -252,10 +255,44 @@ FILTERS = (*_STRING_FILTERS, *OUR_FILTERS)
 _MAX_BITS = 4096
 
 
+def _over_limit(parts: Iterable[Any]) -> bool:
+    """Whether the strings among `parts` add up to more than `MAX_OUTPUT` characters."""
+    return sum(len(p) for p in parts if isinstance(p, str)) > MAX_OUTPUT
+
+
+class _BoundedConcat(CodeGenerator):
+    """Compiles `~` (which Jinja2 never hands to `call_binop`) to a call of the
+    environment's `bounded_concat`, so it is bounded like `+`."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        # The join Jinja2's own visit_Concat picks, handed to `bounded_concat` with the operands.
+        if frame.eval_ctx.volatile:
+            join = "(markup_join if context.eval_ctx.volatile else str_join)"
+        elif frame.eval_ctx.autoescape:
+            join = "markup_join"
+        else:
+            join = "str_join"
+        self.write(f"environment.bounded_concat({join}, (")
+        for operand in node.nodes:
+            self.visit(operand, frame)
+            self.write(", ")
+        self.write("))")
+
+
+@pass_eval_context
+def _bounded_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+    items = list(value)
+    if _over_limit(items) or len(d) * len(items) > MAX_OUTPUT:
+        raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+    joined: str = sync_do_join(eval_ctx, items, d, attribute)
+    return joined
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja2's immutable sandbox with our filters, globals and size limits."""
 
     intercepted_binops = frozenset({"*", "**", "+"})
+    code_generator_class = _BoundedConcat
 
     def __init__(self, *, html: bool, layouts: Mapping[str, str]) -> None:
         super().__init__(
@@ -266,7 +303,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             auto_reload=False,
         )
         self.filters = {name: self.filters[name] for name in _STRING_FILTERS} | OUR_FILTERS
+        self.filters["join"] = _bounded_join
         self.globals = {"range": _bounded_range}
+
+    @staticmethod
+    def bounded_concat(join: Callable[[Sequence[Any]], str], operands: Sequence[Any]) -> str:
+        """A `~` expression's value, refused before it is built past `MAX_OUTPUT`."""
+        if _over_limit(operands):
+            raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+        return join(operands)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":

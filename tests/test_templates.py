@@ -57,6 +57,8 @@ SSTI = [
     "{% include '/etc/passwd' %}",
     "{{ 2 ** 100000 }}",
     "{{ name.format }}{{ name|format(1) }}",
+    "{% set a = 'x' * 200000 %}{{ a ~ a }}",
+    "{% set a = 'x' * 200000 %}{{ [a, a, a]|join }}",
 ]
 
 
