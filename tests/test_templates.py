@@ -415,3 +415,17 @@ def test_a_version_with_html_only_gets_a_readable_text_twin() -> None:
     assert email.text.splitlines()[0] == "Бронь"
     assert "Зал «Байкал»" in email.text and "https://x.test/b" in email.text
     assert "<" not in email.text
+
+
+def test_plural_forms_are_cached_by_the_number_as_written() -> None:
+    renderer = Renderer(brand={}, layouts={})
+    content = {"ru": {"sms": "{{ n|plural('место', 'места', 'мест') }}"}}
+
+    def sms(value: object) -> str:
+        [rendered] = renderer.render(
+            content, [Variable("n", type="number")], {"n": value}, locale="ru"
+        ).values()
+        return rendered.text
+
+    # Equal as Decimals, not one plural category: CLDR counts the written fraction digits.
+    assert [sms(4), sms("4.0"), sms(4), sms(21)] == ["4 места", "4 мест", "4 места", "21 место"]
