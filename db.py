@@ -1,6 +1,7 @@
 """Engine, sessions and schema migrations."""
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ def make_engine(
             connect_args=_postgresql_timeouts(settings),
             # Errors are logged; their parameters would carry message texts and codes.
             hide_parameters=True,
+            json_serializer=_json,
         )
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -53,10 +55,17 @@ def make_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 15},
         hide_parameters=True,
+        json_serializer=_json,
         **isolation,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _json(value: Any) -> str:
+    """JSON columns as UTF-8 text: a rendered Russian snapshot escaped as \\uXXXX would
+    take three times its bytes (a templated bulk's insert is mostly its snapshots)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _postgresql_timeouts(settings: Settings) -> dict[str, Any]:

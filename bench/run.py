@@ -382,6 +382,7 @@ class Bench:
     def truncate(self) -> None:
         self.sql(
             "TRUNCATE notifications, delivery_attempts, batches, idempotency_keys RESTART IDENTITY"
+            " CASCADE"
         )
 
     def w1_sync(self) -> None:
@@ -574,16 +575,15 @@ class Bench:
         self.rss("post_office", result["peak_rss_mb"])
         return result
 
-    def w4_bulk(self) -> None:
-        """One /notify/bulk of 10,000: time to 202, and until the last is sent."""
+    def bulk_round(self, name: str, body: dict[str, Any], count: int) -> tuple[float, float]:
+        """One /notify/bulk of `count` with the workers running: seconds to the 202, and
+        until `GET /batches/{id}` counts every one sent."""
         self.truncate()
-        emails = [f"member{i}@example.com" for i in range(10_000)]
-        body = {"emails": emails, "subject": BODY["subject"], "text": BODY["text"]}
         env = self.service_env()
-        with self.service("api-w4", env) as api:
+        with self.service(f"api-{name}", env) as api:
             workers = [
                 self.start(
-                    f"worker-w4-{n}",
+                    f"worker-{name}-{n}",
                     [self.python, "worker.py"],
                     env | {"WORKER_POLL_INTERVAL": "0.1"},
                 )
@@ -594,15 +594,25 @@ class Bench:
             response = httpx.post(f"{base}/notify/bulk", json=body, headers=AUTH, timeout=60)
             accepted = time.monotonic() - started
             response.raise_for_status()
-            batch = response.json()["batch"]["id"]
+            batch = response.json()["batch"]
+            if batch["accepted"] != count:
+                raise RuntimeError(f"{name}: {batch['accepted']} of {count} accepted")
             while True:
-                counts = httpx.get(f"{base}/batches/{batch}", headers=AUTH).json()["counts"]
-                if counts["sent"] == 10_000:
+                counts = httpx.get(f"{base}/batches/{batch['id']}", headers=AUTH).json()["counts"]
+                if counts["sent"] == count:
                     break
                 time.sleep(0.1)
             sent = time.monotonic() - started
             for worker in workers:
                 self.rss("worker", worker.stop())
+        return accepted, sent
+
+    def w4_bulk(self) -> None:
+        """One /notify/bulk of 10,000: time to 202, and until the last is sent."""
+        emails = [f"member{i}@example.com" for i in range(10_000)]
+        body = {"emails": emails, "subject": BODY["subject"], "text": BODY["text"]}
+        env = self.service_env()
+        accepted, sent = self.bulk_round("w4", body, 10_000)
         # Peak RSS of the API while it takes the largest bulk allowed.
         self.truncate()
         largest = body | {"emails": [f"member{i}@example.com" for i in range(20_000)]}
@@ -620,6 +630,54 @@ class Bench:
                 "seconds_to_stored": peer["enqueue_s"],
                 "seconds_to_last_sent": round(peer["enqueue_s"] + peer["deliver_s"], 2),
             },
+        }
+
+    def w7_templates(self) -> None:
+        """A bulk of 10,000 by the shipped booking_confirmed (HTML and its text twin, data
+        per recipient) beside a plain-text bulk of the same size, rounds interleaved; and
+        a warm render per message (bench/render.py, in a process of its own)."""
+        count = 10_000
+        emails = [f"member{i}@example.com" for i in range(count)]
+        plain = {"emails": emails, "subject": BODY["subject"], "text": BODY["text"]}
+        templated = {
+            "template": "booking_confirmed",
+            "locale": "ru",
+            "data": {
+                "room": "Байкал",
+                "start": "2026-11-25T10:00:00+03:00",
+                "end": "2026-11-25T12:00:00+03:00",
+            },
+            "emails": [
+                {"email": email, "data": {"name": f"Участник {i}", "seats": i % 12 + 1}}
+                for i, email in enumerate(emails)
+            ],
+        }
+        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "templated": []}
+        for round_ in range(max(self.mode.runs, 3)):
+            sides: list[tuple[str, dict[str, Any]]] = [("plain", plain), ("templated", templated)]
+            for label, body in sides[:: -1 if round_ % 2 else 1]:
+                runs[label].append(self.bulk_round(f"w7-{label}", body, count))
+        figures: dict[str, dict[str, Any]] = {
+            label: {
+                "seconds_to_202": round(statistics.median([a for a, _ in done]), 3),
+                "seconds_to_last_sent": round(statistics.median([s for _, s in done]), 2),
+                "runs": [[round(a, 3), round(s, 2)] for a, s in done],
+            }
+            for label, done in runs.items()
+        }
+        rendered = subprocess.run(
+            [self.python, str(BENCH / "render.py")], check=True, capture_output=True, text=True
+        )
+        self.results["W7_templates"] = {
+            "recipients": count,
+            "workers": self.mode.workers,
+            **figures,
+            "delivery_ratio": round(
+                figures["templated"]["seconds_to_last_sent"]
+                / figures["plain"]["seconds_to_last_sent"],
+                2,
+            ),
+            "warm_render": json.loads(rendered.stdout),
         }
 
     def w5_history(self) -> None:
@@ -970,6 +1028,18 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"{row['delivery_msgs_per_s']} msg/s | {versus} | stand-in alone: "
             f"{ceiling['rps']} req/s | |"
         )
+    w7 = results.get("W7_templates")
+    if w7 is not None:
+        plain, templated, render = w7["plain"], w7["templated"], w7["warm_render"]
+        lines += [
+            f"| W7 templated HTML bulk of {w7['recipients']:,} (booking_confirmed, data per "
+            f"recipient; {w7['workers']} workers) | 202 in {templated['seconds_to_202']} s; all "
+            f"sent in {templated['seconds_to_last_sent']} s | plain-text bulk: 202 in "
+            f"{plain['seconds_to_202']} s, all sent in {plain['seconds_to_last_sent']} s | "
+            f"{w7['delivery_ratio']}× the plain delivery | 202 < 1 s; ≤ 1.2× |",
+            f"| W7 warm render per message (bench/render.py) | e-mail {render['email_us']} µs, "
+            f"SMS {render['sms_us']} µs | | | < 100 µs |",
+        ]
     peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
     lines += [
         "",
@@ -1005,6 +1075,7 @@ def main() -> None:
         "W4": bench.w4_bulk,
         "W5": bench.w5_history,
         "W6": bench.w6_channels,
+        "W7": bench.w7_templates,
     }
     chosen = args.only.split(",") if args.only else list(steps)
     try:
