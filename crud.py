@@ -22,7 +22,9 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Select,
+    String,
     Table,
+    Text,
     TextualSelect,
     and_,
     bindparam,
@@ -41,8 +43,10 @@ from sqlalchemy import (
 from sqlalchemy import cast as sql_cast
 from sqlalchemy import text as sql  # `text` is also a column name
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.types import TypeEngine
 
 import idempotency as idempotency_keys
 from db import DATABASE_UNAVAILABLE, NO_SYNC, dialect_insert
@@ -340,14 +344,14 @@ def _insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     # Cast, each of them: PostgreSQL reads an untyped parameter in a SELECT list as text.
     arrays = [
         sql_cast(
-            bindparam(f"many_{k}", [row[k] for row in rows], type_=_array_of(table.c[k])),
-            _array_of(table.c[k]),
+            bindparam(f"many_{k}", [row[k] for row in rows], type_=_array_of(table.c[k].type)),
+            _array_of(_cast_type(table.c[k])),
         )
         for k in varying
     ]
     unnested = func.unnest(*arrays).table_valued(*varying).render_derived()
     values = [
-        sql_cast(bindparam(f"one_{k}", first[k], type_=table.c[k].type), table.c[k].type)
+        sql_cast(bindparam(f"one_{k}", first[k], type_=table.c[k].type), _cast_type(table.c[k]))
         for k in shared
     ]
     session.execute(
@@ -357,9 +361,14 @@ def _insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     )
 
 
-def _array_of(column: Column[Any]) -> ARRAY[Any]:
+def _array_of(type_: TypeEngine[Any]) -> ARRAY[Any]:
     # One dimension: a JSON value that is a list (a route) is one item, not a sub-array.
-    return ARRAY(column.type, dimensions=1)
+    return ARRAY(type_, dimensions=1)
+
+
+def _cast_type(column: Column[Any]) -> TypeEngine[Any]:
+    # CAST(… AS VARCHAR(n)) would cut an over-long value; the column refuses it instead.
+    return Text() if isinstance(column.type, String) else column.type
 
 
 def _insert_batch_rows(
@@ -1423,10 +1432,15 @@ def store_attachment(
 ) -> Attachment:
     """Store an attachment; its bytes only if no other upload has stored the same ones."""
     at = now()
+    blob = dialect_insert(session, AttachmentBlob).values(
+        sha256=sha256, size=len(data), data=data, created_at=at
+    )
+    # Stored already: touched, and so locked until this commits, and too new for
+    # `expire_attachments` to delete under the attachment about to refer to it.
     session.execute(
-        dialect_insert(session, AttachmentBlob)
-        .values(sha256=sha256, size=len(data), data=data, created_at=at)
-        .on_conflict_do_nothing(index_elements=["sha256"])
+        blob.on_conflict_do_update(
+            index_elements=["sha256"], set_={"created_at": blob.excluded.created_at}
+        )
     )
     attachment = Attachment(
         sha256=sha256, filename=filename, content_type=content_type, size=len(data), created_at=at
@@ -1462,25 +1476,37 @@ def _link_attachments(
     if not ids:
         return
     table = cast(Table, NotificationAttachment.__table__)
-    if notification_id is not None:
-        session.execute(
-            insert(table), [{"notification_id": notification_id, "attachment_id": i} for i in ids]
-        )
-        return
-    for attachment_id in ids:
-        session.execute(
-            insert(table).from_select(
-                ["notification_id", "attachment_id"],
-                select(Notification.id, literal(attachment_id, BigInteger)).where(
-                    Notification.batch_id == batch_id
-                ),
+    try:
+        if notification_id is not None:
+            rows = [{"notification_id": notification_id, "attachment_id": i} for i in ids]
+            session.execute(insert(table), rows)
+            return
+        for attachment_id in ids:
+            session.execute(
+                insert(table).from_select(
+                    ["notification_id", "attachment_id"],
+                    select(Notification.id, literal(attachment_id, BigInteger)).where(
+                        Notification.batch_id == batch_id
+                    ),
+                )
             )
-        )
+    except IntegrityError:
+        # Expired between the request's check and this insert: nothing is stored.
+        session.rollback()
+        raise AttachmentGone(ids) from None
+
+
+class AttachmentGone(Exception):
+    """An attachment a send names expired before the send was stored (a 422)."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(f"attachment {', '.join(map(str, ids))}: no longer stored")
 
 
 def expire_attachments(*, session: Session, before: datetime) -> int:
     """Delete the attachments uploaded before `before` that no notification refers to,
-    then the bytes no attachment shares any more; how many attachments went."""
+    then the bytes stored before it that no attachment shares any more; how many
+    attachments went."""
     referred = select(NotificationAttachment.attachment_id).where(
         NotificationAttachment.attachment_id == Attachment.id
     )
@@ -1488,6 +1514,8 @@ def expire_attachments(*, session: Session, before: datetime) -> int:
         delete(Attachment).where(Attachment.created_at < before, ~referred.exists())
     )
     shared = select(Attachment.id).where(Attachment.sha256 == AttachmentBlob.sha256)
-    session.execute(delete(AttachmentBlob).where(~shared.exists()))
+    session.execute(
+        delete(AttachmentBlob).where(AttachmentBlob.created_at < before, ~shared.exists())
+    )
     session.commit()
     return int(cast(Any, gone).rowcount)

@@ -64,8 +64,15 @@ def make_engine(
 
 def _json(value: Any) -> str:
     """JSON columns as UTF-8 text: a rendered Russian snapshot escaped as \\uXXXX would
-    take three times its bytes (a templated bulk's insert is mostly its snapshots)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    take three times its bytes (a templated bulk's insert is mostly its snapshots). A
+    string no UTF-8 can hold (an unpaired surrogate) stays escaped."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":"))
+    return text
 
 
 def _postgresql_timeouts(settings: Settings) -> dict[str, Any]:

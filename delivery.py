@@ -391,9 +391,14 @@ class Deliverer:
             requested=target.requested,
             rendered=rendered,
         )
+        sensitive = data.sensitive or (chosen is not None and chosen.template.sensitive)
         if chosen is not None:
             assert rendered is not None
             subject, text = rendered[route[0][0]]
+            if sensitive:
+                # A rendered subject may hold the code: it lives in `content` alone, which
+                # is erased once the notification is settled.
+                subject = None
             template = {
                 "template_key": chosen.template.key,
                 "template_version": chosen.version.number,
@@ -405,7 +410,7 @@ class Deliverer:
             skipped=skipped,
             text=text,
             subject=subject,
-            sensitive=data.sensitive or (chosen is not None and chosen.template.sensitive),
+            sensitive=sensitive,
             send_at=data.send_at,
             parse_mode=target.parse_mode,
             recipient_id=recipient.id if recipient is not None else None,

@@ -31,7 +31,7 @@ from pydantic import (
 from headers import HEADER_UNSAFE, header_problem
 from lifecycle import TELEGRAM_MAX_TEXT, channel_views
 from models import ADDRESS_FIELDS, AttemptOutcome, Category, Channel, NotificationStatus, Scope
-from templating import LOCALES, MAX_SOURCE, VARIABLE_TYPES
+from templating import LOCALES, MAX_SOURCE, VARIABLE_TYPES, encodable
 
 MAX_TEXT_LENGTH = 100_000
 HISTORY_PAGE_MAX = 200
@@ -922,6 +922,12 @@ class TemplateVersionCreate(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("must name each variable once")
         return variables
+
+    @model_validator(mode="after")
+    def utf8_only(self) -> "TemplateVersionCreate":
+        if not encodable(self.model_dump()):
+            raise ValueError("must not contain an unpaired surrogate (\\ud800…)")
+        return self
 
 
 class TemplateCreate(TemplateVersionCreate):

@@ -55,10 +55,13 @@ from jinja2.utils import pass_eval_context
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from channels.sms_ru import sms_segments
+from headers import header_problem
 from models import Channel
 
 MAX_SOURCE = 64 * 1024
 MAX_OUTPUT = 256 * 1024
+# RFC 5322's line limit, and the subject column's.
+MAX_SUBJECT = 998
 MAX_RANGE = 1_000
 LOCALES = ("ru", "en")
 DEFAULT_LOCALE = "ru"
@@ -450,6 +453,11 @@ class Renderer:
         wanted = set(channels)
         if Channel.EMAIL in wanted and "subject" in parts:
             subject = " ".join(self._run(parts["subject"], False, context, "subject").split())
+            problem = header_problem(subject)
+            if len(subject) > MAX_SUBJECT:
+                problem = f"renders over {MAX_SUBJECT} characters"
+            if problem is not None:
+                raise TemplateError(f"the subject {problem}", field="template.subject")
             html = self._run(parts["html"], True, context, "html") if "html" in parts else None
             if "text" in parts:
                 text = self._run(parts["text"], False, context, "text")
@@ -515,7 +523,32 @@ def typed_data(variables: Sequence[Variable], data: Mapping[str, Any]) -> dict[s
             raise TemplateError(
                 f"must be of type {variable.type}: {message}", field=f"data.{variable.name}"
             ) from None
+        if not encodable(values[variable.name]):
+            raise TemplateError(
+                "must not contain an unpaired surrogate (\\ud800…): it is no UTF-8 text",
+                field=f"data.{variable.name}",
+            )
     return values
+
+
+def encodable(value: Any) -> bool:
+    """Whether every string in `value` (strings, lists, objects) can be written as UTF-8: a
+    JSON body's `\\ud800` escape makes a string that cannot."""
+    if isinstance(value, str):
+        return value.isascii() or _utf8(value)
+    if isinstance(value, Mapping):
+        return all(encodable(k) and encodable(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(encodable(item) for item in value)
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _TEXT_CONFIG = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)

@@ -2,6 +2,7 @@
 server and PostgreSQL, the snapshot taken at acceptance, and the shipped catalogue."""
 
 import hashlib
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -429,3 +430,62 @@ def test_plural_forms_are_cached_by_the_number_as_written() -> None:
 
     # Equal as Decimals, not one plural category: CLDR counts the written fraction digits.
     assert [sms(4), sms("4.0"), sms(4), sms(21)] == ["4 места", "4 мест", "4 места", "21 место"]
+
+
+def test_a_shipped_sensitive_template_keeps_its_code_out_of_every_stored_field(
+    make_client: Callable[..., TestClient], smtp: ScriptedHandler, db: sessionmaker[Session]
+) -> None:
+    client = make_client(templates_install=True)
+    response = client.post(
+        "/notify/email",
+        json={
+            "email": "ivan@example.com",
+            "template": "email_confirmation_code",
+            "data": {"code": "482913", "minutes": 15},
+        },
+    )
+
+    assert response.status_code == 201, response.text
+    assert "482913" not in response.text
+    assert b"482913" in smtp.received[0].raw
+    with db() as session:
+        stored = session.scalars(select(Notification)).one()
+        columns = {c.key: getattr(stored, c.key) for c in Notification.__table__.columns}
+    assert "482913" not in repr(columns)
+    assert client.get(f"/notifications/{stored.id}").json()["subject"] is None
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "Я" * 1000, "room": "Байкал", "seats": 1}, "template.subject"),
+        ({"name": "\\ud800", "room": "Байкал", "seats": 1}, "data.name"),
+    ],
+)
+def test_data_that_cannot_be_sent_is_a_422_naming_it(
+    client: TestClient, db: sessionmaker[Session], data: dict[str, Any], field: str
+) -> None:
+    create(
+        client,
+        {
+            "key": "hello",
+            "variables": [
+                {"name": "name", "example": "Иван"},
+                {"name": "room", "example": "Байкал"},
+                {"name": "seats", "type": "integer", "example": 1},
+            ],
+            "content": {"ru": {"subject": "{{ name }}: {{ room }}", "text": "{{ seats }}"}},
+        },
+    )
+    body = json.dumps({"email": "ivan@example.com", "template": "hello", "data": data})
+
+    response = client.post(
+        "/notify/email",
+        content=body.replace("\\\\ud800", "\\ud800"),
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", *field.split(".")]]
+    with db() as session:
+        assert session.scalar(select(func.count()).select_from(Notification)) == 0
