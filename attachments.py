@@ -124,31 +124,39 @@ class Attachments:
             chunks.append(chunk)
         return self._stored(session, b"".join(chunks), digest.hexdigest(), filename, media_type)
 
-    def resolve(self, *, session: Session, items: Sequence[AttachmentItem]) -> list[Attachment]:
-        """The attachments a send names, in order: stored ones by id (a 422 if one is
-        missing), inline ones stored now."""
+    def resolve(
+        self, *, session: Session, items: Sequence[AttachmentItem], parts: Sequence[str]
+    ) -> list[Attachment]:
+        """The attachments a send names, in order, for an e-mail of `parts` (its subject
+        and bodies): stored ones by id (a 422 if one is missing), inline ones stored, once
+        the e-mail is known to weigh no more than ATTACHMENT_MAX_MESSAGE_BYTES (a 413)."""
         ids = [item.id for item in items if isinstance(item, AttachmentRef)]
         found = crud.get_attachments(session=session, ids=ids) if ids else {}
-        resolved: list[Attachment] = []
+        sizes = [text_size(part) for part in parts]
         for index, item in enumerate(items):
             if isinstance(item, AttachmentRef):
                 if item.id not in found:
                     raise AttachmentRefused(
                         f"no attachment {item.id}", status=422, field=f"attachments.{index}"
                     )
-                resolved.append(found[item.id])
-                continue
-            media_type = self.content_type(item.content_type)
-            digest = hashlib.sha256(item.content).hexdigest()
-            resolved.append(self._stored(session, item.content, digest, item.filename, media_type))
-        return resolved
-
-    def check_size(self, parts: Sequence[str | None], attachments: Sequence[Attachment]) -> None:
-        """Refuse (413) an e-mail over ATTACHMENT_MAX_MESSAGE_BYTES once encoded."""
-        total = sum(text_size(part) for part in parts)
-        total += sum(encoded_size(a.size) for a in attachments)
-        if total > self.max_message_bytes:
+                sizes.append(encoded_size(found[item.id].size))
+            else:
+                self.content_type(item.content_type)
+                sizes.append(encoded_size(len(item.content)))
+        if sum(sizes) > self.max_message_bytes:
             raise self._too_big()
+        return [
+            found[item.id]
+            if isinstance(item, AttachmentRef)
+            else self._stored(
+                session,
+                item.content,
+                hashlib.sha256(item.content).hexdigest(),
+                item.filename,
+                self.content_type(item.content_type),
+            )
+            for item in items
+        ]
 
     def files(self, *, session: Session, notification: Notification) -> tuple[File, ...]:
         """The files of a notification's attachments, in order, to send."""

@@ -434,9 +434,9 @@ class Deliverer:
                 "attachments go by e-mail only, and no channel of the route is e-mail",
                 field="attachments",
             )
-        resolved = self.attachments.resolve(session=session, items=data.attachments)
+        # The largest e-mail decides (a bulk by template renders one for each recipient).
         largest = max((_email_parts(d) for d in emails), key=lambda parts: sum(map(len, parts)))
-        self.attachments.check_size(largest, resolved)
+        resolved = self.attachments.resolve(session=session, items=data.attachments, parts=largest)
         return replace(content, attachments=[described(a) for a in resolved])
 
     def submit(

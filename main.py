@@ -108,8 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(health)
-    # An upload may be as large as the largest e-mail (and its form's few headers).
-    uploads = {"/attachments": settings.attachment_max_message_bytes + 64 * 1024}
+    # An upload may be as large as the largest e-mail takes once in base64 (4 bytes for
+    # 3), and its form's few headers.
+    uploads = {"/attachments": settings.attachment_max_message_bytes * 3 // 4 + 64 * 1024}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, larger=uploads)
     # Added last, so it runs first: no key, no body read, whatever its size.
     app.add_middleware(RequireApiKey, protected=router.routes, counted_by_route=COUNTED_BY_ROUTE)

@@ -20,7 +20,8 @@ A template breaking any rule is a `TemplateError` (a 422), whether at save, prev
 """
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -49,7 +50,7 @@ from jinja2 import (
 )
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.filters import sync_do_join
-from jinja2.runtime import Context
+from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import pass_eval_context
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
@@ -176,9 +177,13 @@ def _datetime(context: Context, value: Any, format: str = "medium") -> str:
 
 def _decimal(value: Any) -> Decimal:
     try:
-        return Decimal(str(value))
+        number = Decimal(str(value))
     except InvalidOperation:
         raise TemplateError(f"not a number: {str(value)[:40]!r}") from None
+    # 1e999999999 is a number, and Babel's plural rule would write out all its digits.
+    if not number.is_finite() or abs(number.adjusted()) > 30 or len(number.as_tuple()[1]) > 40:
+        raise TemplateError(f"not a number a message shows: {str(value)[:40]!r}")
+    return number
 
 
 @pass_context
@@ -198,22 +203,28 @@ _CATEGORIES = ("zero", "one", "two", "few", "many", "other")
 @pass_context
 def _plural(context: Context, value: Any, *forms: str) -> str:
     """`{{ n|plural("место", "места", "мест") }}`: the number and the word in the form the
-    locale's CLDR rule gives it (ru: one, few, many; en: one, other). A category with no
-    form of its own takes the last one given."""
+    locale's CLDR rule gives it, the forms in CLDR's order (ru: one, few, many, other: «1
+    место», «2 места», «5 мест», «1,5 места»; en: one, other). A fraction given no form of
+    its own (`other`) takes the second; another category without one, the last."""
     if not forms:
         raise TemplateError("plural needs the word's forms")
-    # By its text: Decimal("4") == Decimal("4.0"), yet one is "4 места", the other "4,0 места".
-    return _plural_text(_locale(context), str(_decimal(value)), forms)
+    # By its text: Decimal("4") == Decimal("4.0"), yet CLDR counts the written fraction.
+    formatted, index, other = _plural_form(_locale(context), str(_decimal(value)))
+    if index >= len(forms):
+        index = 1 if other and len(forms) > 1 else len(forms) - 1
+    return f"{formatted} {forms[index]}"
 
 
-# Bookings repeat a few counts (seats, minutes): Babel's rule and formatting cost
-# a quarter of an e-mail's render, once per count instead.
+# Bookings repeat a few counts (seats, minutes): Babel's rule and formatting cost a
+# quarter of an e-mail's render, once per count instead.
 @lru_cache(maxsize=4096)
-def _plural_text(name: str, text: str, forms: tuple[str, ...]) -> str:
+def _plural_form(name: str, text: str) -> tuple[str, int, bool]:
+    """The number as the locale writes it, the index of its CLDR category among the
+    locale's, and whether that category is `other`."""
     locale, number = Locale.parse(name), Decimal(text)
     tags = [tag for tag in _CATEGORIES if tag in locale.plural_form.tags or tag == "other"]
-    index = min(tags.index(locale.plural_form(number)), len(forms) - 1)
-    return f"{format_decimal(number, locale=locale)} {forms[index]}"
+    category = locale.plural_form(number)
+    return format_decimal(number, locale=locale), tags.index(category), category == "other"
 
 
 def _bounded_range(*args: int) -> range:
@@ -259,9 +270,34 @@ FILTERS = (*_STRING_FILTERS, *OUR_FILTERS)
 _MAX_BITS = 4096
 
 
+def _weight(value: Any, depth: int = 0) -> int:
+    """About how many characters `value` becomes as text: a string its length, a list
+    or mapping the weight of what it holds (a list of one string repeated is as heavy as
+    its text), anything else a few."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:
+        # Deeper than any booking's data: counted as too heavy rather than walked.
+        return MAX_OUTPUT + 1
+    if isinstance(value, Mapping):
+        return len(value) + sum(
+            _weight(k, depth + 1) + _weight(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return len(value) + sum(_weight(item, depth + 1) for item in value)
+    return 8
+
+
 def _over_limit(parts: Iterable[Any]) -> bool:
-    """Whether the strings among `parts` add up to more than `MAX_OUTPUT` characters."""
-    return sum(len(p) for p in parts if isinstance(p, str)) > MAX_OUTPUT
+    """Whether `parts` as text add up to more than `MAX_OUTPUT` characters."""
+    return sum(_weight(p) for p in parts) > MAX_OUTPUT
+
+
+def _refuse_heavy(value: Any) -> Any:
+    # A string is as long as it is: the output's own count measures it as it is written.
+    if not isinstance(value, str) and _weight(value) > MAX_OUTPUT:
+        raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+    return value
 
 
 class _BoundedConcat(CodeGenerator):
@@ -269,7 +305,7 @@ class _BoundedConcat(CodeGenerator):
     environment's `bounded_concat`, so it is bounded like `+`."""
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        # The join Jinja2's own visit_Concat picks, handed to `bounded_concat` with the operands.
+        # Jinja2's own visit_Concat's join, handed to `bounded_concat` with the operands.
         if frame.eval_ctx.volatile:
             join = "(markup_join if context.eval_ctx.volatile else str_join)"
         elif frame.eval_ctx.autoescape:
@@ -292,10 +328,66 @@ def _bounded_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None)
     return joined
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's immutable sandbox with our filters, globals and size limits."""
+def _weighed(filter_: Callable[..., Any]) -> Callable[..., Any]:
+    """`filter_`, refusing a value that would be too long as text before it runs (most
+    filters make text of their value first)."""
+    passed = getattr(filter_, "jinja_pass_arg", None)
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    def weighed(*args: Any, **kwargs: Any) -> Any:
+        _refuse_heavy(args[1] if passed is not None else args[0])
+        return filter_(*args, **kwargs)
+
+    if passed is not None:
+        weighed.jinja_pass_arg = passed  # type: ignore[attr-defined]
+    return weighed
+
+
+# Loop iterations a part's render may take, all its loops together (3 nested loops of
+# range(1000) would otherwise run a billion times without writing a byte).
+MAX_ITERATIONS = 100_000
+_iterations: ContextVar[list[int]] = ContextVar("iterations")
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """What a `{% for %}` loops over, counted against the render's MAX_ITERATIONS."""
+    left = _iterations.get()
+    for item in iterable:
+        left[0] -= 1
+        if left[0] < 0:
+            raise SecurityError(f"loops are limited to {MAX_ITERATIONS} iterations a render")
+        yield item
+
+
+def _count_loops(tree: nodes.Template) -> None:
+    """Every `{% for %}` of `tree` loops over `_counted(...)` (a name no source may use)."""
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name("_counted", "load"), [loop.iter], [], None, None)
+
+
+# The methods a template may call, by the type they belong to: none that builds a value
+# larger than its input (str.ljust, str.format, int.to_bytes) or runs a format of its own.
+_METHODS: tuple[tuple[Any, frozenset[str]], ...] = (
+    (
+        str,
+        frozenset(
+            "lower upper strip lstrip rstrip title capitalize casefold startswith endswith "
+            "split rsplit splitlines partition rpartition count find rfind removeprefix "
+            "removesuffix isdigit isalpha isalnum isspace islower isupper isnumeric "
+            "isdecimal".split()
+        ),
+    ),
+    (Mapping, frozenset({"items", "keys", "values", "get"})),
+    (list | tuple, frozenset({"index", "count"})),
+    (LoopContext, frozenset({"cycle", "changed"})),
+)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's immutable sandbox with our filters, globals and limits: every value
+    written, joined, repeated, concatenated or handed to a filter is measured first;
+    loops are counted; only a few methods may be called; `%` does no string formatting."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     code_generator_class = _BoundedConcat
 
     def __init__(self, *, html: bool, layouts: Mapping[str, str]) -> None:
@@ -305,10 +397,24 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             autoescape=html,
             keep_trailing_newline=True,
             auto_reload=False,
+            finalize=_refuse_heavy,
         )
-        self.filters = {name: self.filters[name] for name in _STRING_FILTERS} | OUR_FILTERS
-        self.filters["join"] = _bounded_join
-        self.globals = {"range": _bounded_range}
+        filters = {name: self.filters[name] for name in _STRING_FILTERS} | OUR_FILTERS
+        filters["join"] = _bounded_join
+        self.filters = {name: _weighed(f) for name, f in filters.items()}
+        self.globals = {"range": _bounded_range, "_counted": _counted}
+
+    def wrap_str_format(self, value: Any) -> None:
+        # No str.format at all (Jinja2 would hand it a sandboxed formatter): a width
+        # such as {:>999999999} is a gigabyte.
+        return None
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if not super().is_safe_attribute(obj, attr, value):
+            return False
+        if not callable(value):
+            return True
+        return any(isinstance(obj, kind) and attr in names for kind, names in _METHODS)
 
     @staticmethod
     def bounded_concat(join: Callable[[Sequence[Any]], str], operands: Sequence[Any]) -> str:
@@ -318,6 +424,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return join(operands)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%" and isinstance(left, str):
+            raise SecurityError("% does no string formatting here: use the filters")
         if operator == "**":
             if not isinstance(right, int) or abs(right) > 64:
                 raise SecurityError("** is limited to small integer exponents")
@@ -329,10 +437,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     raise SecurityError("a number too large")
             sized, count = (left, right) if hasattr(left, "__len__") else (right, left)
             if hasattr(sized, "__len__") and isinstance(count, int):
-                if len(sized) * count > MAX_OUTPUT:
+                if _weight(sized) * count > MAX_OUTPUT:
                     raise SecurityError(f"a value over {MAX_OUTPUT} characters")
         elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
-            if len(left) + len(right) > MAX_OUTPUT:
+            if _weight(left) + _weight(right) > MAX_OUTPUT:
                 raise SecurityError(f"a value over {MAX_OUTPUT} characters")
         return super().call_binop(context, operator, left, right)
 
@@ -378,7 +486,9 @@ class Renderer:
         try:
             tree = environment.parse(source)
             _refuse_private_names(tree, part)
-            return environment.from_string(tree), meta.find_undeclared_variables(tree)
+            undeclared = meta.find_undeclared_variables(tree)
+            _count_loops(tree)
+            return environment.from_string(tree), undeclared
         except TemplateSyntaxError as exc:
             raise TemplateError(f"line {exc.lineno}: {exc.message}", field=part) from None
 
@@ -482,6 +592,7 @@ class Renderer:
         template, _ = self._compile(source, html, part)
         size = 0
         chunks: list[str] = []
+        budget = _iterations.set([MAX_ITERATIONS])
         try:
             # Template.generate's own loop, without its wrapper's frame per chunk.
             for chunk in template.root_render_func(template.new_context(context)):
@@ -499,8 +610,14 @@ class Renderer:
             raise TemplateError(
                 f"refused by the sandbox: {exc}", field=f"template.{part}"
             ) from None
+        except RecursionError:
+            raise TemplateError(
+                "refused by the sandbox: macros call each other too deep", field=f"template.{part}"
+            ) from None
         except (JinjaError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
             raise TemplateError(f"cannot render: {exc}", field=f"template.{part}") from None
+        finally:
+            _iterations.reset(budget)
         return "".join(chunks)
 
 

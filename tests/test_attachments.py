@@ -197,7 +197,16 @@ def test_too_big_is_a_413_for_an_upload_and_for_a_message(
 
     assert response.status_code == 413
     assert "ATTACHMENT_MAX_MESSAGE_BYTES" in response.json()["detail"]
-    assert count(db, Notification) == 0
+    stored = count(db, Attachment)
+    inline_too = client.post(
+        "/notify/email",
+        json={
+            **BOOKING,
+            "attachments": [{"id": half["id"]}, inline(b"w" * 30_000, "w.pdf", "application/pdf")],
+        },
+    )
+    assert inline_too.status_code == 413
+    assert (count(db, Notification), count(db, Attachment)) == (0, stored)
 
 
 def test_an_unknown_attachment_is_a_422_naming_it(

@@ -60,6 +60,15 @@ SSTI = [
     "{{ name.format }}{{ name|format(1) }}",
     "{% set a = 'x' * 200000 %}{{ a ~ a }}",
     "{% set a = 'x' * 200000 %}{{ [a, a, a]|join }}",
+    "{% set a = ['x' * 262144] * 262144 %}{{ a }}",
+    "{% set a = 'x' * 200000 %}{{ [a, a]|upper }}",
+    "{{ 'x'.ljust(10**9) }}",
+    "{{ '{:>999999999}'.format(1) }}",
+    "{{ '%999999999d' % 1 }}",
+    "{{ (1).to_bytes(10**9, 'big') }}",
+    "{% for i in range(1000) %}{% for j in range(1000) %}{% for k in range(1000) %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+    "{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}",
 ]
 
 
@@ -429,7 +438,10 @@ def test_plural_forms_are_cached_by_the_number_as_written() -> None:
         return rendered.text
 
     # Equal as Decimals, not one plural category: CLDR counts the written fraction digits.
-    assert [sms(4), sms("4.0"), sms(4), sms(21)] == ["4 места", "4 мест", "4 места", "21 место"]
+    assert [sms(4), sms("4.0"), sms(4), sms(21)] == ["4 места", "4 места", "4 места", "21 место"]
+    assert [sms(5), sms(1.5), sms(11)] == ["5 мест", "1,5 места", "11 мест"]
+    with pytest.raises(TemplateError, match="not a number a message shows"):
+        sms("1e999999999")
 
 
 def test_a_shipped_sensitive_template_keeps_its_code_out_of_every_stored_field(
