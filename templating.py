@@ -53,6 +53,7 @@ from jinja2.filters import sync_do_join
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import pass_eval_context
+from markupsafe import Markup
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from channels.sms_ru import sms_segments
@@ -140,7 +141,7 @@ def _as_datetime(value: Any) -> datetime | date:
             return datetime.fromisoformat(value)
         except ValueError:
             pass
-    raise TemplateError(f"not a date or time: {str(value)[:40]!r}")
+    raise TemplateError(f"not a date or time: {_shown(value)}")
 
 
 # Babel's formatting is most of a render's cost, and a bulk repeats its dates: each
@@ -175,14 +176,22 @@ def _datetime(context: Context, value: Any, format: str = "medium") -> str:
     return _formatted("datetime", _as_datetime(value), format, _locale(context))
 
 
+def _shown(value: Any) -> str:
+    """A value in an error message: a string's start, else its type (a list's text may be
+    as long as the limits allow)."""
+    return repr(value[:40]) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def _decimal(value: Any) -> Decimal:
+    if not isinstance(value, str | int | float | Decimal) or isinstance(value, bool):
+        raise TemplateError(f"not a number: {_shown(value)}")
     try:
         number = Decimal(str(value))
     except InvalidOperation:
-        raise TemplateError(f"not a number: {str(value)[:40]!r}") from None
+        raise TemplateError(f"not a number: {_shown(value)}") from None
     # 1e999999999 is a number, and Babel's plural rule would write out all its digits.
     if not number.is_finite() or abs(number.adjusted()) > 30 or len(number.as_tuple()[1]) > 40:
-        raise TemplateError(f"not a number a message shows: {str(value)[:40]!r}")
+        raise TemplateError(f"not a number a message shows: {_shown(value)}")
     return number
 
 
@@ -293,9 +302,12 @@ def _over_limit(parts: Iterable[Any]) -> bool:
     return sum(_weight(p) for p in parts) > MAX_OUTPUT
 
 
+_TEXT = frozenset({str, Markup})
+
+
 def _refuse_heavy(value: Any) -> Any:
     # A string is as long as it is: the output's own count measures it as it is written.
-    if not isinstance(value, str) and _weight(value) > MAX_OUTPUT:
+    if value.__class__ not in _TEXT and _weight(value) > MAX_OUTPUT:
         raise SecurityError(f"a value over {MAX_OUTPUT} characters")
     return value
 
@@ -341,6 +353,13 @@ def _weighed(filter_: Callable[..., Any]) -> Callable[..., Any]:
         weighed.jinja_pass_arg = passed  # type: ignore[attr-defined]
     return weighed
 
+
+# Filters that never make text of a container they are given (they pass it on, count it,
+# read a number or a date of it), so need not measure it first.
+_NOT_TEXT_MAKING = frozenset(
+    {"default", "d", "first", "last", "length", "count", "round", "int", "float"}
+    | {"date", "time", "datetime"}
+)
 
 # Loop iterations a part's render may take, all its loops together (3 nested loops of
 # range(1000) would otherwise run a billion times without writing a byte).
@@ -401,7 +420,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         )
         filters = {name: self.filters[name] for name in _STRING_FILTERS} | OUR_FILTERS
         filters["join"] = _bounded_join
-        self.filters = {name: _weighed(f) for name, f in filters.items()}
+        self.filters = {
+            name: f if name in _NOT_TEXT_MAKING else _weighed(f) for name, f in filters.items()
+        }
         self.globals = {"range": _bounded_range, "_counted": _counted}
 
     def wrap_str_format(self, value: Any) -> None:

@@ -32,6 +32,11 @@ FIGURES: list[tuple[str, Callable[[dict[str, Any]], float], bool]] = [
     ),
     ("W2 req/s", lambda r: r["W2_queued_accept"]["ours"]["rps"], True),
     ("W2 p99 ms", lambda r: r["W2_queued_accept"]["ours"]["p99_ms"], False),
+    (
+        "W2 server CPU ms per 202",
+        lambda r: r["W2_queued_accept"]["ours"]["server_cpu_ms_per_req"],
+        False,
+    ),
     ("W3 msg/s", lambda r: r["W3_delivery"]["ours_msgs_per_s"], True),
     ("W3 STARTTLS+AUTH msg/s", lambda r: r["W3_delivery"]["ours_starttls_auth_msgs_per_s"], True),
     ("W4 s to 202", lambda r: r["W4_bulk"]["seconds_to_202"], False),
