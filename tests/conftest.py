@@ -29,6 +29,7 @@ from db import (
 from lifecycle import Draft, Transition
 from main import create_app
 from models import Base, Channel, Notification, NotificationStatus, utcnow
+from tests.providers import Outbox, start_outbox
 from tests.smtpd import Credentials, ScriptedHandler, start_server
 from wiring import build_deliverer
 from worker import Worker
@@ -267,6 +268,14 @@ class Settled:
     def wait(self, sent: int, timeout: float = 15) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self._sent >= sent, timeout)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """The SMS.ru and Bot API stand-in on loopback (any key); its requests are recorded."""
+    box = start_outbox(tmp_path / "outbox")
+    yield box
+    box.stop()
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ and type, and expired when nothing refers to them."""
 
 import base64
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -20,7 +19,7 @@ from attachments import Attachments, sanitised_filename
 from config import Settings
 from models import Attachment, AttachmentBlob, Notification, NotificationAttachment
 from tests.conftest import BOOKING, Clock, booking_draft, drain
-from tests.providers import Outbox, provider_settings, start_outbox
+from tests.providers import Outbox, provider_settings
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -257,13 +256,6 @@ def test_bad_base64_is_a_422(client: TestClient) -> None:
     response = client.post("/notify/email", json={**BOOKING, "attachments": [bad]})
 
     assert response.status_code == 422
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    box = start_outbox(tmp_path / "outbox")
-    yield box
-    box.stop()
 
 
 def test_an_sms_only_send_refuses_attachments_and_a_fallback_says_it_left_them_out(

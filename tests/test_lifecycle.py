@@ -1,9 +1,8 @@
 """One lifecycle: the same attempts, sent in the request or by a worker, leave the same rows
 (`delivery.Deliverer.attempt` and `lifecycle.next_state` on both paths)."""
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lifecycle import Transition
 from models import DeliveryAttempt, Notification, utcnow
 from tests.conftest import BOOKING, drain
-from tests.providers import Outbox, Reply, provider_settings, start_outbox
+from tests.providers import Outbox, Reply, provider_settings
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -36,13 +35,6 @@ NOT_STATE = {
     "version",
 }
 ATTEMPT_NOT_STATE = {"id", "notification_id", "started_at", "finished_at", "provider_message_id"}
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    box = start_outbox(tmp_path / "outbox")
-    yield box
-    box.stop()
 
 
 def providers(outbox: Outbox) -> dict[str, Any]:

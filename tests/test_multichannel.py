@@ -2,16 +2,15 @@
 stand-in (a real HTTP server on loopback) and the test SMTP server."""
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import BOOKING, drain
-from tests.providers import Outbox, Reply, provider_settings, start_outbox
+from tests.providers import Outbox, Reply, provider_settings
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
@@ -29,13 +28,6 @@ NO_NUMBER = {
     "status_code": 207,
     "status_text": "На этот номер нельзя отправлять сообщения",
 }
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    box = start_outbox(tmp_path / "outbox")
-    yield box
-    box.stop()
 
 
 @pytest.fixture
