@@ -203,15 +203,21 @@ def etag(template: Template) -> str:
     return f'"{template.version}"'
 
 
-def if_match_version(if_match: str | None) -> int | None:
-    """The row version an If-Match names (a strong or weak ETag of ours); `*` is any."""
+def if_match_version(if_match: IfMatchHeader = None) -> int | None:
+    """The template's row version an If-Match names, required (428 without it): a strong
+    ETag of ours (RFC 9110 compares If-Match strongly); `*` is any (None)."""
     if if_match is None:
-        return None
-    value = if_match.strip().removeprefix("W/").strip('"')
+        raise HTTPException(
+            status.HTTP_428_PRECONDITION_REQUIRED, "If-Match is required: the template's ETag"
+        )
     if if_match.strip() == "*":
         return None
-    if not value.isdigit():
+    value = if_match.strip()
+    if not (value.startswith('"') and value.endswith('"') and value[1:-1].isdigit()):
         raise HTTPException(
             status.HTTP_412_PRECONDITION_FAILED, "If-Match names no version of this template"
         )
-    return int(value)
+    return int(value[1:-1])
+
+
+ExpectedVersion = Annotated[int | None, Depends(if_match_version)]

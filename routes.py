@@ -24,7 +24,7 @@ from deps import (
     BatchId,
     CatalogueDep,
     DelivererDep,
-    IfMatchHeader,
+    ExpectedVersion,
     KeyId,
     LimiterDep,
     NotificationDep,
@@ -36,7 +36,6 @@ from deps import (
     TemplateDep,
     VersionDep,
     etag,
-    if_match_version,
 )
 from models import ApiKey, Attachment, Batch, Notification, Recipient, Template, TemplateVersion
 from schemas import (
@@ -547,15 +546,11 @@ def activate_version(
     session: SessionDep,
     catalogue: CatalogueDep,
     response: Response,
-    if_match: IfMatchHeader = None,
+    expected: ExpectedVersion,
 ) -> Template:
     """Make a version the active one (activating an older one is the rollback); sends
     already accepted keep what they rendered."""
-    if if_match is None:
-        raise HTTPException(
-            status.HTTP_428_PRECONDITION_REQUIRED, "If-Match is required: the template's ETag"
-        )
-    catalogue.activate(session, template, version.number, if_match=if_match_version(if_match))
+    catalogue.activate(session, template, version.number, if_match=expected)
     response.headers["ETag"] = etag(template)
     return template
 

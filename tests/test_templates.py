@@ -501,3 +501,22 @@ def test_data_that_cannot_be_sent_is_a_422_naming_it(
     assert [e["loc"] for e in response.json()["detail"]] == [["body", *field.split(".")]]
     with db() as session:
         assert session.scalar(select(func.count()).select_from(Notification)) == 0
+
+
+@pytest.mark.parametrize(("if_match", "status"), [(None, 428), ('W/"1"', 412), ("1", 412)])
+def test_an_activation_needs_the_strong_etag(
+    client: TestClient, if_match: str | None, status: int
+) -> None:
+    create(client)
+    headers = {"If-Match": if_match} if if_match is not None else {}
+
+    response = client.post("/templates/room_booked/versions/1/activate", headers=headers)
+
+    assert response.status_code == status
+    etag = client.get("/templates/room_booked").headers["ETag"]
+    assert (
+        client.post(
+            "/templates/room_booked/versions/1/activate", headers={"If-Match": etag}
+        ).status_code
+        == 200
+    )
