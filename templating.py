@@ -33,9 +33,6 @@ import css_inline
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime, format_time
 from babel.numbers import format_currency, format_decimal
-from inscriptis import get_text
-from inscriptis.css_profiles import CSS_PROFILES
-from inscriptis.model.config import ParserConfig
 from jinja2 import (
     DictLoader,
     StrictUndefined,
@@ -689,15 +686,26 @@ def _utf8(text: str) -> bool:
     return True
 
 
-_TEXT_CONFIG = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def text_of(html: str) -> str:
     """A readable plain-text twin of an HTML body (inscriptis), links kept as `text
     (url)`-like pairs."""
-    text = get_text(html, _TEXT_CONFIG)
+    text = _text_maker()(html)
     return _BLANK_LINES.sub("\n\n", "\n".join(line.rstrip() for line in text.splitlines())).strip()
+
+
+@lru_cache(maxsize=1)
+def _text_maker() -> Callable[[str], str]:
+    # Imported when first needed (a version with HTML and no text): inscriptis and its
+    # lxml are 9 MB of every process's memory otherwise.
+    from inscriptis import get_text
+    from inscriptis.css_profiles import CSS_PROFILES
+    from inscriptis.model.config import ParserConfig
+
+    config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)
+    return lambda html: get_text(html, config)
 
 
 def _inlined(layouts: Mapping[str, str]) -> dict[str, str]:
