@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 import crud
 from channels.base import File
 from config import Settings
+from lifecycle import Refused
 from models import Attachment, Notification, utcnow
 from schemas import AttachmentItem, AttachmentRef
 
@@ -37,13 +38,12 @@ _CACHE_BYTES = 32 * 1024 * 1024
 
 
 class AttachmentRefused(ValueError):
-    """An attachment the service does not take: `status` is 413 (too big), 415 (a type
-    not allowed) or 422 (no such attachment, or not on these channels)."""
+    """An attachment the service does not take: `status` is 413 (too big) or 415 (a type
+    not allowed). One that does not exist is a `lifecycle.Refused` (422)."""
 
-    def __init__(self, message: str, *, status: int, field: str = "attachments") -> None:
+    def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
-        self.field = field
 
 
 def sanitised_filename(name: str | None) -> str:
@@ -133,15 +133,15 @@ class Attachments:
         ids = [item.id for item in items if isinstance(item, AttachmentRef)]
         found = crud.get_attachments(session=session, ids=ids) if ids else {}
         sizes = [text_size(part) for part in parts]
+        # Each inline item's media type, by its position.
+        types: dict[int, str] = {}
         for index, item in enumerate(items):
             if isinstance(item, AttachmentRef):
                 if item.id not in found:
-                    raise AttachmentRefused(
-                        f"no attachment {item.id}", status=422, field=f"attachments.{index}"
-                    )
+                    raise Refused(f"no attachment {item.id}", field=f"attachments.{index}")
                 sizes.append(encoded_size(found[item.id].size))
             else:
-                self.content_type(item.content_type)
+                types[index] = self.content_type(item.content_type)
                 sizes.append(encoded_size(len(item.content)))
         if sum(sizes) > self.max_message_bytes:
             raise self._too_big()
@@ -153,9 +153,9 @@ class Attachments:
                 item.content,
                 hashlib.sha256(item.content).hexdigest(),
                 item.filename,
-                self.content_type(item.content_type),
+                types[index],
             )
-            for item in items
+            for index, item in enumerate(items)
         ]
 
     def files(self, *, session: Session, notification: Notification) -> tuple[File, ...]:

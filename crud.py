@@ -54,6 +54,7 @@ from idempotency import IdempotencyClaim
 from lifecycle import (
     Draft,
     Guard,
+    Refused,
     Transition,
     claimed,
     released,
@@ -1496,11 +1497,13 @@ def _link_attachments(
         raise AttachmentGone(ids) from None
 
 
-class AttachmentGone(Exception):
+class AttachmentGone(Refused):
     """An attachment a send names expired before the send was stored (a 422)."""
 
     def __init__(self, ids: Sequence[int]) -> None:
-        super().__init__(f"attachment {', '.join(map(str, ids))}: no longer stored")
+        super().__init__(
+            f"attachment {', '.join(map(str, ids))}: no longer stored", field="attachments"
+        )
 
 
 def expire_attachments(*, session: Session, before: datetime) -> int:

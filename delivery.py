@@ -59,6 +59,7 @@ from lifecycle import (
     Refused,
     Transition,
     cancelled,
+    carries_files,
     erased,
     holding_on,
     message_for,
@@ -795,7 +796,7 @@ class Deliverer:
         """The files to attach on the notification's current channel (none but on e-mail),
         read in `session` and its transaction ended, so no connection is held while they
         are sent; a transient error if the database is unavailable."""
-        if not notification.attachments or notification.channel != Channel.EMAIL:
+        if not carries_files(notification):
             return ()
         try:
             files = self.attachments.files(session=session, notification=notification)
@@ -805,7 +806,7 @@ class Deliverer:
             return TransientDeliveryError(
                 f"the attachments could not be read: {exc.__class__.__name__}"
             )
-        if len(files) < len(notification.attachments):
+        if len(files) < len(notification.attachments or ()):
             return PermanentDeliveryError("an attachment's content is no longer stored")
         return files
 

@@ -216,6 +216,12 @@ def left_out(channel: Channel, attachments: Sequence[str]) -> str | None:
     return f"{len(attachments)} attachment(s), e-mail only: {', '.join(attachments)}"
 
 
+def carries_files(notification: Notification) -> bool:
+    """Whether the notification's current channel sends files with it (e-mail, when it
+    has attachments): only then are they read."""
+    return bool(notification.attachments) and notification.channel == Channel.EMAIL
+
+
 def message_for(notification: Notification, files: Sequence[File] = ()) -> Message:
     """What to send on the notification's channel now: a templated one's snapshot for
     that channel, as rendered when it was accepted (never rendered again); on e-mail,

@@ -29,7 +29,6 @@ from auth import (
 )
 from catalogue import Catalogue, PreconditionFailed, VersionTaken
 from config import Settings
-from crud import AttachmentGone
 from db import DATABASE_UNAVAILABLE, ReadinessProbe, make_engine
 from delivery import Conflict, NoValidRecipient, OutcomeNotRecorded
 from idempotency import KeyInFlightError, KeyReusedError
@@ -119,7 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OutcomeNotRecorded, outcome_not_recorded)
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(AttachmentRefused, attachment_refused)
-    app.add_exception_handler(AttachmentGone, attachment_refused)
     app.add_exception_handler(TemplateError, refused)
     app.add_exception_handler(VersionTaken, conflict)
     app.add_exception_handler(PreconditionFailed, precondition_failed)
@@ -266,14 +264,9 @@ async def refused(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def attachment_refused(request: Request, exc: Exception) -> JSONResponse:
-    """An attachment too big (413), of a type not taken (415), or not found or expired
-    (422)."""
-    assert isinstance(exc, AttachmentRefused | AttachmentGone)
-    if isinstance(exc, AttachmentGone) or exc.status == status.HTTP_422_UNPROCESSABLE_CONTENT:
-        field = exc.field if isinstance(exc, AttachmentRefused) else "attachments"
-        location = ("body", *field.split("."))
-        error = {"type": "value_error", "loc": location, "msg": str(exc)}
-        return await invalid_request(request, RequestValidationError([error]))
+    """An attachment too big (413) or of a type not taken (415); one that does not exist
+    is a `Refused` (422) like any other field."""
+    assert isinstance(exc, AttachmentRefused)
     return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
 

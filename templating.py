@@ -302,10 +302,14 @@ def _over_limit(parts: Iterable[Any]) -> bool:
 _TEXT = frozenset({str, Markup})
 
 
+def _too_heavy() -> SecurityError:
+    return SecurityError(f"a value over {MAX_OUTPUT} characters")
+
+
 def _refuse_heavy(value: Any) -> Any:
     # A string is as long as it is: the output's own count measures it as it is written.
     if value.__class__ not in _TEXT and _weight(value) > MAX_OUTPUT:
-        raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+        raise _too_heavy()
     return value
 
 
@@ -332,7 +336,7 @@ class _BoundedConcat(CodeGenerator):
 def _bounded_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
     items = list(value)
     if _over_limit(items) or len(d) * len(items) > MAX_OUTPUT:
-        raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+        raise _too_heavy()
     joined: str = sync_do_join(eval_ctx, items, d, attribute)
     return joined
 
@@ -352,10 +356,10 @@ def _weighed(filter_: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Filters that never make text of a container they are given (they pass it on, count it,
-# read a number or a date of it), so need not measure it first.
+# read a number or a date of it), or measure it themselves (join), so are not wrapped.
 _NOT_TEXT_MAKING = frozenset(
     {"default", "d", "first", "last", "length", "count", "round", "int", "float"}
-    | {"date", "time", "datetime"}
+    | {"date", "time", "datetime", "join"}
 )
 
 # Loop iterations a part's render may take, all its loops together (3 nested loops of
@@ -438,7 +442,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def bounded_concat(join: Callable[[Sequence[Any]], str], operands: Sequence[Any]) -> str:
         """A `~` expression's value, refused before it is built past `MAX_OUTPUT`."""
         if _over_limit(operands):
-            raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+            raise _too_heavy()
         return join(operands)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
@@ -456,10 +460,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             sized, count = (left, right) if hasattr(left, "__len__") else (right, left)
             if hasattr(sized, "__len__") and isinstance(count, int):
                 if _weight(sized) * count > MAX_OUTPUT:
-                    raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+                    raise _too_heavy()
         elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
             if _weight(left) + _weight(right) > MAX_OUTPUT:
-                raise SecurityError(f"a value over {MAX_OUTPUT} characters")
+                raise _too_heavy()
         return super().call_binop(context, operator, left, right)
 
 

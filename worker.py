@@ -46,7 +46,7 @@ import idempotency
 from channels.base import DeliveryError, File
 from config import Settings
 from delivery import Deliverer
-from lifecycle import Transition
+from lifecycle import Transition, carries_files
 from recorder import start_recorder
 from wiring import build_database, build_deliverer, configure_logging
 
@@ -244,7 +244,7 @@ class Worker:
         """Send one message; its outcome, whatever happens (transmit converts every error)."""
         notification = item.notification
         files: tuple[File, ...] | DeliveryError = ()
-        if notification.attachments:
+        if carries_files(notification):
             with self.session_factory() as session:
                 files = self.deliverer.files(session, notification)
         transition, _ = self.deliverer.attempt(
