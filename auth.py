@@ -335,7 +335,7 @@ def caller(request: Request, scopes: Sequence[str]) -> ApiKey:
     granted = set(api_key.scopes.split())
     # Operators manage recipients and templates too.
     if Scope.ADMIN in granted:
-        granted |= {Scope.RECIPIENTS, Scope.TEMPLATES}
+        granted |= {Scope.RECIPIENTS, Scope.TEMPLATES, Scope.SUPPRESSIONS}
     missing = [scope for scope in scopes if scope not in granted]
     if missing:
         raise HTTPException(

@@ -6,6 +6,9 @@
     python cli.py keys revoke NAME
     python cli.py templates install
     python cli.py attachments expire
+    python cli.py dkim record          the DNS TXT record of DKIM_PRIVATE_KEY's public half
+    python cli.py dkim keygen FILE     a new 2048-bit RSA key, written to FILE (mode 0600)
+    python cli.py inbound              the bounce and complaint listener (INBOUND_PORT)
 
 A key is printed once, when it is created. A revocation is written to the database and
 announced in the rate-limit storage (RATE_LIMIT_STORAGE, RATE_LIMIT_PREFIX), so the
@@ -13,16 +16,21 @@ running processes that share it refuse the key on its next request.
 """
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from pathlib import Path
 
 import crud
+import inbound
 from attachments import Attachments
 from auth import Scope, announce_revocation, issue_key
 from catalogue import Catalogue
 from config import Settings
+from signing import DkimMisconfigured, DkimSigner, new_key
+from suppression import Tokens
 from templating import Renderer
-from wiring import build_database, build_limiter
+from wiring import build_database, build_limiter, configure_logging
 
 Command = Callable[[argparse.Namespace, Settings], None]
 
@@ -43,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command group: keys, templates, attachments."""
+    """The parser of every command group: keys, templates, attachments, dkim, inbound."""
     parser = argparse.ArgumentParser(
         prog="python cli.py", description="The notification service's command line."
     )
@@ -51,7 +59,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(groups)
     add_template_commands(groups)
     add_attachment_commands(groups)
+    add_deliverability_commands(groups)
     return parser
+
+
+def add_deliverability_commands(
+    groups: "argparse._SubParsersAction[argparse.ArgumentParser]",
+) -> None:
+    """The `dkim` group (the record to publish, a new key) and the `inbound` listener."""
+    dkim = groups.add_parser("dkim", help="DKIM keys and their DNS record")
+    commands = dkim.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    record = commands.add_parser("record", help="print the TXT record to publish")
+    record.set_defaults(run=print_dkim_record, usage=record)
+    keygen = commands.add_parser("keygen", help="write a new 2048-bit RSA private key")
+    keygen.add_argument("file", type=Path)
+    keygen.set_defaults(run=write_dkim_key, usage=keygen)
+    inbound = groups.add_parser(
+        "inbound", help="run the inbound SMTP listener for bounces and complaints"
+    )
+    inbound.set_defaults(run=run_inbound, usage=inbound)
+
+
+def print_dkim_record(args: argparse.Namespace, settings: Settings) -> None:
+    """Print the name and value of the TXT record of the configured DKIM key."""
+    try:
+        signer = DkimSigner.from_settings(settings)
+    except DkimMisconfigured as exc:
+        raise CommandError(str(exc)) from None
+    if signer is None:
+        raise CommandError("DKIM_DOMAIN is not set")
+    print(f"{signer.dns_name()}. IN TXT")
+    # A TXT string holds 255 characters at most: the value split into quoted strings.
+    value = signer.dns_record()
+    print(" ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255)))
+
+
+def write_dkim_key(args: argparse.Namespace, settings: Settings) -> None:
+    """Write a new private key to FILE, readable by its owner only."""
+    path: Path = args.file
+    if path.exists():
+        raise CommandError(f"{path} exists; not overwritten")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write(new_key())
+    print(f"written {path}; set DKIM_PRIVATE_KEY={path} and publish `python cli.py dkim record`")
+
+
+def run_inbound(args: argparse.Namespace, settings: Settings) -> None:
+    """Serve the inbound listener until SIGTERM or SIGINT."""
+    configure_logging()
+    with closing(build_database(settings, migrate=settings.auto_migrate)) as database:
+        inbound.serve(settings, database.session_factory, Tokens.from_settings(settings))
 
 
 def add_template_commands(groups: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

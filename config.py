@@ -138,6 +138,23 @@ class Settings(BaseSettings):
     ]
     attachment_retention: float = Field(default=7 * 86_400.0, gt=0)
 
+    # Deliverability. DKIM: every e-mail signed rsa-sha256 for DKIM_DOMAIN (aligned with
+    # EMAIL_FROM's domain) under DKIM_SELECTOR, with DKIM_PRIVATE_KEY (a PEM, or the path
+    # of one); `python cli.py dkim record` prints the TXT record to publish. Unset: unsigned.
+    dkim_domain: str | None = None
+    dkim_selector: str = "notify"
+    dkim_private_key: SecretStr | None = None
+    # Where recipients reach this service: the one-click unsubscribe links.
+    public_base_url: str = "http://127.0.0.1:8003"
+    # Bounces: with BOUNCE_DOMAIN set, mail goes out with the envelope sender
+    # bounces+<token>@BOUNCE_DOMAIN, whose MX must lead to the inbound listener
+    # (`python cli.py inbound`, INBOUND_HOST:INBOUND_PORT), which reads DSNs and ARF reports.
+    bounce_domain: str | None = None
+    inbound_host: str = "127.0.0.1"
+    inbound_port: int = Field(default=8025, ge=1, le=65535)
+    # What the listener takes of one report (larger ones are refused: 552).
+    inbound_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+
     # Keys the HMACs kept instead of erased sensitive texts and of idempotency
     # fingerprints. Required with a real SMTP server; generated in development.
     secret_key: SecretStr | None = None

@@ -1,5 +1,6 @@
 """SQL: notifications and their attempts, batches, claims and leases, history,
-recipients and API keys. Each write function is one committed unit of work.
+recipients, suppressions and inbound reports, and API keys. Each write function is one
+committed unit of work.
 
 `apply_transitions` is the one writer of a notification's state: every change after
 the INSERT that creates it (an attempt's outcome, a claim, a release, a cancel, a
@@ -10,7 +11,7 @@ changes its status.
 """
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -49,6 +50,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.types import TypeEngine
 
 import idempotency as idempotency_keys
+import suppression
 from db import DATABASE_UNAVAILABLE, NO_SYNC, dialect_insert
 from idempotency import IdempotencyClaim
 from lifecycle import (
@@ -69,16 +71,25 @@ from models import (
     Batch,
     Channel,
     DeliveryAttempt,
+    InboundReport,
     Notification,
     NotificationAttachment,
     NotificationStatus,
     Recipient,
+    ReportStatus,
+    Suppression,
     Template,
     TemplateVersion,
     UTCDateTime,
     utcnow,
 )
-from schemas import HistoryCursor, HistoryQuery, RecipientCreate, RecipientUpdate
+from schemas import (
+    HistoryCursor,
+    HistoryQuery,
+    RecipientCreate,
+    RecipientUpdate,
+    SuppressionQuery,
+)
 
 # A taken-over send's first attempt: its sender stopped before telling how it went.
 ABANDONED_ERROR = (
@@ -205,9 +216,11 @@ def create_notification(
     holder: str | None = None,
     idempotency: IdempotencyClaim | None = None,
     now: Callable[[], datetime] = utcnow,
+    erase: Mapping[str, Any] | None = None,
 ) -> Notification:
     """Store a notification before any attempt: queued for a worker, or sending now under
-    a lease held by `holder`.
+    a lease held by `holder`; or, when the draft is `suppressed` on every channel, final
+    as `suppressed` (a sensitive text `erase`d at once).
 
     A notification sent now is leased to its request: if the process dies mid-send, a
     worker takes it over when the lease expires. With `idempotency`, the key is stored
@@ -215,6 +228,9 @@ def create_notification(
     """
     at = now()
     key_id = idempotency_keys.claim_key(session, idempotency, at) if idempotency else None
+    if draft.suppressed is not None:
+        # Every channel is suppressed: final at once, nothing to send.
+        queued = True
     values = {
         **draft.columns(),
         "status": NotificationStatus.QUEUED if queued else NotificationStatus.SENDING,
@@ -228,6 +244,13 @@ def create_notification(
         "created_at": at,
         "updated_at": at,
     }
+    if draft.suppressed is not None:
+        values.update(
+            status=NotificationStatus.SUPPRESSED,
+            next_attempt_at=None,
+            error_message=draft.suppressed,
+            **(erase or {}),
+        )
     notification = _inserted(session, values)
     _link_attachments(session, draft, notification_id=notification.id)
     if key_id is not None:
@@ -276,6 +299,8 @@ def create_batch(
         "send_at": content.send_at,
         "next_attempt_at": content.send_at or at,
         "attachments": [dict(a) for a in content.attachments] or None,
+        "category": str(content.category),
+        "unsubscribe": content.unsubscribe,
     }
     if emails:
         _insert_batch_rows(
@@ -315,10 +340,12 @@ _INSERT_BATCH = sql(
     """
 INSERT INTO notifications (
     batch_id, channel, recipient, subject, text, sensitive, status, attempts, message_id,
-    send_at, next_attempt_at, created_at, updated_at, version, attachments
+    send_at, next_attempt_at, created_at, updated_at, version, attachments, category,
+    unsubscribe
 )
 SELECT :batch_id, :channel, r.recipient, :subject, :text, :sensitive, :status, 0, r.message_id,
-       :send_at, :next_attempt_at, :now, :now, 1, CAST(:attachments AS json)
+       :send_at, :next_attempt_at, :now, :now, 1, CAST(:attachments AS json), :category,
+       :unsubscribe
 FROM unnest(CAST(:recipients AS varchar[]), CAST(:message_ids AS varchar[]))
     AS r(recipient, message_id)
 """
@@ -569,8 +596,8 @@ def apply_transitions(
     stored (the session's own objects of them show the new state, their new attempt
     included). An attempt of a transition whose guard failed is stored all the same, since
     it happened: a worker's fills its pending row, a synchronous one is added to the
-    history (or found there, stored by a commit whose answer was lost). A channel that
-    refused its address for good is remembered on the recipient. Each notification at
+    history (or found there, stored by a commit whose answer was lost). An address that
+    refused its channel for good is suppressed there. Each notification at
     most once in a list (one statement cannot change a row twice).
     """
     if not transitions:
@@ -590,7 +617,7 @@ def apply_transitions(
         ):
             # Too late for the state, but the attempt is history all the same.
             recorded.add(t.notification_id)
-    _remember_unreachable(session, [t for t in transitions if t.notification_id in recorded])
+    _suppress_refused(session, [t for t in transitions if t.notification_id in recorded])
     if commit:
         session.commit()
     if load:
@@ -898,43 +925,235 @@ def _record_late_attempt(
     return True
 
 
-def _remember_unreachable(session: Session, transitions: Sequence[Transition]) -> None:
-    """Note on their recipients the channels that refused them for good (a blocked bot),
-    so later sends skip those channels until the recipient is updated."""
+def _suppress_refused(session: Session, transitions: Sequence[Transition]) -> None:
+    """Suppress the addresses that refused their channel for good (a blocked bot, an SMS
+    stop list, an unknown mailbox), so no later send tries them."""
     refused = {
         t.notification_id: t.attempt
         for t in transitions
-        if t.attempt is not None and t.attempt.unreachable
+        if t.attempt is not None and t.attempt.suppress is not None
     }
     if not refused:
         return
     owners = session.execute(
-        select(
-            Notification.id, Notification.recipient_id, Notification.route, Notification.recipient
-        ).where(Notification.id.in_(list(refused)), Notification.recipient_id.is_not(None))
+        select(Notification.id, Notification.route, Notification.recipient).where(
+            Notification.id.in_(list(refused))
+        )
     ).all()
-    recipients = {
-        r.id: r
-        for r in session.scalars(
-            select(Recipient)
-            .where(Recipient.id.in_([owner.recipient_id for owner in owners]))
-            .with_for_update()
+    rows = []
+    for notification_id, route, current in owners:
+        attempt = refused[notification_id]
+        assert attempt is not None and attempt.suppress is not None
+        steps = route or [{"channel": attempt.channel, "address": current}]
+        address = next((s["address"] for s in steps if s["channel"] == attempt.channel), None)
+        if address is None:
+            continue
+        rows.append(
+            {
+                "channel": attempt.channel,
+                "address": address,
+                "scope": suppression.ALL,
+                "reason": attempt.suppress,
+                "detail": attempt.error,
+                "notification_id": notification_id,
+            }
+        )
+    add_suppressions(session=session, rows=rows, commit=False)
+
+
+def add_suppressions(
+    *,
+    session: Session,
+    rows: Sequence[Mapping[str, Any]],
+    commit: bool = True,
+    now: Callable[[], datetime] = utcnow,
+) -> list[int]:
+    """Suppress each row's (channel, address, scope), its address folded; a row already
+    there is left as it was (a repeat adds nothing). The one writer of suppressions; the
+    ids of the rows added."""
+    if not rows:
+        return []
+    at = now()
+    values = [
+        {
+            "detail": None,
+            "notification_id": None,
+            "expires_at": None,
+            **row,
+            "address": suppression.folded(row["channel"], row["address"]),
+            "created_at": at,
+        }
+        for row in rows
+    ]
+    added = session.scalars(
+        dialect_insert(session, Suppression)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["channel", "address", "scope"])
+        .returning(Suppression.id)
+    ).all()
+    if commit:
+        session.commit()
+    return list(added)
+
+
+def suppressions_for(
+    *,
+    session: Session,
+    pairs: Iterable[tuple[Channel | str, str]],
+    now: Callable[[], datetime] = utcnow,
+) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """The live suppressions of each (channel, address), by (channel, folded address):
+    [(scope, reason)]. One query, whatever the number of addresses."""
+    by_channel: dict[str, set[str]] = {}
+    for channel, address in pairs:
+        by_channel.setdefault(str(channel), set()).add(suppression.folded(channel, address))
+    found: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    if not by_channel:
+        return found
+    at = now()
+    condition = or_(
+        *(
+            and_(Suppression.channel == channel, Suppression.address.in_(sorted(addresses)))
+            for channel, addresses in by_channel.items()
+        )
+    )
+    rows = session.execute(
+        select(Suppression.channel, Suppression.address, Suppression.scope, Suppression.reason)
+        .where(condition)
+        .where(or_(Suppression.expires_at.is_(None), Suppression.expires_at > at))
+    )
+    for channel, address, scope, reason in rows:
+        found.setdefault((str(channel), address), []).append((scope, str(reason)))
+    return found
+
+
+def suppressed_now(
+    *,
+    session: Session,
+    notifications: Sequence[Notification],
+    now: Callable[[], datetime] = utcnow,
+) -> dict[int, str]:
+    """Which of `notifications` a suppression stops on its current channel right now
+    (added while it waited in the queue), with why."""
+    found = suppressions_for(
+        session=session,
+        pairs=[(n.channel, n.recipient) for n in notifications],
+        now=now,
+    )
+    if not found:
+        return {}
+    reasons: dict[int, str] = {}
+    for n in notifications:
+        scopes = suppression.blocking_scopes(n.category, n.template_key)
+        key = (str(n.channel), suppression.folded(n.channel, n.recipient))
+        reason = suppression.blocking(found.get(key, ()), scopes)
+        if reason is not None:
+            reasons[n.id] = reason
+    return reasons
+
+
+def list_suppressions(
+    *, session: Session, query: SuppressionQuery
+) -> tuple[list[Suppression], int | None]:
+    """A page of suppressions, newest first, and the id to continue after, if any."""
+    statement = select(Suppression)
+    if query.channel is not None:
+        statement = statement.where(Suppression.channel == query.channel)
+    if query.address is not None:
+        channel = query.channel or Channel.EMAIL
+        statement = statement.where(
+            Suppression.address == suppression.folded(channel, query.address)
+        )
+    if query.reason is not None:
+        statement = statement.where(Suppression.reason == query.reason)
+    if query.before is not None:
+        statement = statement.where(Suppression.id < query.before)
+    rows = list(session.scalars(statement.order_by(Suppression.id.desc()).limit(query.limit + 1)))
+    page = rows[: query.limit]
+    return page, (page[-1].id if len(rows) > query.limit else None)
+
+
+def get_suppression(*, session: Session, suppression_id: int) -> Suppression | None:
+    return session.get(Suppression, suppression_id)
+
+
+def find_suppression(
+    *, session: Session, channel: Channel, address: str, scope: str
+) -> Suppression | None:
+    return session.scalars(
+        select(Suppression).where(
+            Suppression.channel == channel,
+            Suppression.address == suppression.folded(channel, address),
+            Suppression.scope == scope,
+        )
+    ).one_or_none()
+
+
+def delete_suppression(*, session: Session, row: Suppression) -> None:
+    session.delete(row)
+    session.commit()
+
+
+def mark_delivered_attempt(
+    *,
+    session: Session,
+    notification_id: int,
+    outcome: AttemptOutcome,
+    code: int | None,
+    error: str,
+) -> bool:
+    """Mark the notification's last sent attempt as bounced or complained about, once;
+    whether it changed (a repeated report changes nothing). The notification's own state
+    is left as it is: the message did leave."""
+    last = session.scalar(
+        select(DeliveryAttempt.id)
+        .where(
+            DeliveryAttempt.notification_id == notification_id,
+            DeliveryAttempt.outcome.in_(
+                [AttemptOutcome.SENT, AttemptOutcome.BOUNCED, AttemptOutcome.COMPLAINED]
+            ),
+        )
+        .order_by(DeliveryAttempt.number.desc())
+        .limit(1)
+    )
+    if last is None:
+        return False
+    changed = session.scalar(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == last, DeliveryAttempt.outcome != outcome)
+        # A bounce means it was never delivered: a complaint after it changes nothing.
+        .where(DeliveryAttempt.outcome != AttemptOutcome.BOUNCED)
+        .values(outcome=outcome, code=code, error=error)
+        .returning(DeliveryAttempt.id)
+    )
+    return changed is not None
+
+
+def store_report(*, session: Session, values: Mapping[str, Any]) -> int:
+    """Keep an inbound report; its id."""
+    report = InboundReport(**values)
+    session.add(report)
+    session.flush()
+    return report.id
+
+
+def list_reports(
+    *, session: Session, status: ReportStatus | None, limit: int, before: int | None
+) -> tuple[list[InboundReport], dict[str, int]]:
+    """A page of inbound reports, newest first, and how many there are of each status."""
+    statement = select(InboundReport)
+    if status is not None:
+        statement = statement.where(InboundReport.status == status)
+    if before is not None:
+        statement = statement.where(InboundReport.id < before)
+    rows = list(session.scalars(statement.order_by(InboundReport.id.desc()).limit(limit)))
+    counts = {
+        str(status): count
+        for status, count in session.execute(
+            select(InboundReport.status, func.count()).group_by(InboundReport.status)
         )
     }
-    for notification_id, recipient_id, route, current in owners:
-        outcome = refused[notification_id]
-        assert outcome is not None
-        recipient = recipients.get(cast(int, recipient_id))
-        steps = route or [{"channel": outcome.channel, "address": current}]
-        address = next((s["address"] for s in steps if s["channel"] == outcome.channel), None)
-        if recipient is None or recipient.address(outcome.channel) != address:
-            # Deleted, or given a new address since the send: that one may work.
-            continue
-        recipient.unreachable = {
-            **(recipient.unreachable or {}),
-            str(outcome.channel): outcome.error or "unreachable",
-        }
-    session.flush()
+    return rows, counts
 
 
 @dataclass(frozen=True)
@@ -1263,14 +1482,13 @@ def replace_api_key_hash(*, session: Session, api_key: ApiKey, key_hash: str, pr
 
 
 def upsert_recipient(*, session: Session, data: RecipientCreate) -> tuple[Recipient, bool]:
-    """Store a recipient by its `external_id`, replacing what was stored (and forgetting
-    the channels that refused it); the recipient, and whether it is new."""
+    """Store a recipient by its `external_id`, replacing what was stored; the recipient,
+    and whether it is new."""
     now = utcnow()
     values = {
         **{field: getattr(data, field) for field in ADDRESS_FIELDS.values()},
         "locale": data.locale,
         "channels": [str(c) for c in data.channels] if data.channels else None,
-        "unreachable": None,
         "updated_at": now,
     }
     # INSERT … ON CONFLICT: two simultaneous upserts of one id cannot both insert.
@@ -1300,11 +1518,9 @@ def get_recipients(*, session: Session, external_ids: Sequence[str]) -> dict[str
 
 
 def update_recipient(*, session: Session, recipient: Recipient, data: RecipientUpdate) -> Recipient:
-    """Change the fields `data` sets (an explicit null clears one); the channels that
-    refused the recipient are forgotten."""
+    """Change the fields `data` sets (an explicit null clears one)."""
     for name, value in data.model_dump(mode="json", exclude_unset=True).items():
         setattr(recipient, name, value)
-    recipient.unreachable = None
     recipient.updated_at = utcnow()
     session.commit()
     return recipient

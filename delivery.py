@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from http import HTTPStatus
@@ -39,10 +39,12 @@ import crud
 import idempotency
 import ratelimits
 import recorder
+import suppression
 from attachments import Attachments, described
 from channels.base import (
     DeliveryError,
     File,
+    Message,
     PermanentDeliveryError,
     Receipt,
     Sender,
@@ -55,6 +57,7 @@ from lifecycle import (
     TELEGRAM_MAX_TEXT,
     Attempt,
     Draft,
+    EverySuppressed,
     Policy,
     Refused,
     Transition,
@@ -72,10 +75,12 @@ from mailer import new_message_id, new_message_ids
 from models import (
     ApiKey,
     Batch,
+    Category,
     Channel,
     Notification,
     NotificationStatus,
     Recipient,
+    SuppressionReason,
     Template,
     TemplateVersion,
     utcnow,
@@ -93,11 +98,14 @@ from schemas import (
     TelegramNotificationCreate,
     printable,
 )
+from suppression import Tokens
 from templating import Renderer, TemplateError, Variable, pick_locale
 
 logger = logging.getLogger(__name__)
 
 Hook = Callable[[Sequence[Transition]], None]
+# The suppressions of some addresses, as `crud.suppressions_for` finds them.
+Found = Mapping[tuple[str, str], Sequence[tuple[str, str]]]
 
 
 class OutcomeNotRecorded(Exception):
@@ -156,11 +164,13 @@ class Submitted:
 
 @dataclass(frozen=True)
 class BatchSubmitted:
-    """A bulk request's batch, the items refused, and whether it was replayed."""
+    """A bulk request's batch, the items refused, those suppressed, and whether it was
+    replayed."""
 
     batch: Batch
     rejected: list[RejectedRecipient]
     replayed: bool = False
+    suppressed: list[RejectedRecipient] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -265,6 +275,8 @@ class Deliverer:
         self.sync_sends = threading.BoundedSemaphore(settings.sync_send_limit)
         self.unrecorded = Unrecorded()
         self.hooks: list[Hook] = []
+        # Unsubscribe links and VERP bounce addresses, signed under SECRET_KEY.
+        self.tokens = Tokens.from_settings(settings)
 
     @property
     def pool_size(self) -> int:
@@ -372,26 +384,43 @@ class Deliverer:
         data: MessageContent,
         chosen: Chosen | None = None,
         values: Mapping[str, object] | None = None,
+        *,
+        found: Found,
     ) -> Draft:
         """The notification to store for `data` (its text, or `chosen` rendered with
-        `values`) on the channels of `target` that can reach the recipient;
-        `lifecycle.Unroutable` if none can."""
+        `values`) on the channels of `target` that can reach the recipient and whose
+        address is not suppressed (`found`: `crud.suppressions_for` of its addresses);
+        `lifecycle.Unroutable` if none can; a `suppressed` draft if only suppressions
+        stop it."""
         recipient = target.recipient
         rendered: dict[Channel, tuple[str | None, str]] | None = None
         template: dict[str, object] = {}
         text, subject = data.text or "", target.subject
+        category = data.category or (
+            chosen.template.category if chosen is not None else Category.TRANSACTIONAL
+        )
+        template_key = chosen.template.key if chosen is not None else None
+        blocked = suppression.suppressed_steps(
+            [(c, a) for c, a in target.addresses.items() if a is not None and c in target.order],
+            found,
+            suppression.blocking_scopes(category, template_key),
+        )
         if chosen is not None:
             locale, rendered, stored = self.render(chosen, target, data, values)
-        route, skipped = plan_route(
-            order=target.order,
-            addresses=target.addresses,
-            configured=self.channels.keys(),
-            unreachable=recipient.unreachable if recipient is not None else None,
-            subject=target.subject,
-            text=text,
-            requested=target.requested,
-            rendered=rendered,
-        )
+        suppressed: str | None = None
+        try:
+            route, skipped = plan_route(
+                order=target.order,
+                addresses=target.addresses,
+                configured=self.channels.keys(),
+                suppressed=blocked,
+                subject=target.subject,
+                text=text,
+                requested=target.requested,
+                rendered=rendered,
+            )
+        except EverySuppressed as every:
+            route, skipped, suppressed = [every.step], every.skipped, every.reason
         sensitive = data.sensitive or (chosen is not None and chosen.template.sensitive)
         if chosen is not None:
             assert rendered is not None
@@ -415,7 +444,27 @@ class Deliverer:
             send_at=data.send_at,
             parse_mode=target.parse_mode,
             recipient_id=recipient.id if recipient is not None else None,
+            category=category,
+            unsubscribe=suppression.unsubscribe_scope(
+                category,
+                template_key=template_key,
+                opts_in=chosen is not None and chosen.template.unsubscribe,
+            ),
+            suppressed=suppressed,
             **template,  # type: ignore[arg-type]
+        )
+
+    def found(self, session: Session, targets: Sequence[Target]) -> Found:
+        """The suppressions of every address of `targets` on their channels (one query)."""
+        return crud.suppressions_for(
+            session=session,
+            pairs=[
+                (channel, address)
+                for target in targets
+                for channel, address in target.addresses.items()
+                if address is not None and channel in target.order
+            ],
+            now=self.now,
         )
 
     def attach(
@@ -446,11 +495,13 @@ class Deliverer:
         """Store the message and send it now on its first channel (201/502), or queue it
         (202) when asked to, when `send_at` is set, or past SYNC_SEND_LIMIT sends in
         progress. A repeat of an Idempotency-Key answers what its first request did."""
-        draft = self.draft(target, data, self.choose_template(ctx.session, data))
+        chosen = self.choose_template(ctx.session, data)
+        draft = self.draft(target, data, chosen, found=self.found(ctx.session, [target]))
         self.check_send_at(draft.send_at)
         if data.attachments:
             draft = self.attach(ctx.session, data, draft, [draft])
-        queued = draft.send_at is not None or ctx.prefer_async
+        # Suppressed on every channel: stored final, answered as accepted, nothing sent.
+        queued = draft.send_at is not None or ctx.prefer_async or draft.suppressed is not None
         claim = self._claim(ctx, endpoint, data, queued=queued)
         session = ctx.session
         with SyncSlot(self.sync_sends, not queued) as slot:
@@ -467,7 +518,9 @@ class Deliverer:
                 return self._replay(ctx, session, claim, used)
             if not slot.held:
                 return Submitted(
-                    notification, HTTPStatus.ACCEPTED, preference_applied=ctx.prefer_async
+                    notification,
+                    HTTPStatus.ACCEPTED,
+                    preference_applied=ctx.prefer_async and draft.suppressed is None,
                 )
             self.deliver(session=session, notification=notification)
         status_code = outcome_status(notification)
@@ -491,25 +544,37 @@ class Deliverer:
         drafts: dict[int, Draft] = {}
         if data.emails is not None and chosen is None:
             items, refused = self._email_items(data)
+            suppressed = self._suppressed_items(session, data, items)
         else:
             if data.emails is not None:
                 assert chosen is not None
-                drafts, refused = self._email_drafts(data, chosen)
+                drafts, refused = self._email_drafts(session, data, chosen)
             else:
                 drafts, refused = self._recipient_drafts(session, data, chosen)
+            suppressed = [
+                self._item(data, i, draft.suppressed)
+                for i, draft in drafts.items()
+                if draft.suppressed is not None
+            ]
+            drafts = {i: d for i, d in drafts.items() if d.suppressed is None}
             items = {i: draft.route[0] for i, draft in drafts.items()}
-        if not items:
+        if not items and not suppressed:
             raise NoValidRecipient(refused)
         claim = self._claim(ctx, "/notify/bulk", data)
         try:
             idempotency.raise_if_key_used(session=session, claim=claim, now=self.now)
             sendable, limited = self._within_recipient_limits(ctx, data, items)
+            category = data.category or Category.TRANSACTIONAL
             content = Draft(
                 route=(),
                 text=data.text or "",
                 subject=data.subject,
                 sensitive=data.sensitive or (chosen is not None and chosen.template.sensitive),
                 send_at=data.send_at,
+                category=category,
+                unsubscribe=suppression.unsubscribe_scope(
+                    category, template_key=None, opts_in=False
+                ),
             )
             if data.attachments:
                 shown = [drafts[i] for i in sendable] if drafts else []
@@ -533,7 +598,36 @@ class Deliverer:
             # The rate limits a replay met the first time are not known any more.
             return BatchSubmitted(found, refused, replayed=True)
         rejected = sorted([*refused, *limited], key=lambda r: r.index)
-        return BatchSubmitted(batch, rejected)
+        return BatchSubmitted(batch, rejected, suppressed=sorted(suppressed, key=lambda r: r.index))
+
+    def _suppressed_items(
+        self, session: Session, data: BulkEmailCreate, items: dict[int, tuple[Channel, str]]
+    ) -> list[RejectedRecipient]:
+        """Take out of `items` (a plain bulk's e-mail addresses) those suppressed for
+        its category; listed as items not sent, with why."""
+        found = crud.suppressions_for(session=session, pairs=items.values(), now=self.now)
+        if not found:
+            return []
+        scopes = suppression.blocking_scopes(data.category or Category.TRANSACTIONAL, None)
+        listed = []
+        for index, (channel, address) in list(items.items()):
+            key = (str(channel), suppression.folded(channel, address))
+            reason = suppression.blocking(found.get(key, ()), scopes)
+            if reason is not None:
+                del items[index]
+                listed.append(self._item(data, index, reason))
+        return listed
+
+    @staticmethod
+    def _item(data: BulkEmailCreate, index: int, error: str) -> RejectedRecipient:
+        """A bulk request's item as a response lists it."""
+        external_ids = data.external_ids() if data.recipients is not None else None
+        return RejectedRecipient(
+            index=index,
+            email=data.email_item(index),
+            external_id=external_ids[index] if external_ids is not None else None,
+            error=error,
+        )
 
     def _email_items(
         self, data: BulkEmailCreate
@@ -560,16 +654,22 @@ class Deliverer:
         return items, rejected
 
     def _email_drafts(
-        self, data: BulkEmailCreate, chosen: Chosen
+        self, session: Session, data: BulkEmailCreate, chosen: Chosen
     ) -> tuple[dict[int, Draft], list[RejectedRecipient]]:
         """A draft for each valid address of `data.emails` (by item index), the template
         rendered with the item's data, and the items refused."""
         emails, rejected = data.valid_emails()
         drafts: dict[int, Draft] = {}
+        targets = {
+            index: Target([Channel.EMAIL], {Channel.EMAIL: address})
+            for address, index in emails.items()
+        }
+        found = self.found(session, list(targets.values()))
         for address, index in emails.items():
-            target = Target([Channel.EMAIL], {Channel.EMAIL: address})
             try:
-                drafts[index] = self.draft(target, data, chosen, data.item_data(index))
+                drafts[index] = self.draft(
+                    targets[index], data, chosen, data.item_data(index), found=found
+                )
             except Refused as exc:
                 error = printable(f"{exc.field}: {exc}")
                 rejected.append(RejectedRecipient(index=index, email=address, error=error))
@@ -582,6 +682,11 @@ class Deliverer:
         items refused: unknown, repeated, or no channel of the order reaches them."""
         external_ids = data.external_ids()
         found = crud.get_recipients(session=session, external_ids=list(set(external_ids)))
+        order = data.channels or list(Channel)
+        suppressions = self.found(
+            session,
+            [Target(order, {c: r.address(c) for c in Channel}) for r in found.values()],
+        )
         drafts: dict[int, Draft] = {}
         rejected: list[RejectedRecipient] = []
         seen: dict[str, int] = {}
@@ -605,7 +710,7 @@ class Deliverer:
                 )
                 values = data.item_data(index) if chosen is not None else None
                 try:
-                    drafts[index] = self.draft(target, data, chosen, values)
+                    drafts[index] = self.draft(target, data, chosen, values, found=suppressions)
                     continue
                 except Refused as exc:
                     error = printable(str(exc) if chosen is None else f"{exc.field}: {exc}")
@@ -737,6 +842,7 @@ class Deliverer:
     ) -> Notification:
         """Store a new notification: to send now, or queued for a worker."""
         by_email = any(channel == Channel.EMAIL for channel, _ in draft.route)
+        settled = draft.suppressed is not None and draft.sensitive
         with self._withdrawn_if_unconfirmed(draft):
             return crud.create_notification(
                 session=session,
@@ -746,6 +852,7 @@ class Deliverer:
                 lease=self.lease,
                 idempotency=idempotency,
                 now=self.now,
+                erase=erased(draft.text, self.key) if settled else None,
             )
 
     def create_batch(
@@ -819,7 +926,7 @@ class Deliverer:
         if not senders:
             # Queued before a configuration change took the channel away.
             return PermanentDeliveryError(f"the {notification.channel} channel is not configured")
-        message = message_for(notification, files)
+        message = self.decorated(notification, message_for(notification, files))
         error: DeliveryError | None = None
         for sender in senders:
             try:
@@ -835,6 +942,23 @@ class Deliverer:
         assert error is not None
         return error
 
+    def decorated(self, notification: Notification, message: Message) -> Message:
+        """An e-mail as it is sent: under its VERP envelope sender (with BOUNCE_DOMAIN),
+        and, if it offers one-click unsubscribe, with the link in both parts and the URL
+        for RFC 8058's headers."""
+        if notification.channel != Channel.EMAIL:
+            return message
+        envelope = self.tokens.bounce_address(notification.id)
+        if notification.unsubscribe is None:
+            return replace(message, envelope_from=envelope)
+        url = self.tokens.unsubscribe_url(
+            notification.channel, notification.recipient, notification.unsubscribe
+        )
+        shown = suppression.with_unsubscribe(message.text, message.html, url, notification.locale)
+        return replace(
+            message, text=shown.text, html=shown.html, unsubscribe_url=url, envelope_from=envelope
+        )
+
     def attempt(
         self,
         notification: Notification,
@@ -842,12 +966,27 @@ class Deliverer:
         attempt_id: int | None = None,
         number: int | None = None,
         files: Sequence[File] | DeliveryError = (),
+        suppressed: str | None = None,
     ) -> tuple[Transition, DeliveryError | None]:
         """One try on the notification's current channel with the `files` of its
         attachments (`files()`; its error is the attempt's), and the transition it makes
         (not stored: the caller stores it); the error, if it failed. The attempt is named
-        by its pending row (`attempt_id`, a worker's) or its `number` (a synchronous one)."""
+        by its pending row (`attempt_id`, a worker's) or its `number` (a synchronous one).
+        A notification `suppressed` on its channel (found right before) is not sent: its
+        attempt says why, and the transition moves on as after a refusal."""
         started_at = self.now()
+        if suppressed is not None:
+            attempt = Attempt.skipped(
+                suppressed,
+                channel=notification.channel,
+                at=started_at,
+                attempt_id=attempt_id,
+                number=number,
+            )
+            transition = next_state(
+                notification, attempt, self.policy, holder=notification.leased_by or ""
+            )
+            return transition, None
         result = files if isinstance(files, DeliveryError) else self.transmit(notification, files)
         attempt = Attempt.of(
             result,
@@ -862,9 +1001,12 @@ class Deliverer:
         )
         return transition, result if isinstance(result, DeliveryError) else None
 
-    def deliver(self, *, session: Session, notification: Notification) -> Notification:
+    def deliver(
+        self, *, session: Session, notification: Notification, check: bool = False
+    ) -> Notification:
         """Send a notification this request holds, with the quick retries on each channel:
-        sent, failed or queued.
+        sent, failed, suppressed or queued. With `check`, each channel's suppressions are
+        read again first (a resend: they may have changed since it was accepted).
 
         Raises `OutcomeNotRecorded` when the database failed after the provider
         answered; the outcome is then kept and stored later.
@@ -872,7 +1014,7 @@ class Deliverer:
         try:
             # Still sending after a channel has refused: the next one is tried now.
             while notification.status == NotificationStatus.SENDING:
-                self._deliver_on_channel(session, notification)
+                self._deliver_on_channel(session, notification, check)
         except LeaseLost:
             # Our lease ran out and another sender claimed the notification: it is theirs.
             session.refresh(notification)
@@ -889,11 +1031,23 @@ class Deliverer:
         )
         return notification
 
-    def _deliver_on_channel(self, session: Session, notification: Notification) -> None:
+    def _deliver_on_channel(
+        self, session: Session, notification: Notification, check: bool = False
+    ) -> None:
         """Try the notification on its current channel with the quick retries, and store
-        each attempt; the last one with the state it leaves (sent, queued, failed, or
-        sending on to the next channel)."""
+        each attempt; the last one with the state it leaves (sent, queued, failed,
+        suppressed, or sending on to the next channel)."""
         final: Transition | None = None
+        if check:
+            blocked = crud.suppressed_now(
+                session=session, notifications=[notification], now=self.now
+            ).get(notification.id)
+            if blocked is not None:
+                transition, _ = self.attempt(
+                    notification, number=notification.attempts + 1, suppressed=blocked
+                )
+                self._store(session, notification, self._in_request(transition))
+                return
         files = self.files(session, notification)
         try:
             # copy(): the policy object is shared by every request thread.
@@ -1036,8 +1190,26 @@ class Deliverer:
                 )
             self._announce([transition])
             if slot.held:
-                self.deliver(session=session, notification=notification)
+                self.deliver(session=session, notification=notification, check=True)
         return outcome_status(notification, sent=HTTPStatus.OK)
+
+    def unsubscribe(self, *, session: Session, found: suppression.Unsubscribe) -> bool:
+        """Suppress what a one-click unsubscribe token names (its address, channel and
+        scope); whether it is new (a repeat adds nothing)."""
+        added = crud.add_suppressions(
+            session=session,
+            rows=[
+                {
+                    "channel": found.channel,
+                    "address": found.address,
+                    "scope": found.scope,
+                    "reason": SuppressionReason.UNSUBSCRIBE,
+                }
+            ],
+            now=self.now,
+        )
+        logger.info("unsubscribe: %s suppressed for %s", found.channel, found.scope)
+        return bool(added)
 
     def _announce(self, transitions: Sequence[Transition]) -> None:
         """Tell every hook what was stored; a failing hook is logged, never fatal."""

@@ -20,6 +20,7 @@ from delivery import Deliverer, Sending
 from models import Attachment, Notification, Recipient, Scope, Template, TemplateVersion
 from ratelimits import RateLimiter
 from schemas import MAX_ID
+from suppression import Unsubscribe
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ ADMIN = [Security(auth.authenticate, scopes=[Scope.ADMIN])]
 # A key with `admin` has these too.
 RECIPIENTS = [Security(auth.authenticate, scopes=[Scope.RECIPIENTS])]
 TEMPLATES = [Security(auth.authenticate, scopes=[Scope.TEMPLATES])]
+SUPPRESSIONS = [Security(auth.authenticate, scopes=[Scope.SUPPRESSIONS])]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -107,6 +109,7 @@ NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
 KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]
 AttachmentId = Annotated[int, Path(ge=1, le=MAX_ID)]
+SuppressionId = Annotated[int, Path(ge=1, le=MAX_ID)]
 ExternalIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 TemplateKeyPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -174,6 +177,20 @@ def valid_attachment(attachment_id: AttachmentId, session: ReadSessionDep) -> At
 
 
 AttachmentDep = Annotated[Attachment, Depends(valid_attachment)]
+
+
+def valid_unsubscribe(
+    token: Annotated[str, Path(max_length=512)], deliverer: DelivererDep
+) -> Unsubscribe:
+    """What an unsubscribe link's token names; a 404 that says nothing more if it is not
+    one of ours."""
+    found = deliverer.tokens.read_unsubscribe(token)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "this link is not valid")
+    return found
+
+
+UnsubscribeDep = Annotated[Unsubscribe, Depends(valid_unsubscribe)]
 
 
 def valid_template(key: TemplateKeyPath, session: SessionDep) -> Template:

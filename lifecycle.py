@@ -31,7 +31,14 @@ from channels.base import (
     TransientDeliveryError,
 )
 from channels.telegram import MAX_TEXT as TELEGRAM_MAX_TEXT
-from models import AttemptOutcome, Channel, Notification, NotificationStatus
+from models import (
+    AttemptOutcome,
+    Category,
+    Channel,
+    Notification,
+    NotificationStatus,
+    SuppressionReason,
+)
 
 
 def text_hmac(key: bytes, text: str) -> str:
@@ -71,6 +78,11 @@ class Draft:
     content: Mapping[str, Mapping[str, str]] | None = None
     # The e-mail's attachments, as `Notification.attachments` describes them.
     attachments: Sequence[Mapping[str, Any]] = ()
+    category: Category = Category.TRANSACTIONAL
+    # The suppression scope its one-click unsubscribe link offers, if it has one.
+    unsubscribe: str | None = None
+    # Why it is not sent at all (every channel suppressed): stored as `suppressed`.
+    suppressed: str | None = None
 
     def columns(self) -> dict[str, Any]:
         """The notification's columns that say what to send where."""
@@ -93,6 +105,8 @@ class Draft:
             "locale": self.locale,
             "content": dict(self.content) if self.content is not None else None,
             "attachments": [dict(a) for a in self.attachments] or None,
+            "category": self.category,
+            "unsubscribe": self.unsubscribe,
         }
 
 
@@ -108,29 +122,42 @@ class Unroutable(Refused):
     """A notification no channel can carry as asked."""
 
 
+class EverySuppressed(Exception):
+    """Every channel that could carry a notification is suppressed for its address: it
+    is stored `suppressed` on the first of them (`step`), nothing sent."""
+
+    def __init__(self, step: tuple[Channel, str], skipped: list[dict[str, str]], reason: str):
+        super().__init__(reason)
+        self.step = step
+        self.skipped = skipped
+        self.reason = reason
+
+
 def plan_route(
     *,
     order: Sequence[Channel],
     addresses: Mapping[Channel, str | None],
     configured: Collection[Channel],
-    unreachable: Mapping[str, str] | None = None,
+    suppressed: Mapping[Channel, str] | None = None,
     subject: str | None = None,
     text: str = "",
     requested: bool = True,
     rendered: Mapping[Channel, tuple[str | None, str]] | None = None,
 ) -> tuple[list[tuple[Channel, str]], list[dict[str, str]]]:
     """The channels to try, in `order`, each with its address; and those left out, with
-    why (no address for the recipient, or the address refused the channel for good).
+    why (no address for the recipient, or its address `suppressed` on the channel).
     A templated message gives each channel's (subject, text) as `rendered`: a channel
     the template has no part for is left out.
 
     Raises `Unroutable` when a `requested` order (the caller's own) names a channel that is
     not configured, or Telegram for a text over 4,096 characters; an order that is not the
     caller's (the recipient's, CHANNEL_ORDER) skips such channels. Raises it as well when
-    no channel is left (e-mail without a subject is left out).
+    no channel is left (e-mail without a subject is left out), and `EverySuppressed`
+    when none is left but for suppressions.
     """
     route: list[tuple[Channel, str]] = []
     skipped: list[dict[str, str]] = []
+    blocked: list[tuple[Channel, str]] = []
     for channel in order:
         if channel not in configured:
             if requested:
@@ -140,10 +167,6 @@ def plan_route(
         address = addresses.get(channel)
         if address is None:
             skipped.append({"channel": str(channel), "reason": "no address"})
-            continue
-        if unreachable and str(channel) in unreachable:
-            reason = f"unreachable: {unreachable[str(channel)]}"
-            skipped.append({"channel": str(channel), "reason": reason})
             continue
         if rendered is not None:
             if channel not in rendered:
@@ -160,7 +183,15 @@ def plan_route(
                 )
             skipped.append({"channel": str(channel), "reason": "text too long"})
             continue
+        if suppressed and channel in suppressed:
+            blocked.append((channel, address))
+            skipped.append({"channel": str(channel), "reason": suppressed[channel]})
+            continue
         route.append((channel, address))
+    if not route and blocked:
+        channel, address = blocked[0]
+        rest = [s for s in skipped if s["channel"] != str(channel)]
+        raise EverySuppressed((channel, address), rest, suppressed[channel])  # type: ignore[index]
     if not route:
         reasons = ", ".join(f"{s['channel']}: {s['reason']}" for s in skipped)
         raise Unroutable(f"no channel of the order can reach this recipient ({reasons})")
@@ -191,7 +222,11 @@ def channel_views(
             state = "failed"
         elif index > position:
             state = "not tried"
-        elif status in (NotificationStatus.SENT, NotificationStatus.FAILED):
+        elif status in (
+            NotificationStatus.SENT,
+            NotificationStatus.FAILED,
+            NotificationStatus.SUPPRESSED,
+        ):
             state = str(status)
         elif status == NotificationStatus.CANCELLED:
             state = "cancelled"
@@ -270,8 +305,8 @@ class Attempt:
     cost: Decimal | None = None
     # A transient failure's wait asked for by the provider (Telegram's retry_after).
     retry_after: float | None = None
-    # The address refused the channel for good: remembered on the recipient.
-    unreachable: bool = False
+    # The address refused the channel for good: it is suppressed, for this reason.
+    suppress: SuppressionReason | None = None
     attempt_id: int | None = None
     number: int | None = None
 
@@ -310,7 +345,28 @@ class Attempt:
             # A server's reply may hold a NUL, which PostgreSQL text cannot store.
             error=str(result).replace("\x00", "\ufffd"),
             retry_after=result.retry_after if transient else None,
-            unreachable=isinstance(result, RecipientUnreachable),
+            suppress=result.reason if isinstance(result, RecipientUnreachable) else None,
+            attempt_id=attempt_id,
+            number=number,
+        )
+
+    @classmethod
+    def skipped(
+        cls,
+        reason: str,
+        *,
+        channel: Channel,
+        at: datetime,
+        attempt_id: int | None = None,
+        number: int | None = None,
+    ) -> "Attempt":
+        """No try: the address is suppressed on the channel (found right before the send)."""
+        return cls(
+            channel=channel,
+            started_at=at,
+            finished_at=at,
+            outcome=AttemptOutcome.SUPPRESSED,
+            error=reason,
             attempt_id=attempt_id,
             number=number,
         )
@@ -416,8 +472,9 @@ class Policy:
     A transient failure is retried from the queue (after `backoff(attempts on the channel)`
     seconds, never sooner than the provider asked) until `max_attempts` attempts on the
     channel, or `fallback_after` when another channel follows it; then, or at once after a
-    permanent failure, the next channel of the order is tried, and with none left the
-    notification ends failed. A sensitive text is erased once the notification is final.
+    permanent failure or a suppression, the next channel of the order is tried, and with
+    none left the notification ends failed (suppressed, if the last channel was). A
+    sensitive text is erased once the notification is final.
     """
 
     max_attempts: int
@@ -426,18 +483,24 @@ class Policy:
     key: bytes
 
 
+# The final states an attempt can leave a notification in: a sensitive text is erased.
+SETTLED = (NotificationStatus.SENT, NotificationStatus.FAILED, NotificationStatus.SUPPRESSED)
+
+
 def next_state(
     notification: Notification, attempt: Attempt, policy: Policy, *, holder: str
 ) -> Transition:
     """The transition `attempt` makes on `notification`, still held by `holder`: sent;
-    queued for a retry on its channel; queued, due now, on the next channel of its order;
-    or failed."""
+    queued for a retry on its channel; queued, due now, on the next channel of its order
+    (after a refusal, or a suppression); failed; or suppressed, when the last channel is."""
     at = attempt.finished_at
     on_channel = notification.channel_attempts + (0 if attempt.counted else 1)
     position = notification.route_position + 1
     following = notification.step(position)
     limit = policy.fallback_after if following is not None else policy.max_attempts
     status = NotificationStatus.SENT if attempt.sent else NotificationStatus.FAILED
+    if attempt.outcome == AttemptOutcome.SUPPRESSED:
+        status = NotificationStatus.SUPPRESSED
     next_attempt_at: datetime | None = None
     step: Step | None = None
     if attempt.transient and on_channel < limit:
@@ -449,7 +512,7 @@ def next_state(
         next_attempt_at = at
         step = Step(position, *following)
     erase: dict[str, Any] = {}
-    if notification.sensitive and status in (NotificationStatus.SENT, NotificationStatus.FAILED):
+    if notification.sensitive and status in SETTLED:
         erase = erased(notification.text, policy.key)
     return Transition(
         notification_id=notification.id,

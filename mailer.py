@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email import policy, quoprimime
 from email.generator import BytesGenerator
@@ -45,12 +45,14 @@ from channels.base import (
     Message,
     PermanentDeliveryError,
     Receipt,
+    RecipientUnreachable,
     Scrubber,
     TransientDeliveryError,
 )
 from config import Settings, SMTPSecurity
 from headers import fold_unstructured
-from models import utcnow
+from models import SuppressionReason, utcnow
+from signing import DkimSigner
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ def build_message(
     html: str | None = None,
     boundary: str | None = None,
     attachments: Sequence[File] = (),
+    headers: Sequence[tuple[str, str]] = (),
 ) -> EmailMessage:
-    """An RFC 5322 message; non-ASCII headers become RFC 2047 encoded words. With `html`,
+    """An RFC 5322 message, with the extra `headers` (ASCII) after its Message-ID;
+    non-ASCII headers become RFC 2047 encoded words. With `html`,
     multipart/alternative: the text part first, then the HTML (RFC 2046 section 5.1.4:
     the last part is the richest), under `boundary` if given. With `attachments`,
     multipart/mixed: that body first, then each file in base64, its name RFC 2231 encoded
@@ -96,6 +100,8 @@ def build_message(
         message.set_raw("Subject", folded)
     message["Date"] = format_datetime(date)
     message["Message-ID"] = message_id
+    for name, value in headers:
+        message[name] = value
     # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
     message.set_content(text, charset="utf-8", cte="quoted-printable")
     if html is not None:
@@ -161,6 +167,7 @@ class MessageRenderer:
         html: str | None = None,
         boundary: str | None = None,
         attachments: Sequence[File] = (),
+        headers: Sequence[tuple[str, str]] = (),
     ) -> OutgoingMessage:
         """The message `build_message` makes of these, as `smtplib` would send it (an HTML
         one under `boundary`, by default a new random one). One with attachments is made
@@ -177,6 +184,7 @@ class MessageRenderer:
                 cache_body=not sensitive,
                 html=html,
                 boundary=boundary,
+                headers=headers,
             )
             if outgoing is not None:
                 return outgoing
@@ -192,6 +200,7 @@ class MessageRenderer:
             html=html,
             boundary=boundary,
             attachments=attachments,
+            headers=headers,
         )
         return _flattened(message)
 
@@ -206,6 +215,7 @@ class MessageRenderer:
         cache_body: bool = True,
         html: str | None = None,
         boundary: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> OutgoingMessage | None:
         if len(recipient) > _MAX_PLAIN_ADDRESS or not _PLAIN_ADDRESS.fullmatch(recipient):
             return None
@@ -225,6 +235,7 @@ class MessageRenderer:
                 self._subject_line(subject),
                 self._date_line(date),
                 self._message_id_line(message_id),
+                *(_header_line(name, value) for name, value in headers),
                 _CONTENT_HEADERS if html is None else b"",
                 body,
             )
@@ -353,13 +364,26 @@ def _body_bytes(text: str) -> bytes:
 
 
 _TOO_BIG = re.compile(r"4\.3\.4\b")
+# RFC 3463 X.1.Y: the address is bad (no such mailbox, no such domain, bad syntax, moved).
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Without an enhanced code, the replies RFC 5321 gives a mailbox that is not there.
+_NO_MAILBOX = {550, 551, 553}
 
 
 def classify_reply(code: int, text: bytes | str) -> DeliveryError:
     """Our error for an SMTP reply: 4xx may pass, 5xx will not (552, the message is too
-    large, among them), and neither will a 452 4.3.4 (too big for the system)."""
+    large, among them), and neither will a 452 4.3.4 (too big for the system). A 5.1.x
+    rejection of the address (550 5.1.1 user unknown; 551 or 553 with no enhanced code) is
+    a hard bounce: the address is suppressed. A 552 (mailbox full) or 550 5.7.1 (policy)
+    is not."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
+    enhanced = _ENHANCED.match(text)
+    if 500 <= code < 600 and (
+        (enhanced is not None and enhanced[1] == "5" and enhanced[2] == "1")
+        or (enhanced is None and code in _NO_MAILBOX)
+    ):
+        return RecipientUnreachable(text, code=code, reason=SuppressionReason.HARD_BOUNCE)
     error_type: type[DeliveryError]
     if code == 421:  # "closing transmission channel"
         error_type = ConnectionLostError
@@ -615,35 +639,58 @@ ACCEPTED = 250
 
 class EmailChannel:
     """The e-mail channel: plain-text (or text and HTML) messages from one sender, composed by
-    `MessageRenderer` and sent over `mailer`'s pooled SMTP connections."""
+    `MessageRenderer`, signed (`signer`, DKIM) and sent over `mailer`'s pooled SMTP
+    connections. A message with an unsubscribe URL carries RFC 8058's two headers (both
+    signed); one with an envelope sender (VERP) goes out under it."""
 
     def __init__(
-        self, mailer: SMTPMailer, *, sender: str, now: Callable[[], datetime] = utcnow
+        self,
+        mailer: SMTPMailer,
+        *,
+        sender: str,
+        now: Callable[[], datetime] = utcnow,
+        signer: DkimSigner | None = None,
     ) -> None:
         self.mailer = mailer
         self.sender = sender
         self.renderer = MessageRenderer(sender)
         self.now = now
+        self.signer = signer
 
     @property
     def pool_size(self) -> int:
         return self.mailer.pool_size
 
     def send(self, message: Message) -> Receipt:
-        """Render the message (RFC 5322, RFC 2047 subject) and hand it to the server."""
-        self.mailer.send(
-            self.renderer.render(
-                recipient=message.address,
-                subject=message.subject or "",
-                text=message.text,
-                message_id=message.message_id or new_message_id(self.sender),
-                date=self.now(),
-                sensitive=message.sensitive,
-                html=message.html,
-                attachments=message.attachments,
-            )
-        )
+        """Render the message (RFC 5322, RFC 2047 subject), sign it, and hand it to the
+        server."""
+        self.mailer.send(self.outgoing(message))
         return Receipt(code=ACCEPTED, provider_message_id=message.message_id)
+
+    def outgoing(self, message: Message) -> OutgoingMessage:
+        """The message as it goes on the wire: rendered, then signed."""
+        headers: tuple[tuple[str, str], ...] = ()
+        if message.unsubscribe_url is not None:
+            headers = (
+                ("List-Unsubscribe", f"<{message.unsubscribe_url}>"),
+                ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            )
+        outgoing = self.renderer.render(
+            recipient=message.address,
+            subject=message.subject or "",
+            text=message.text,
+            message_id=message.message_id or new_message_id(self.sender),
+            date=self.now(),
+            sensitive=message.sensitive,
+            html=message.html,
+            attachments=message.attachments,
+            headers=headers,
+        )
+        if message.envelope_from is not None:
+            outgoing = replace(outgoing, sender=message.envelope_from)
+        if self.signer is not None:
+            outgoing = replace(outgoing, data=self.signer.sign(outgoing.data))
+        return outgoing
 
     def close(self) -> None:
         self.mailer.close()

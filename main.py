@@ -35,7 +35,7 @@ from idempotency import KeyInFlightError, KeyReusedError
 from lifecycle import Refused
 from ratelimits import KeyRevoked, TooMany
 from recorder import start_recorder
-from routes import COUNTED_BY_ROUTE, health, router
+from routes import COUNTED_BY_ROUTE, health, public, router
 from schemas import printable
 from templating import TemplateError
 from wiring import Database, build_database, build_deliverer, build_limiter, configure_logging
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(health)
+    app.include_router(public)
     # An upload may be as large as the largest e-mail takes once in base64 (4 bytes for
     # 3), and its form's few headers.
     uploads = {"/attachments": settings.attachment_max_message_bytes * 3 // 4 + 64 * 1024}

@@ -1,5 +1,6 @@
 """Database tables: notifications, their delivery attempts, recipients, bulk batches,
-templates and their versions, idempotency keys and API keys."""
+templates and their versions, suppressions and inbound reports, idempotency keys and API
+keys."""
 
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -81,12 +82,14 @@ ADDRESS_FIELDS = {
 
 
 class Scope(StrEnum):
-    """What an API key may do; `admin` implies `recipients` and `templates`."""
+    """What an API key may do; `admin` implies `recipients`, `templates` and
+    `suppressions`."""
 
     SEND = "send"
     READ = "read"
     RECIPIENTS = "recipients"
     TEMPLATES = "templates"
+    SUPPRESSIONS = "suppressions"
     ADMIN = "admin"
 
 
@@ -106,6 +109,8 @@ class NotificationStatus(StrEnum):
     sent      accepted by the SMTP server (final)
     failed    permanent error, or attempts ran out; `error_message` says why (final)
     cancelled withdrawn while queued (final)
+    suppressed every channel left was suppressed for its address (unsubscribed, bounced,
+              blocked): nothing sent; `error_message` says why (final)
     """
 
     QUEUED = "queued"
@@ -113,6 +118,18 @@ class NotificationStatus(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"
+
+
+# The states a notification never leaves (but a resend of a failed one).
+FINAL_STATUSES = frozenset(
+    {
+        NotificationStatus.SENT,
+        NotificationStatus.FAILED,
+        NotificationStatus.CANCELLED,
+        NotificationStatus.SUPPRESSED,
+    }
+)
 
 
 class AttemptOutcome(StrEnum):
@@ -121,6 +138,10 @@ class AttemptOutcome(StrEnum):
     pending    claimed by a worker, whose batch is being sent (no outcome yet)
     abandoned  its sender stopped (died, or lost its lease) before recording an outcome:
                the message may or may not have been delivered
+    suppressed not sent: the address is suppressed on the channel (checked right before
+               the send); `error` says why
+    bounced    sent, then reported undeliverable by a delivery status notification
+    complained sent, then reported as spam by its recipient (an ARF report)
     """
 
     PENDING = "pending"
@@ -128,6 +149,35 @@ class AttemptOutcome(StrEnum):
     TRANSIENT_ERROR = "transient_error"
     PERMANENT_ERROR = "permanent_error"
     ABANDONED = "abandoned"
+    SUPPRESSED = "suppressed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is not sent to on a channel."""
+
+    UNSUBSCRIBE = "unsubscribe"
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    MANUAL = "manual"
+    TELEGRAM_BLOCKED = "telegram_blocked"
+    SMS_STOPLIST = "sms_stoplist"
+
+
+class ReportStatus(StrEnum):
+    """What the inbound listener made of a report it received.
+
+    matched      a bounce or complaint of one of our notifications: recorded
+    unmatched    a report it read, naming no notification of ours (kept for an operator)
+    unparseable  not a delivery status notification or ARF report it can read (kept)
+    ignored      a report that changes nothing (a delay, a success notice)
+    """
+
+    MATCHED = "matched"
+    UNMATCHED = "unmatched"
+    UNPARSEABLE = "unparseable"
+    IGNORED = "ignored"
 
 
 def _str_enum(enum: type[StrEnum]) -> Enum:
@@ -173,9 +223,6 @@ class Recipient(Base):
     locale: Mapped[str | None] = mapped_column(String(35))
     # Their own channel order; None takes the request's or CHANNEL_ORDER.
     channels: Mapped[list[str] | None] = mapped_column(JSON)
-    # Channels whose address refused for good (a blocked bot): channel → the provider's
-    # error. Skipped until the recipient is updated.
-    unreachable: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -231,6 +278,12 @@ class Notification(Base):
     # its length and an HMAC under SECRET_KEY stay as evidence of what was sent (a plain
     # hash of a six-digit code is reversed by trying a million codes).
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Marketing mail may be unsubscribed from; transactional mail only when its template
+    # opts in (`unsubscribe`, the suppression scope its link offers: "category:<key>").
+    category: Mapped[Category] = mapped_column(
+        _str_enum(Category), default=Category.TRANSACTIONAL, server_default="transactional"
+    )
+    unsubscribe: Mapped[str | None] = mapped_column(String(80))
     text_length: Mapped[int | None] = mapped_column(Integer)
     text_hmac: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[NotificationStatus] = mapped_column(_str_enum(NotificationStatus))
@@ -307,6 +360,8 @@ class Template(Base):
     category: Mapped[Category] = mapped_column(_str_enum(Category))
     # Every notification made from it is sensitive (a code): callers cannot forget it.
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Transactional mail that offers one-click unsubscribe all the same (reminders).
+    unsubscribe: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     default_locale: Mapped[str] = mapped_column(String(35))
     description: Mapped[str | None] = mapped_column(Text)
     active_version: Mapped[int | None] = mapped_column(Integer)
@@ -386,6 +441,53 @@ class NotificationAttachment(Base):
     attachment_id: Mapped[int] = mapped_column(
         ForeignKey("attachments.id"), primary_key=True, index=True
     )
+
+
+class Suppression(Base):
+    """An address not sent to on a channel, for all mail or for one `scope`: "all",
+    "marketing", or "category:<template key>"; enforced when a notification is accepted
+    and again right before each send. `address` is folded (`suppression.folded`)."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    channel: Mapped[Channel] = mapped_column(_str_enum(Channel))
+    address: Mapped[str] = mapped_column(String(320))
+    scope: Mapped[str] = mapped_column(String(80))
+    reason: Mapped[SuppressionReason] = mapped_column(_str_enum(SuppressionReason))
+    # What the provider or report said (a DSN's status and diagnostic), or an operator's note.
+    detail: Mapped[str | None] = mapped_column(Text)
+    notification_id: Mapped[int | None] = mapped_column(
+        ForeignKey("notifications.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # Also the index of both checks: by channel and address.
+    __table_args__ = (UniqueConstraint("channel", "address", "scope"),)
+
+
+class InboundReport(Base):
+    """A message the inbound SMTP listener received (a bounce, a complaint), what it made
+    of it, and, unless it was matched, its bytes for an operator."""
+
+    __tablename__ = "inbound_reports"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    mail_from: Mapped[str] = mapped_column(String(320))
+    rcpt_to: Mapped[str] = mapped_column(String(320))
+    kind: Mapped[str] = mapped_column(String(32))  # delivery-status, feedback-report, unknown
+    status: Mapped[ReportStatus] = mapped_column(_str_enum(ReportStatus))
+    notification_id: Mapped[int | None] = mapped_column(
+        ForeignKey("notifications.id", ondelete="SET NULL")
+    )
+    # The DSN's status (5.1.1), or the ARF feedback type (abuse).
+    code: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    __table_args__ = (Index("ix_inbound_reports_status_id", "status", "id"),)
 
 
 class DeliveryAttempt(Base):

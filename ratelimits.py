@@ -37,6 +37,7 @@ from redis.exceptions import NoScriptError
 
 from config import Settings
 from models import ApiKey
+from suppression import folded
 
 RECIPIENT_LIMITED = "rate limit: too many messages to this address this hour"
 # The 503 of a request the rate-limit storage did not answer.
@@ -99,12 +100,11 @@ class TooMany(Exception):
 
 
 def recipient_subject(address: str, channel: str = "email") -> str:
-    """The one rate-limit count an address belongs to: per channel, and for e-mail with
-    letter case and `+tag` folded (phone numbers and chat ids come normalised)."""
+    """The one rate-limit count an address belongs to: per channel, the address folded as
+    suppressions fold it (`suppression.folded`)."""
     if channel != "email":
         return f"{channel}:{address}"
-    local, _, domain = address.lower().rpartition("@")
-    return f"{local.partition('+')[0]}@{domain}"
+    return folded(channel, address)
 
 
 class RateLimiter:

@@ -5,12 +5,13 @@ of the layers below are mapped to responses by main.py's exception handlers."""
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import auth
 import crud
+import pages
 from db import ReadinessProbe
 from delivery import BatchSubmitted, Submitted
 from deps import (
@@ -19,6 +20,7 @@ from deps import (
     RECIPIENTS,
     SEND,
     SEND_SECURITY,
+    SUPPRESSIONS,
     TEMPLATES,
     AttachmentDep,
     BatchId,
@@ -33,11 +35,23 @@ from deps import (
     SendingDep,
     SessionDep,
     SettingsDep,
+    SuppressionId,
     TemplateDep,
+    UnsubscribeDep,
     VersionDep,
     etag,
 )
-from models import ApiKey, Attachment, Batch, Notification, Recipient, Template, TemplateVersion
+from models import (
+    ApiKey,
+    Attachment,
+    Batch,
+    Notification,
+    Recipient,
+    ReportStatus,
+    Suppression,
+    Template,
+    TemplateVersion,
+)
 from schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -48,6 +62,8 @@ from schemas import (
     BulkEmailCreate,
     EmailNotificationCreate,
     HistoryQuery,
+    InboundReportPublic,
+    InboundReportsPublic,
     NotificationCreate,
     NotificationDetail,
     NotificationPublic,
@@ -56,6 +72,10 @@ from schemas import (
     RecipientPublic,
     RecipientUpdate,
     SmsNotificationCreate,
+    SuppressionCreate,
+    SuppressionPublic,
+    SuppressionQuery,
+    SuppressionsPublic,
     TelegramNotificationCreate,
     TemplateCreate,
     TemplateCreated,
@@ -113,6 +133,8 @@ TOO_LARGE: dict[int | str, dict[str, Any]] = {
 
 router = APIRouter(route_class=StrictJSONRoute, responses={**AUTH, **TOO_LARGE, **DATABASE_DOWN})
 health = APIRouter(tags=["health"])
+# Reached from a recipient's mail client: no key, no cookie, any body.
+public = APIRouter(tags=["unsubscribe"], responses=DATABASE_DOWN)
 HEALTH_METHODS = "GET, HEAD, OPTIONS"
 
 
@@ -223,7 +245,7 @@ def notify_bulk(
         batch = batch_public(ctx.session, submitted.batch)
     if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return BatchCreated(batch=batch, rejected=submitted.rejected)
+    return BatchCreated(batch=batch, rejected=submitted.rejected, suppressed=submitted.suppressed)
 
 
 @router.get(
@@ -337,7 +359,7 @@ def upsert_recipient(data: RecipientCreate, session: SessionDep, response: Respo
     tags=["recipients"],
 )
 def read_recipient(recipient: RecipientDep) -> Recipient:
-    """A recipient's addresses, channel order and unreachable channels."""
+    """A recipient's addresses and channel order (suppressions: `GET /suppressions`)."""
     return recipient
 
 
@@ -351,7 +373,7 @@ def read_recipient(recipient: RecipientDep) -> Recipient:
 def update_recipient(
     data: RecipientUpdate, recipient: RecipientDep, session: SessionDep
 ) -> Recipient:
-    """Change some fields (null clears one); channels that refused it are tried again."""
+    """Change some fields (null clears one)."""
     return crud.update_recipient(session=session, recipient=recipient, data=data)
 
 
@@ -579,6 +601,120 @@ def preview_template(
     if version is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "version not found")
     return catalogue.preview(template, version, data)
+
+
+SUPPRESSION_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"description": "No such suppression."}
+}
+
+
+@router.get(
+    "/suppressions",
+    dependencies=SUPPRESSIONS,
+    response_model=SuppressionsPublic,
+    tags=["suppressions"],
+)
+def list_suppressions(
+    query: Annotated[SuppressionQuery, Query()], session: ReadSessionDep
+) -> SuppressionsPublic:
+    """Addresses not sent to, newest first; filter by channel, address (folded as stored)
+    and reason."""
+    rows, next_before = crud.list_suppressions(session=session, query=query)
+    return SuppressionsPublic(
+        data=[SuppressionPublic.model_validate(row) for row in rows], next_before=next_before
+    )
+
+
+@router.post(
+    "/suppressions",
+    dependencies=SUPPRESSIONS,
+    status_code=status.HTTP_201_CREATED,
+    response_model=SuppressionPublic,
+    responses={status.HTTP_200_OK: {"model": SuppressionPublic, "description": "Already there."}},
+    tags=["suppressions"],
+)
+def add_suppression(
+    data: SuppressionCreate, session: SessionDep, response: Response
+) -> Suppression:
+    """Stop sending to an address on a channel (for all mail, marketing, or one
+    template's); one that is there already is left as it was (200)."""
+    added = crud.add_suppressions(session=session, rows=[data.model_dump()])
+    row = crud.find_suppression(
+        session=session, channel=data.channel, address=data.address, scope=data.scope
+    )
+    assert row is not None
+    response.status_code = status.HTTP_201_CREATED if added else status.HTTP_200_OK
+    return row
+
+
+@router.delete(
+    "/suppressions/{suppression_id}",
+    dependencies=SUPPRESSIONS,
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=SUPPRESSION_NOT_FOUND,
+    tags=["suppressions"],
+)
+def delete_suppression(suppression_id: SuppressionId, session: SessionDep) -> None:
+    """Send to the address again."""
+    row = crud.get_suppression(session=session, suppression_id=suppression_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "suppression not found")
+    crud.delete_suppression(session=session, row=row)
+
+
+@router.get(
+    "/inbound-reports",
+    dependencies=SUPPRESSIONS,
+    response_model=InboundReportsPublic,
+    tags=["suppressions"],
+)
+def list_inbound_reports(
+    session: ReadSessionDep,
+    report_status: Annotated[ReportStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+) -> InboundReportsPublic:
+    """What the inbound listener received (bounces, complaints), newest first, with a
+    count per status: `unparseable` and `unmatched` ones wait for an operator."""
+    rows, counts = crud.list_reports(
+        session=session, status=report_status, limit=limit, before=before
+    )
+    data = [
+        InboundReportPublic.model_validate(row).model_copy(
+            update={"size": len(row.raw) if row.raw is not None else None}
+        )
+        for row in rows
+    ]
+    return InboundReportsPublic(data=data, counts=counts)
+
+
+UNSUBSCRIBE_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"description": "Not a link of this service."}
+}
+
+
+@public.post(
+    "/unsubscribe/{token}",
+    response_class=HTMLResponse,
+    responses=UNSUBSCRIBE_NOT_FOUND,
+)
+def unsubscribe(found: UnsubscribeDep, session: SessionDep, deliverer: DelivererDep) -> str:
+    """RFC 8058 one-click unsubscribe: the address its token names is suppressed for the
+    token's scope, whatever the body (`List-Unsubscribe=One-Click` form data, multipart,
+    or none). A repeat changes nothing."""
+    deliverer.unsubscribe(session=session, found=found)
+    return pages.unsubscribed()
+
+
+@public.get(
+    "/unsubscribe/{token}",
+    response_class=HTMLResponse,
+    responses=UNSUBSCRIBE_NOT_FOUND,
+)
+def unsubscribe_page(found: UnsubscribeDep) -> str:
+    """A page with a button that unsubscribes (a POST): a GET never does, since link
+    scanners follow every URL of a message."""
+    return pages.confirm_unsubscribe()
 
 
 @health.get("/healthz")

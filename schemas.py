@@ -31,7 +31,16 @@ from pydantic import (
 
 from headers import HEADER_UNSAFE, header_problem
 from lifecycle import TELEGRAM_MAX_TEXT, channel_views
-from models import ADDRESS_FIELDS, AttemptOutcome, Category, Channel, NotificationStatus, Scope
+from models import (
+    ADDRESS_FIELDS,
+    AttemptOutcome,
+    Category,
+    Channel,
+    NotificationStatus,
+    ReportStatus,
+    Scope,
+    SuppressionReason,
+)
 from templating import LOCALES, MAX_SOURCE, VARIABLE_TYPES, encodable
 
 MAX_TEXT_LENGTH = 100_000
@@ -284,6 +293,11 @@ class MessageContent(BaseModel):
         "template's default, else ru.",
     )
     data: TemplateData | None = None
+    category: Category | None = Field(
+        default=None,
+        description="transactional (codes, bookings) or marketing (may be unsubscribed from: "
+        "one-click List-Unsubscribe); default: the template's, else transactional.",
+    )
     # After `template`: its validator reads whether a template was given.
     text: str | None = Field(
         default=None,
@@ -622,10 +636,6 @@ class _StoredRecipient(BaseModel):
     external_id: str
     locale: str | None
     channels: list[Channel] | None
-    unreachable: dict[str, str] | None = Field(
-        description="Channels that refused this recipient for good (a blocked bot), skipped "
-        "until the recipient is updated."
-    )
     created_at: datetime
     updated_at: datetime
 
@@ -696,6 +706,7 @@ class NotificationPublic(BaseModel):
     subject: str | None
     text: str | None = Field(description="Null for a sensitive notification.")
     sensitive: bool
+    category: Category
     text_length: int | None = Field(description="Length of a sensitive text, once erased.")
     template_key: str | None = Field(description="The template it was sent by, if any.")
     template_version: int | None
@@ -728,7 +739,9 @@ class NotificationPublic(BaseModel):
 
 class ChannelOutcome(BaseModel):
     channel: Channel
-    status: str = Field(description="sent, failed, trying, cancelled, skipped or not tried")
+    status: str = Field(
+        description="sent, failed, suppressed, trying, cancelled, skipped or not tried"
+    )
     attempts: int
     error: str | None = None
     left_out: str | None = Field(
@@ -780,6 +793,11 @@ class BatchPublic(BaseModel):
 class BatchCreated(BaseModel):
     batch: BatchPublic
     rejected: list[RejectedRecipient] = Field(description="Items that were not queued, and why.")
+    suppressed: list[RejectedRecipient] = Field(
+        default_factory=list,
+        description="Items not queued because every channel of theirs is suppressed (an "
+        "unsubscribe, a bounce, a block): not errors, counted apart from `rejected`.",
+    )
 
 
 def _scopes_known(scopes: list[str]) -> list[str]:
@@ -906,6 +924,90 @@ class HistoryQuery(BaseModel):
         return None if self.cursor is None else HistoryCursor.decode(self.cursor)
 
 
+SuppressionScope = Annotated[
+    str,
+    Field(
+        max_length=80,
+        pattern=r"^(all|marketing|category:[a-z][a-z0-9_]{0,63})$",
+        description="all, marketing, or category:<template key>.",
+    ),
+]
+
+
+class SuppressionCreate(BaseModel):
+    """An address an operator stops sending to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    address: str = Field(min_length=1, max_length=320)
+    scope: SuppressionScope = "all"
+    reason: SuppressionReason = SuppressionReason.MANUAL
+    detail: str | None = Field(default=None, max_length=1000)
+    expires_at: SendAt = Field(default=None, description="Lifted at this time; default: never.")
+
+    @model_validator(mode="after")
+    def normal_address(self) -> "SuppressionCreate":
+        normal_form = {
+            Channel.EMAIL: email_address,
+            Channel.SMS: phone_number,
+            Channel.TELEGRAM: telegram_chat_id,
+        }[self.channel]
+        self.address = normal_form(self.address)
+        if self.detail is not None and HEADER_UNSAFE.search(self.detail):
+            raise ValueError("detail must not contain control characters")
+        return self
+
+
+class SuppressionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel: Channel
+    address: str = Field(description="Folded: lower case, no +tag, ASCII domain.")
+    scope: str
+    reason: SuppressionReason
+    detail: str | None
+    notification_id: int | None
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class SuppressionsPublic(BaseModel):
+    data: list[SuppressionPublic]
+    next_before: int | None = Field(description="Pass as `before` for the next page.")
+
+
+class SuppressionQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel | None = None
+    address: str | None = Field(default=None, max_length=320)
+    reason: SuppressionReason | None = None
+    limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
+    before: int | None = Field(default=None, ge=1, le=MAX_ID)
+
+
+class InboundReportPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    received_at: datetime
+    mail_from: str
+    rcpt_to: str
+    kind: str
+    status: ReportStatus
+    notification_id: int | None
+    code: str | None
+    detail: str | None
+    size: int | None = Field(default=None, description="Bytes kept of an unread report.")
+
+
+class InboundReportsPublic(BaseModel):
+    data: list[InboundReportPublic]
+    counts: dict[str, int] = Field(description="Reports kept, per status.")
+
+
 VariableName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 TemplateSource = Annotated[str | None, Field(default=None, max_length=MAX_SOURCE)]
 
@@ -971,6 +1073,11 @@ class TemplateCreate(TemplateVersionCreate):
     sensitive: bool = Field(
         default=False, description="Every notification sent by it is sensitive (a code)."
     )
+    unsubscribe: bool = Field(
+        default=False,
+        description="Transactional mail that offers one-click unsubscribe all the same "
+        "(scope category:<key>); marketing mail always does.",
+    )
     default_locale: Literal[LOCALES] = "ru"  # type: ignore[valid-type]
     description: str | None = Field(default=None, max_length=1000)
     activate: bool = True
@@ -993,6 +1100,7 @@ class TemplatePublic(BaseModel):
     key: str
     category: Category
     sensitive: bool
+    unsubscribe: bool
     default_locale: str
     description: str | None
     active_version: int | None

@@ -23,6 +23,9 @@ from devoutbox import start_outbox
 from mailer import EmailChannel, SMTPMailer
 from models import Channel, utcnow
 from ratelimits import RateLimiter
+from signing import DkimSigner
+
+logger = logging.getLogger(__name__)
 
 
 def configure_logging() -> None:
@@ -99,6 +102,7 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
     (the mail catcher; one SMS.ru and Bot API stand-in). What they start and open is
     closed by `stack` (in reverse: each client says goodbye before its stand-in goes)."""
     channels: dict[Channel, Sender] = {}
+    signer = build_signer(settings)
     if settings.uses_dev_mail_catcher:
         catcher = start_mail_catcher(settings.dev_mail_dir)
         stack.callback(catcher.stop)
@@ -108,10 +112,10 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
             pool_size=settings.smtp_pool_size,
             max_idle=settings.smtp_max_idle,
         )
-        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
+        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from, signer=signer)
     elif settings.smtp_host:
         mailer = SMTPMailer.from_settings(settings)
-        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from)
+        channels[Channel.EMAIL] = EmailChannel(mailer, sender=settings.email_from, signer=signer)
     stand_in_url: str | None = None
     for channel, entry in HTTP_CHANNELS.items():
         if getattr(settings, entry.key_setting) is not None:
@@ -127,6 +131,16 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
     for sender in channels.values():
         stack.callback(sender.close)
     return channels
+
+
+def build_signer(settings: Settings) -> DkimSigner | None:
+    """The DKIM signer the settings describe, checked (a probe signed and verified, the
+    From domain aligned): `DkimMisconfigured` stops the start-up and says why."""
+    signer = DkimSigner.from_settings(settings)
+    if signer is not None:
+        signer.check(settings.email_from)
+        logger.info("DKIM: signing as %s (selector %s)", signer.domain, signer.selector)
+    return signer
 
 
 def build_limiter(settings: Settings) -> RateLimiter:

@@ -3,6 +3,8 @@
 Eligibility, checked by one UPDATE over rows selected FOR UPDATE SKIP LOCKED:
 - `queued` and `next_attempt_at` has passed (new, scheduled, or backing off), or
 - `sending` under an expired lease: the worker holding it died.
+Right after the claim, one query finds those a suppression now stops on their channel
+(added while they waited): they are not sent, and move on as after a refusal.
 A claim sets `sending` with a lease of WORKER_LEASE seconds and writes each
 notification's attempt as `pending`, in one transaction; taking over a dead sender's
 notification records its lost attempt as `abandoned`. The batch is sent on each
@@ -81,6 +83,8 @@ class Worker:
         # told fewer (the in-API worker leaves connections to synchronous sends).
         self.threads = threads or deliverer.pool_size
         self.executor: ThreadPoolExecutor | None = None
+        # The claimed batch's notifications stopped by a suppression, with why.
+        self.suppressed: dict[int, str] = {}
 
     def run(self) -> None:
         """Work until `stop()`; sleep between empty polls."""
@@ -139,8 +143,12 @@ class Worker:
                 limit=self.settings.worker_batch_size,
                 now=self.now,
             )
-        if not batch:
-            return 0
+            if not batch:
+                return 0
+            # Right before the send: a suppression added while they waited stops them.
+            self.suppressed = crud.suppressed_now(
+                session=session, notifications=[item.notification for item in batch], now=self.now
+            )
         waiting = deque(batch)
         # Attempted and not settled yet.
         outcomes: list[Transition] = []
@@ -244,11 +252,14 @@ class Worker:
         """Send one message; its outcome, whatever happens (transmit converts every error)."""
         notification = item.notification
         files: tuple[File, ...] | DeliveryError = ()
-        if carries_files(notification):
+        if carries_files(notification) and notification.id not in self.suppressed:
             with self.session_factory() as session:
                 files = self.deliverer.files(session, notification)
         transition, _ = self.deliverer.attempt(
-            notification, attempt_id=item.attempt_id, files=files
+            notification,
+            attempt_id=item.attempt_id,
+            files=files,
+            suppressed=self.suppressed.get(notification.id),
         )
         return transition
 

@@ -13,7 +13,8 @@ converted in the channel's own module, so the rest of the service only sees:
         │                           authentication, a bad number, no funds, a bad token
         └── RecipientUnreachable    this address refuses this channel for good (a
                                     Telegram user blocked the bot, a chat that does not
-                                    exist): later sends skip it until the address changes
+                                    exist, an SMS stop list, an unknown mailbox): it is
+                                    suppressed (`reason`) until an operator lifts it
 
 Every error carries the provider's `code` (an SMTP reply code, an SMS.ru `status_code`, a
 Bot API `error_code`) and text; a provider's text passes a channel's `Scrubber` first, so
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, TypeVar
 from urllib.parse import unquote
+
+from models import SuppressionReason
 
 
 class DeliveryError(Exception):
@@ -56,7 +59,12 @@ class PermanentDeliveryError(DeliveryError):
 
 
 class RecipientUnreachable(PermanentDeliveryError):
-    """The address refuses this channel until it is changed (blocked bot, no such chat)."""
+    """The address refuses this channel for good (blocked bot, no such chat or mailbox):
+    a suppression with `reason` is added for it."""
+
+    def __init__(self, message: str, *, reason: SuppressionReason, code: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,10 @@ class Message:
     sensitive: bool = False  # a code or reset link: never logged, never cached
     parse_mode: str | None = None  # Telegram only, when the caller asked for it
     attachments: tuple[File, ...] = ()  # e-mail only
+    # E-mail only: the one-click unsubscribe URL (RFC 8058 headers; the link is in the
+    # text already), and the envelope sender that brings bounces back (VERP).
+    unsubscribe_url: str | None = None
+    envelope_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ from channels.base import (
 )
 from channels.http import HTTPSender, retry_after_header
 from config import Settings
+from models import SuppressionReason
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def classify_status(code: int, text: str, *, balance: object | None = None) -> D
     if code in _TRANSIENT or 500 <= code < 600:
         error_type = TransientDeliveryError
     elif code in _RECIPIENT_REFUSES:
-        error_type = RecipientUnreachable
+        reason = SuppressionReason.SMS_STOPLIST
+        return RecipientUnreachable(text or "refused by SMS.ru", code=code, reason=reason)
     else:
         error_type = PermanentDeliveryError
     if code == 201:

@@ -40,6 +40,7 @@ from channels.base import (
 )
 from channels.http import HTTPSender, retry_after_header
 from config import Settings
+from models import SuppressionReason
 
 logger = logging.getLogger(__name__)
 # httpx logs every request's full URL at INFO ("HTTP Request: POST https://.../bot<token>/
@@ -156,12 +157,16 @@ def classify_error(response: httpx.Response, reply: dict[str, Any]) -> DeliveryE
         wait_for = retry_after_header(response)
         return TransientDeliveryError(description, code=code, retry_after=wait_for)
     if code == 403:
-        return RecipientUnreachable(description, code=code)
+        return RecipientUnreachable(
+            description, code=code, reason=SuppressionReason.TELEGRAM_BLOCKED
+        )
     if code == 400 and any(words in description.lower() for words in _NO_SUCH_CHAT):
         new_id = parameters.get("migrate_to_chat_id")
         if new_id is not None:
             description = f"{description} (the new chat id is {new_id})"
-        return RecipientUnreachable(description, code=code)
+        return RecipientUnreachable(
+            description, code=code, reason=SuppressionReason.TELEGRAM_BLOCKED
+        )
     if code == 401:
         return PermanentDeliveryError(f"{description}: the bot token was refused", code=code)
     if code == 404:

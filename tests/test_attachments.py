@@ -269,7 +269,7 @@ def test_an_sms_only_send_refuses_attachments_and_a_fallback_says_it_left_them_o
     )
     assert refused.status_code == 422
     assert "e-mail only" in refused.text
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
 
     response = client.post(
         "/notify",

@@ -134,7 +134,14 @@ def test_ten_thousand_recipients_are_stored_in_one_statement_and_all_delivered(
     assert max(delivered.values()) == 1
     assert {r.rcpt_tos[0] for r in smtp.received} == set(emails)
     counts = queue_client.get(f"/batches/{batch['id']}").json()["counts"]
-    assert counts == {"queued": 0, "sending": 0, "sent": 10_000, "failed": 0, "cancelled": 0}
+    assert counts == {
+        "queued": 0,
+        "sending": 0,
+        "sent": 10_000,
+        "failed": 0,
+        "cancelled": 0,
+        "suppressed": 0,
+    }
 
 
 def test_a_single_send_is_not_part_of_a_batch(queue_client: TestClient) -> None:

@@ -339,7 +339,7 @@ def test_a_worker_outcome_whose_commit_answer_was_lost_is_stored_once(
     assert [r.message["Message-ID"] for r in smtp.received] == [message_id]
 
 
-def test_a_late_worker_outcome_does_not_mark_again_a_recipient_updated_since(
+def test_a_late_worker_refusal_is_stored_once_and_suppresses_once(
     settings: Settings,
     link: CuttableLink,
     make_client: Callable[..., TestClient],
@@ -366,16 +366,17 @@ def test_a_late_worker_outcome_does_not_mark_again_a_recipient_updated_since(
         lose_the_answer_of_a_commit(database.engine, link, after=1)
         assert worker.run_once() == 1
         assert len(worker.deliverer.unrecorded) == 1
-        # The refusal is stored (its answer lost); then the member says the chat works again.
-        assert client.patch("/recipients/user-42", json={"locale": "ru"}).status_code == 200
+        # The refusal is stored, its answer lost: kept, and stored again.
         link.restore()
         record_what_was_kept(worker.deliverer.unrecorded, database.session_factory)
         drain(worker)
 
-    recipient = client.get("/recipients/user-42").json()
+    suppressed = client.get("/suppressions").json()["data"]
     found = client.get(f"/notifications/{queued['id']}").json()
     outbox.stop()
-    assert recipient["unreachable"] is None
+    assert [(s["channel"], s["address"], s["reason"]) for s in suppressed] == [
+        ("telegram", str(member["telegram_chat_id"]), "telegram_blocked")
+    ]
     assert (found["status"], found["channel"], found["attempts"]) == ("sent", "sms", 2)
     assert [(a["channel"], a["outcome"]) for a in found["delivery_attempts"]] == [
         ("telegram", "permanent_error"),
@@ -394,7 +395,7 @@ def test_a_fallback_the_database_cannot_record_is_left_to_the_queue_at_once(
     outbox = start_outbox(tmp_path / "outbox")
     sms = {"sms_ru_url": outbox.url, "sms_ru_api_id": "test-api-id-0123"}
     client = make_client(**through(link, settings, worker_in_api=False, **sms).model_dump())
-    smtp.data_replies.append("550 5.1.1 No such mailbox")
+    smtp.data_replies.append("550 5.7.1 Refused by policy")
     gate = smtp.gate = threading.Event()
     answers: list[Any] = []
     body = {

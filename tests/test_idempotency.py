@@ -45,7 +45,7 @@ def test_a_repeat_returns_the_original_and_sends_nothing(
 def test_a_repeat_of_a_failed_send_is_the_same_502(
     client: TestClient, smtp: ScriptedHandler
 ) -> None:
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
 
     first = client.post("/notify/email", json=BOOKING, headers=key("k-550"))
     again = client.post("/notify/email", json=BOOKING, headers=key("k-550"))

@@ -25,6 +25,8 @@ ORDER = [
     "models",
     "headers",
     "config",
+    "suppression",
+    "pages",
     "devmail",
     "devoutbox",
     "serving",
@@ -34,6 +36,7 @@ ORDER = [
     "channels.http",
     "channels.sms_ru",
     "channels.telegram",
+    "signing",
     "mailer",
     "retries",
     "lifecycle",
@@ -51,6 +54,7 @@ ORDER = [
     "wiring",
     "routes",
     "worker",
+    "inbound",
     "cli",
     "main",
 ]
@@ -104,7 +108,8 @@ def test_routes_are_endpoints_only() -> None:
     # One: a duplicate key name is a 409.
     assert [ast.unparse(h.type) for t in tries for h in t.handlers if h.type] == ["IntegrityError"]
     assert all(not t.finalbody for t in tries)
-    # crud from routes: reads, and the recipients', templates' and keys' own records;
+    # crud from routes: reads, and the recipients', templates', keys' and suppressions'
+    # own records;
     # nothing of a notification's lifecycle.
     assert calls("routes", "crud") <= {
         "get_batch",
@@ -120,6 +125,12 @@ def test_routes_are_endpoints_only() -> None:
         "list_api_keys",
         "get_api_key",
         "revoke_api_key",
+        "list_suppressions",
+        "add_suppressions",
+        "find_suppression",
+        "get_suppression",
+        "delete_suppression",
+        "list_reports",
     }
 
 
@@ -168,7 +179,7 @@ def test_one_function_writes_a_notifications_state(
     """Sent in the request, failed, resent, queued and sent by a worker, cancelled."""
     client = make_client(worker_in_api=False)
     sent = client.post("/notify/email", json=BOOKING)
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
     failed = client.post("/notify/email", json=BOOKING).json()
     resent = client.post(f"/notifications/{failed['id']}/retry")
     queued = client.post("/notify/email", json=BOOKING, headers={"Prefer": "respond-async"})

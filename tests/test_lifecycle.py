@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lifecycle import Transition
-from models import DeliveryAttempt, Notification, utcnow
+from models import DeliveryAttempt, Notification, Suppression, utcnow
 from tests.conftest import BOOKING, drain
 from tests.providers import Outbox, Reply, provider_settings
 from tests.smtpd import ScriptedHandler
 from worker import Worker
 
-NO_SUCH_USER = "550 5.1.1 No such user"
+REFUSED = "550 5.7.1 Refused by policy"
 TRY_LATER = "451 4.3.0 Try again later"
 NO_NUMBER = {"status": "ERROR", "status_code": 207, "status_text": "Нельзя отправлять"}
 BLOCKED = {"ok": False, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}
@@ -76,9 +76,9 @@ def script(smtp: ScriptedHandler, outbox: Outbox, smtp_replies: list[str], repli
 # The SMTP server's and the providers' replies, and what the request answers.
 SCENARIOS = {
     "sent at once": ([], [], 201),
-    "refused, then sent by SMS": ([NO_SUCH_USER], [], 201),
+    "refused, then sent by SMS": ([REFUSED], [], 201),
     "refused on every channel": (
-        [NO_SUCH_USER],
+        [REFUSED],
         [Reply.json(200, NO_NUMBER), Reply.json(403, BLOCKED)],
         502,
     ),
@@ -112,6 +112,11 @@ def test_the_request_and_the_worker_leave_the_same_rows(
     assert in_request.status_code == answered, in_request.text
     # Before any worker runs: what the request alone left.
     sync_rows = rows(db, in_request.json()["id"])
+    # The first send's refusals for good suppressed its addresses: the second must meet
+    # the same replies.
+    with db() as session:
+        session.execute(delete(Suppression))
+        session.commit()
     script(smtp, outbox, smtp_replies, provider_replies)
     queued = client.post("/notify", json=body, headers={"Prefer": "respond-async"})
     assert queued.status_code == 202, queued.text
@@ -137,7 +142,7 @@ def test_every_stored_outcome_cancel_and_resend_is_announced_to_the_hooks(
     client.app.state.deliverer.hooks.append(hook)  # type: ignore[attr-defined]
     worker.deliverer.hooks.append(hook)
     sent = client.post("/notify/email", json=BOOKING).json()["id"]
-    smtp.rcpt_replies.append(NO_SUCH_USER)
+    smtp.rcpt_replies.append(REFUSED)
     failed = client.post("/notify/email", json=BOOKING).json()["id"]
     client.post(f"/notifications/{failed}/retry")
     queued = client.post("/notify/email", json=BOOKING, headers={"Prefer": "respond-async"})

@@ -228,7 +228,7 @@ def test_fallback_goes_sms_then_email_then_telegram(
 ) -> None:
     client.post("/recipients", json=MEMBER)
     outbox.plan(Reply.json(200, NO_NUMBER))
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
 
     response = client.post(
         "/notify",
@@ -264,7 +264,7 @@ def test_every_channel_failing_is_a_502_with_each_reason(
     client: TestClient, outbox: Outbox, smtp: ScriptedHandler
 ) -> None:
     outbox.plan(Reply.json(200, NO_NUMBER), Reply.json(403, BLOCKED))
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
     contacts = {"email": "a@example.com", "phone": "+79161234567", "telegram_chat_id": "77"}
 
     response = client.post(
@@ -280,7 +280,7 @@ def test_every_channel_failing_is_a_502_with_each_reason(
     assert response.status_code == 502
     body = response.json()
     assert body["status"] == "failed"
-    assert "No such user" in body["error_message"]
+    assert "Refused by policy" in body["error_message"]
     assert [(c["channel"], c["status"]) for c in body["channel_outcomes"]] == [
         ("sms", "failed"),
         ("telegram", "failed"),
@@ -340,7 +340,7 @@ def test_an_unknown_recipient_is_a_422(client: TestClient) -> None:
     assert response.json()["detail"][0]["loc"] == ["body", "recipient", "external_id"]
 
 
-def test_a_blocked_chat_is_skipped_until_the_recipient_is_updated(
+def test_a_blocked_chat_is_suppressed_and_skipped_until_an_operator_lifts_it(
     client: TestClient, outbox: Outbox
 ) -> None:
     client.post("/recipients", json={**MEMBER, "channels": ["telegram", "sms"]})
@@ -349,15 +349,25 @@ def test_a_blocked_chat_is_skipped_until_the_recipient_is_updated(
 
     first = client.post("/notify", json=member).json()
     assert (first["status"], first["channel"]) == ("sent", "sms")
-    assert "blocked" in client.get("/recipients/user-42").json()["unreachable"]["telegram"]
+    [row] = client.get("/suppressions", params={"channel": "telegram"}).json()["data"]
+    assert (row["address"], row["reason"], row["scope"]) == (
+        str(MEMBER["telegram_chat_id"]),
+        "telegram_blocked",
+        "all",
+    )
+    assert row["notification_id"] == first["id"] and "blocked" in row["detail"]
 
     second = client.post("/notify", json=member).json()
     assert (second["channel"], second["channels"]) == ("sms", ["sms"])
-    assert second["skipped"][0]["channel"] == "telegram"
-    assert "blocked" in second["skipped"][0]["reason"]
+    assert second["skipped"] == [
+        {"channel": "telegram", "reason": "suppressed: telegram_blocked"}
+    ]
     assert len(telegram_requests(outbox)) == 1
 
+    # Updating the recipient with the same chat changes nothing; lifting the suppression does.
     client.patch("/recipients/user-42", json={"locale": "ru"})
+    assert client.post("/notify", json=member).json()["channel"] == "sms"
+    assert client.delete(f"/suppressions/{row['id']}").status_code == 204
     third = client.post("/notify", json=member).json()
     assert (third["channel"], third["status"]) == ("telegram", "sent")
 
@@ -485,7 +495,7 @@ def test_recipients_sharing_a_number_count_a_message_each_in_bulk(
     assert [(r["index"], r["external_id"]) for r in body["rejected"]] == [(1, "twin-2")]
 
 
-def test_a_refusal_of_an_address_the_recipient_has_since_changed_marks_nothing(
+def test_a_refusal_suppresses_the_address_it_was_sent_to_not_the_recipients_new_one(
     client: TestClient, worker: Worker, outbox: Outbox
 ) -> None:
     client.post("/recipients", json={"external_id": "user-7", "telegram_chat_id": 5})
@@ -501,7 +511,10 @@ def test_a_refusal_of_an_address_the_recipient_has_since_changed_marks_nothing(
     drain(worker)
 
     assert client.get(f"/notifications/{queued.json()['id']}").json()["status"] == "failed"
-    assert client.get("/recipients/user-7").json()["unreachable"] is None
+    rows = client.get("/suppressions", params={"channel": "telegram"}).json()["data"]
+    assert [r["address"] for r in rows] == ["5"]
+    again = client.post("/notify", json={"recipient": {"external_id": "user-7"}, "text": "Привет"})
+    assert (again.json()["recipient"], again.json()["status"]) == ("6", "sent")
 
 
 def test_history_finds_a_chat_id_that_also_reads_as_a_phone_number(

@@ -27,6 +27,8 @@ from tests.faults import CuttableLink
 from tests.smtpd import ScriptedHandler
 
 OPEN = {"/healthz", "/readyz"}
+# Reached from a recipient's mail client: a token in the URL is its only credential.
+PUBLIC = {"/unsubscribe/{token}"}
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -47,10 +49,10 @@ def endpoints(client: TestClient) -> list[tuple[str, str, str | None]]:
     schema = client.app.openapi()  # type: ignore[attr-defined]
     found = []
     for path, operations in schema["paths"].items():
-        if path in OPEN:
+        if path in OPEN or path in PUBLIC:
             continue
         concrete = path.replace("{notification_id}", "1").replace("{batch_id}", "1")
-        concrete = concrete.replace("{key_id}", "1")
+        concrete = concrete.replace("{key_id}", "1").replace("{suppression_id}", "1")
         for method, operation in operations.items():
             declared = [s for r in operation.get("security", []) for s in r.get("ApiKey", [])]
             found.append((method.upper(), concrete, next(iter(declared), None)))
@@ -73,13 +75,17 @@ def test_no_endpoint_but_health_answers_without_a_valid_key(client: TestClient) 
         assert call(client, method, path, headers={"Authorization": f"Basic {ADMIN_KEY}"}) == 401
     for path in OPEN:
         assert call(client, "GET", path, headers={"Authorization": ""}) == 200
+    # Without a key, a link that is not ours is a 404 (never a 401 asking for a key).
+    for method in ("GET", "POST"):
+        assert call(client, method, "/unsubscribe/forged", headers={"Authorization": ""}) == 404
 
 
 def test_every_endpoint_demands_its_scope(client: TestClient) -> None:
-    scopes = ("send", "read", "recipients", "templates", "admin")
+    scopes = ("send", "read", "recipients", "templates", "suppressions", "admin")
     keys = {scope: new_key(client, [scope]) for scope in scopes}
-    # An operator (admin) may also correct a recipient's contacts and manage templates.
-    implied = {"recipients": {"admin"}, "templates": {"admin"}}
+    # An operator (admin) may also correct a recipient's contacts, manage templates and
+    # suppressions.
+    implied = {"recipients": {"admin"}, "templates": {"admin"}, "suppressions": {"admin"}}
 
     for method, path, scope in endpoints(client):
         assert scope in keys, (method, path, "has no scope")
@@ -236,7 +242,7 @@ def test_a_sensitive_text_is_never_shown_and_erased_after_delivery(
 def test_a_failed_sensitive_notification_is_erased_and_cannot_be_resent(
     client: TestClient, smtp: ScriptedHandler, db: sessionmaker[Session]
 ) -> None:
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
     failed = client.post("/notify/email", json={**BOOKING, "sensitive": True}).json()
 
     with db() as session:

@@ -134,7 +134,7 @@ def test_a_refusal_on_a_reused_connection_is_not_retried_and_the_connection_is_k
     client: TestClient, smtp: ScriptedHandler
 ) -> None:
     client.post("/notify/email", json=BOOKING)
-    smtp.rcpt_replies.append("550 5.1.1 No such user")
+    smtp.rcpt_replies.append("550 5.7.1 Refused by policy")
 
     refused = client.post("/notify/email", json=BOOKING)
     client.post("/notify/email", json=BOOKING)
