@@ -987,6 +987,13 @@ class SuppressionQuery(BaseModel):
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
     before: int | None = Field(default=None, ge=1, le=MAX_ID)
 
+    @field_validator("address")
+    @classmethod
+    def printable_address(cls, address: str | None) -> str | None:
+        if address is not None and HEADER_UNSAFE.search(address):
+            raise ValueError("must not contain control characters")
+        return address
+
 
 class InboundReportPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)

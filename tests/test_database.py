@@ -238,6 +238,41 @@ def test_upgrading_to_channels_keeps_the_smtp_codes_and_counts_unfinished_attemp
     assert [tuple(row) for row in counts] == [(1, 0, 2), (2, 0, 0)]
 
 
+def test_upgrading_to_suppressions_turns_the_unreachable_marks_into_suppressions(
+    create_database: Callable[[], str],
+) -> None:
+    engine = make_engine(Settings(_env_file=None, database_url=create_database()))
+    migrate_to(engine, "0009")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO recipients (external_id, phone, telegram_chat_id, unreachable,"
+                " created_at, updated_at) VALUES"
+                " ('u1', '+79161234567', '42', CAST(:blocked AS json), now(), now()),"
+                " ('u2', '+79160000000', NULL, CAST(:stopped AS json), now(), now()),"
+                " ('u3', NULL, '7', NULL, now(), now())"
+            ),
+            {
+                "blocked": '{"telegram": "403 Forbidden: bot was blocked by the user"}',
+                "stopped": '{"sms": "209 in the stop list"}',
+            },
+        )
+
+    run_migrations(engine)
+
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT channel, address, scope, reason, detail FROM suppressions ORDER BY id")
+        ).all()
+        columns = {c["name"] for c in inspect(connection).get_columns("recipients")}
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("telegram", "42", "all", "telegram_blocked", "403 Forbidden: bot was blocked by the user"),
+        ("sms", "+79160000000", "all", "sms_stoplist", "209 in the stop list"),
+    ]
+    assert "unreachable" not in columns
+
+
 def test_unreachable_rate_limit_storage_is_a_503_and_not_ready(
     make_client: Callable[..., TestClient], smtp: ScriptedHandler
 ) -> None:

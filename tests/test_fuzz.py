@@ -3,7 +3,8 @@ SMS.ru and Bot API stand-in behind it (so fuzzed SMS and Telegram sends are real
 
 Every operation is fuzzed with a valid admin key and without one: no response may be a
 5xx, every response must match the schema (status code, headers, body), and without a key
-nothing but the health checks answers anything but 401, whatever the body.
+nothing but the health checks and a recipient's unsubscribe link answers anything but
+401, whatever the body.
 """
 
 from collections.abc import Callable
@@ -25,7 +26,7 @@ EXAMPLES_PER_OPERATION = 100
 # and branches of the service, and get the same status from each operation, as 100 do
 # (measured with coverage.py).
 EXAMPLES_WITHOUT_KEY = 40
-OPEN = ("/healthz", "/readyz")
+OPEN = ("/healthz", "/readyz", "/unsubscribe/{token}")
 # What the service promises: never a 5xx, and answers as documented. (Not that every
 # schema-valid body is accepted: a subject with control characters passes the JSON
 # schema but is refused by validation, by design.)

@@ -359,9 +359,7 @@ def test_a_blocked_chat_is_suppressed_and_skipped_until_an_operator_lifts_it(
 
     second = client.post("/notify", json=member).json()
     assert (second["channel"], second["channels"]) == ("sms", ["sms"])
-    assert second["skipped"] == [
-        {"channel": "telegram", "reason": "suppressed: telegram_blocked"}
-    ]
+    assert second["skipped"] == [{"channel": "telegram", "reason": "suppressed: telegram_blocked"}]
     assert len(telegram_requests(outbox)) == 1
 
     # Updating the recipient with the same chat changes nothing; lifting the suppression does.
