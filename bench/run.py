@@ -680,6 +680,41 @@ class Bench:
             "warm_render": json.loads(rendered.stdout),
         }
 
+    def w8_dkim(self) -> None:
+        """W3's delivery with DKIM signing on and off, interleaved rounds in one run; and
+        the signing cost per message (bench/signing_cost.py)."""
+        count = max(self.mode.delivery // 5, 1_000)
+        key = self.workdir / "dkim.pem"
+        if not key.exists():
+            subprocess.run(
+                [self.python, "cli.py", "dkim", "keygen", str(key)],
+                cwd=PROJECT,
+                check=True,
+                capture_output=True,
+                env=os.environ | {"DATABASE_URL": self.database_url},
+            )
+        signed = {"DKIM_DOMAIN": "coworking.local", "DKIM_PRIVATE_KEY": str(key)}
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for round_ in range(max(self.mode.runs, 3)):
+            sides = [("off", {}), ("on", signed)]
+            for label, extra in sides[:: -1 if round_ % 2 else 1]:
+                self.queue_rows(count)
+                seconds = self.drain(f"worker-w8-{label}", self.service_env(**extra), count)
+                runs[label].append(count / seconds)
+        cost = subprocess.run(
+            [self.python, str(BENCH / "signing_cost.py")], check=True, capture_output=True, text=True
+        )
+        off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+        self.results["W8_dkim"] = {
+            "messages": count,
+            "workers": self.mode.workers,
+            "off_msgs_per_s": round(off, 1),
+            "on_msgs_per_s": round(on, 1),
+            "ratio_on_to_off": round(on / off, 2),
+            "runs": {k: [round(v, 1) for v in r] for k, r in runs.items()},
+            "signing": json.loads(cost.stdout),
+        }
+
     def w5_history(self) -> None:
         """History over N rows: first pages per filter and deep cursor pages, over HTTP."""
         rows = self.mode.history_rows
@@ -1040,6 +1075,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| W7 warm render per message (bench/render.py) | e-mail {render['email_us']} µs, "
             f"SMS {render['sms_us']} µs | | | < 100 µs |",
         ]
+    w8 = results.get("W8_dkim")
+    if w8 is not None:
+        signing = w8["signing"]
+        lines += [
+            f"| W8 delivery of {w8['messages']:,} with DKIM (rsa-sha256, 2048 bits; "
+            f"{w8['workers']} workers) | {w8['on_msgs_per_s']} msg/s signed | "
+            f"{w8['off_msgs_per_s']} msg/s unsigned | {w8['ratio_on_to_off']}× | |",
+            f"| W8 signing per message (bench/signing_cost.py) | {signing['ours_us']} µs | dkimpy's "
+            f"own RSA: {signing['dkimpy_us']} µs; rendering alone {signing['render_us']} µs | "
+            f"{signing['speedup']}× | |",
+        ]
     peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
     lines += [
         "",
@@ -1076,6 +1122,7 @@ def main() -> None:
         "W5": bench.w5_history,
         "W6": bench.w6_channels,
         "W7": bench.w7_templates,
+        "W8": bench.w8_dkim,
     }
     chosen = args.only.split(",") if args.only else list(steps)
     try:
