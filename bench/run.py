@@ -702,7 +702,10 @@ class Bench:
                 seconds = self.drain(f"worker-w8-{label}", self.service_env(**extra), count)
                 runs[label].append(count / seconds)
         cost = subprocess.run(
-            [self.python, str(BENCH / "signing_cost.py")], check=True, capture_output=True, text=True
+            [self.python, str(BENCH / "signing_cost.py")],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
         self.results["W8_dkim"] = {
@@ -1082,8 +1085,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| W8 delivery of {w8['messages']:,} with DKIM (rsa-sha256, 2048 bits; "
             f"{w8['workers']} workers) | {w8['on_msgs_per_s']} msg/s signed | "
             f"{w8['off_msgs_per_s']} msg/s unsigned | {w8['ratio_on_to_off']}× | |",
-            f"| W8 signing per message (bench/signing_cost.py) | {signing['ours_us']} µs | dkimpy's "
-            f"own RSA: {signing['dkimpy_us']} µs; rendering alone {signing['render_us']} µs | "
+            f"| W8 signing per message (bench/signing_cost.py) | {signing['ours_us']} µs | "
+            f"dkimpy's own RSA: {signing['dkimpy_us']} µs; rendering alone "
+            f"{signing['render_us']} µs | "
             f"{signing['speedup']}× | |",
         ]
     peaks = ", ".join(f"{k} {v} MB" for k, v in sorted(results["peak_rss_mb"].items()))
