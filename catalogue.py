@@ -2,7 +2,7 @@
 (`templating.Renderer.check`) before it is stored, previews, and the shipped catalogue.
 
 The catalogue is the repository's `templates/` folder, reviewed like code: a folder per
-template (`templates/booking_confirmed/`) with `template.toml` (category, sensitive,
+template (`templates/booking_confirmed/`) with `template.toml` (category, sensitive, unsubscribe,
 default locale, variables) and a file per locale and part: `ru.subject`, `ru.txt`,
 `ru.html`, `ru.sms`, `ru.telegram` (each optional). `install` stores a folder as a new
 version only when one of its files changed (their SHA-256 is kept on the version), and
@@ -89,6 +89,7 @@ class Catalogue:
                     "key": data.key,
                     "category": data.category,
                     "sensitive": data.sensitive,
+                    "unsubscribe": data.unsubscribe,
                     "default_locale": data.default_locale,
                     "description": data.description,
                 },
@@ -201,6 +202,7 @@ class Catalogue:
         follow = template.active_version is None or active is not None
         template.category = data.category
         template.sensitive = data.sensitive
+        template.unsubscribe = data.unsubscribe
         template.description = data.description
         version, _ = self.add_version(
             session,
@@ -240,6 +242,7 @@ def read_folder(folder: Path) -> tuple[TemplateCreate, str]:
         key=folder.name,
         category=meta.get("category", "transactional"),
         sensitive=meta.get("sensitive", False),
+        unsubscribe=meta.get("unsubscribe", False),
         default_locale=meta.get("default_locale", "ru"),
         description=meta.get("description"),
         telegram_parse_mode=meta.get("telegram_parse_mode"),

@@ -231,7 +231,15 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg2://" + url.removeprefix(prefix)
         return url
 
-    @field_validator("sms_ru_api_id", "telegram_bot_token", "sms_from", mode="before")
+    @field_validator(
+        "sms_ru_api_id",
+        "telegram_bot_token",
+        "sms_from",
+        "dkim_domain",
+        "dkim_private_key",
+        "bounce_domain",
+        mode="before",
+    )
     @classmethod
     def empty_is_unset(cls, value: object) -> object:
         """`SMS_RU_API_ID=` (compose's `${SMS_RU_API_ID:-}`) leaves the channel unconfigured."""

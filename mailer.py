@@ -83,13 +83,14 @@ def build_message(
     attachments: Sequence[File] = (),
     headers: Sequence[tuple[str, str]] = (),
 ) -> EmailMessage:
-    """An RFC 5322 message, with the extra `headers` (ASCII) after its Message-ID;
+    """An RFC 5322 message, with the extra `headers` (ASCII, one line each, written as
+    given) after its Message-ID;
     non-ASCII headers become RFC 2047 encoded words. With `html`,
     multipart/alternative: the text part first, then the HTML (RFC 2046 section 5.1.4:
     the last part is the richest), under `boundary` if given. With `attachments`,
     multipart/mixed: that body first, then each file in base64, its name RFC 2231 encoded
     when it is not ASCII (Cyrillic names arrive intact)."""
-    message = EmailMessage()
+    message = EmailMessage(policy=_BUILD_POLICY)
     message["From"] = sender
     message["To"] = recipient
     folded = fold_unstructured("Subject", subject)
@@ -101,7 +102,9 @@ def build_message(
     message["Date"] = format_datetime(date)
     message["Message-ID"] = message_id
     for name, value in headers:
-        message[name] = value
+        # Written as given: a long URL folded by the email package would become RFC 2047
+        # encoded words, which no mail client reads as a List-Unsubscribe URL.
+        message.set_raw(name, value)
     # Quoted-printable keeps the body 7-bit: smtplib never asks for 8BITMIME.
     message.set_content(text, charset="utf-8", cte="quoted-printable")
     if html is not None:
@@ -235,7 +238,7 @@ class MessageRenderer:
                 self._subject_line(subject),
                 self._date_line(date),
                 self._message_id_line(message_id),
-                *(_header_line(name, value) for name, value in headers),
+                *(f"{name}: {value}\r\n".encode("ascii") for name, value in headers),
                 _CONTENT_HEADERS if html is None else b"",
                 body,
             )
@@ -315,7 +318,7 @@ def _flattened(message: EmailMessage) -> OutgoingMessage:
     with io.BytesIO() as buffer:
         if smtputf8:
             # The message's policy (email.policy.default) with utf8=True; CRLF comes below.
-            generator = BytesGenerator(buffer, policy=policy.SMTPUTF8)
+            generator = BytesGenerator(buffer, policy=_SMTPUTF8_POLICY)
         else:
             # No policy of its own: the message's, and From_ lines in the body mangled.
             generator = BytesGenerator(buffer)
@@ -331,6 +334,10 @@ def _header_line(name: str, value: str) -> bytes:
 
 # EmailMessage's policy with the line ends send_message asks for.
 _WIRE_POLICY = policy.SMTP
+# The messages build_message makes: headers it sets raw are written as they are, however
+# long (up to RFC 5322's 998), never refolded into encoded words.
+_BUILD_POLICY = policy.default.clone(refold_source="none")
+_SMTPUTF8_POLICY = policy.SMTPUTF8.clone(refold_source="none")
 _MAX_LINE = 78  # _WIRE_POLICY.max_line_length
 _CONTENT_HEADERS = (
     b'Content-Type: text/plain; charset="utf-8"\r\n'

@@ -62,10 +62,14 @@ def signed_client(make_client: Callable[..., TestClient], key: bytes) -> TestCli
 
 
 def unsubscribe_path(received: Received) -> str:
-    header = received.message["List-Unsubscribe"]
-    found = re.fullmatch(r"<(https://notify\.coworking\.test/unsubscribe/[^>]+)>", header)
-    assert found, header
-    return urlsplit(found[1]).path
+    """The one-click URL's path, as a mail client reads it off the raw header (one line,
+    no encoded words)."""
+    found = re.search(
+        rb"\r\nList-Unsubscribe: <(https://notify\.coworking\.test/unsubscribe/[\w.-]+)>\r\n",
+        received.raw,
+    )
+    assert found, received.raw[:600]
+    return urlsplit(found[1].decode()).path
 
 
 def opendkim(message: bytes, signer: DkimSigner, tmp_path: Path) -> str:
@@ -550,3 +554,31 @@ def test_tokens_name_what_they_were_made_for_and_nothing_else() -> None:
     assert verp is not None and tokens.read_bounce(verp.upper()) == 42
     assert other.read_bounce(verp) is None
     assert tokens.read_bounce(f"bounces+43-{verp.split('-')[1]}") is None
+
+
+def test_a_transactional_template_that_opts_in_offers_unsubscribe_from_itself_alone(
+    signed_client: TestClient, smtp: ScriptedHandler
+) -> None:
+    created = signed_client.post(
+        "/templates",
+        json={
+            "key": "room_reminder",
+            "unsubscribe": True,
+            "variables": [],
+            "content": {"ru": {"subject": "Напоминание о брони", "text": "Бронь через час."}},
+        },
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["unsubscribe"] is True
+    reminder = {"email": BOOKING["email"], "template": "room_reminder"}
+    signed_client.post("/notify/email", json=reminder)
+    signed_client.post(unsubscribe_path(smtp.received[0]))
+
+    again = signed_client.post("/notify/email", json=reminder).json()
+    booking = signed_client.post("/notify/email", json=BOOKING).json()
+
+    [row] = signed_client.get("/suppressions").json()["data"]
+    assert row["scope"] == "category:room_reminder"
+    assert (again["status"], again["category"]) == ("suppressed", "transactional")
+    assert booking["status"] == "sent"
+    assert "List-Unsubscribe" not in smtp.received[-1].message

@@ -129,6 +129,7 @@ def sent_by_smtplib(
     text: str,
     message_id: str,
     date: datetime,
+    **more: Any,
 ) -> OutgoingMessage:
     """The envelope and bytes `smtplib.SMTP.send_message(build_message(...))` hands to
     sendmail: its own steps, for a message without Sender, Cc, Bcc or Resent- fields."""
@@ -139,13 +140,14 @@ def sent_by_smtplib(
         text=text,
         message_id=message_id,
         date=date,
+        **more,
     )
     from_addr = getaddresses([message["From"]])[0][1]
     to_addrs = tuple(address for _, address in getaddresses([message["To"]]))
     international = not "".join((from_addr, *to_addrs)).isascii()
     with io.BytesIO() as buffer:
         if international:
-            generator = BytesGenerator(buffer, policy=policy.default.clone(utf8=True))
+            generator = BytesGenerator(buffer, policy=message.policy.clone(utf8=True))
         else:
             generator = BytesGenerator(buffer)
         generator.flatten(message, linesep="\r\n")
@@ -183,6 +185,25 @@ def test_subjects_render_as_smtplib_sends_them(renderer: MessageRenderer, subjec
 
     assert rendered == sent_by_smtplib(**fields(subject=subject))
     # The subject is folded by the email package (once, then cached): never a fallback.
+    assert not renderer.fallbacks
+
+
+@pytest.mark.parametrize("html", [None, "<p>Бронь <b>подтверждена</b></p>"], ids=["text", "html"])
+def test_list_unsubscribe_goes_unfolded_and_unencoded_either_way(
+    renderer: MessageRenderer, html: str | None
+) -> None:
+    url = "https://notify.coworking.test/unsubscribe/" + "WyJlbWFpbCIsImEiXQ" * 8
+    headers = (
+        ("List-Unsubscribe", f"<{url}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    )
+    extra = {"headers": headers, "html": html, "boundary": "==============1234567890=="}
+
+    rendered = renderer.render(**fields(**extra))
+
+    assert rendered == sent_by_smtplib(**fields(**extra))
+    assert f"\r\nList-Unsubscribe: <{url}>\r\n".encode() in rendered.data
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in rendered.data
     assert not renderer.fallbacks
 
 
