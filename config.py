@@ -1,5 +1,6 @@
 """Service settings, read once from the environment and `.env`."""
 
+import re
 import secrets
 from email.utils import parseaddr
 from enum import StrEnum
@@ -244,6 +245,14 @@ class Settings(BaseSettings):
     def empty_is_unset(cls, value: object) -> object:
         """`SMS_RU_API_ID=` (compose's `${SMS_RU_API_ID:-}`) leaves the channel unconfigured."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def http_url(cls, url: str) -> str:
+        """An ASCII http(s) URL: it goes into a mail header as it is."""
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?", url):
+            raise ValueError("must be an http(s) URL of ASCII letters, digits and . _ ~ / -")
+        return url.rstrip("/")
 
     @field_validator("channel_order", "attachment_types", mode="before")
     @classmethod

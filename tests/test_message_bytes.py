@@ -147,7 +147,8 @@ def sent_by_smtplib(
     international = not "".join((from_addr, *to_addrs)).isascii()
     with io.BytesIO() as buffer:
         if international:
-            generator = BytesGenerator(buffer, policy=message.policy.clone(utf8=True))
+            # send_message's own: the message's policy, with utf8.
+            generator = BytesGenerator(buffer, policy=message.policy.clone(utf8=True))  # type: ignore[call-arg]
         else:
             generator = BytesGenerator(buffer)
         generator.flatten(message, linesep="\r\n")
