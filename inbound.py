@@ -94,9 +94,12 @@ class Report:
 def read_report(data: bytes) -> Report:
     """The report `data` holds; kind `unknown` with the `error` when it is none we read."""
     try:
-        message = email.message_from_bytes(data, policy=email.policy.compat32)
-    except Exception as exc:  # the parser is lenient; this is a defect of the input
-        return Report(UNKNOWN, error=f"not a message: {type(exc).__name__}")
+        return _read(email.message_from_bytes(data, policy=email.policy.compat32))
+    except Exception as exc:  # whatever odd input breaks in the parser: kept, not lost
+        return Report(UNKNOWN, error=f"not readable: {type(exc).__name__}")
+
+
+def _read(message: Message) -> Report:
     if message.get_content_type() != "multipart/report":
         return Report(UNKNOWN, error=f"not a report: {message.get_content_type()}")
     report_type = str(message.get_param("report-type") or "").lower()
@@ -299,6 +302,10 @@ class BounceHandler:
             )
         except DATABASE_UNAVAILABLE:
             logger.error("inbound report not recorded: database unavailable; asked to retry")
+            return "451 4.3.0 Try again later"
+        except Exception:
+            # A bug rather than the report's fault: the sender keeps it and tries again.
+            logger.exception("inbound report not recorded; asked to retry")
             return "451 4.3.0 Try again later"
         return f"250 2.0.0 Report {status}"
 

@@ -126,10 +126,11 @@ class Tokens:
         local = address.rpartition("@")[0].lower()
         tag = local.partition("+")[2]
         number, _, mac = tag.partition("-")
-        if not number.isdigit() or len(number) > 18:
+        if not (number.isascii() and number.isdigit()) or len(number) > 18:
             return None
         notification_id = int(number)
-        return notification_id if hmac.compare_digest(mac, self._mac(notification_id)) else None
+        expected = self._mac(notification_id).encode("ascii")
+        return notification_id if hmac.compare_digest(mac.encode(), expected) else None
 
     def _mac(self, notification_id: int) -> str:
         digest = hmac.new(self._bounce_key, str(notification_id).encode(), hashlib.sha256)

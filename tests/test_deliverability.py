@@ -554,6 +554,9 @@ def test_tokens_name_what_they_were_made_for_and_nothing_else() -> None:
     assert verp is not None and tokens.read_bounce(verp.upper()) == 42
     assert other.read_bounce(verp) is None
     assert tokens.read_bounce(f"bounces+43-{verp.split('-')[1]}") is None
+    # Odd local parts are not ours, never an error.
+    for odd in ("bounces+²-00@b.test", "bounces+42-ключ@b.test", "bounces@b.test", "@"):
+        assert tokens.read_bounce(odd) is None
 
 
 def test_a_transactional_template_that_opts_in_offers_unsubscribe_from_itself_alone(
