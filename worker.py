@@ -47,6 +47,7 @@ import crud
 import idempotency
 from channels.base import DeliveryError, File
 from config import Settings
+from db import DATABASE_UNAVAILABLE
 from delivery import Deliverer
 from lifecycle import Transition, carries_files
 from recorder import start_recorder
@@ -146,9 +147,17 @@ class Worker:
             if not batch:
                 return 0
             # Right before the send: a suppression added while they waited stops them.
-            self.suppressed = crud.suppressed_now(
-                session=session, notifications=[item.notification for item in batch], now=self.now
-            )
+            try:
+                self.suppressed = crud.suppressed_now(
+                    session=session,
+                    notifications=[item.notification for item in batch],
+                    now=self.now,
+                )
+            except DATABASE_UNAVAILABLE:
+                # Not sent unchecked: given back (now, or once the database answers).
+                session.rollback()
+                self.deliverer.release(session, worker_id=self.worker_id, leased=batch)
+                raise
         waiting = deque(batch)
         # Attempted and not settled yet.
         outcomes: list[Transition] = []
