@@ -968,9 +968,9 @@ def add_suppressions(
     commit: bool = True,
     now: Callable[[], datetime] = utcnow,
 ) -> list[int]:
-    """Suppress each row's (channel, address, scope), its address folded; a row already
-    there is left as it was (a repeat adds nothing). The one writer of suppressions; the
-    ids of the rows added."""
+    """Suppress each row's (channel, address, scope), its address folded; a live row
+    already there is left as it was (a repeat adds nothing), an expired one replaced. The
+    one writer of suppressions; the ids of the rows added or replaced."""
     if not rows:
         return []
     at = now()
@@ -985,11 +985,21 @@ def add_suppressions(
         }
         for row in rows
     ]
+    # One row per key (a statement cannot touch a row twice), in key order (no deadlock
+    # between two such statements).
+    unique = {(str(v["channel"]), v["address"], v["scope"]): v for v in values}
+    statement = dialect_insert(session, Suppression).values([unique[k] for k in sorted(unique)])
+    replaced = {
+        name: statement.excluded[name]
+        for name in ("reason", "detail", "notification_id", "created_at", "expires_at")
+    }
     added = session.scalars(
-        dialect_insert(session, Suppression)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["channel", "address", "scope"])
-        .returning(Suppression.id)
+        # A row that has expired is replaced; a live one is left as it was.
+        statement.on_conflict_do_update(
+            index_elements=["channel", "address", "scope"],
+            set_=replaced,
+            where=and_(Suppression.expires_at.is_not(None), Suppression.expires_at <= at),
+        ).returning(Suppression.id)
     ).all()
     if commit:
         session.commit()
@@ -1086,7 +1096,7 @@ def list_suppressions(
     if query.channel is not None:
         statement = statement.where(Suppression.channel == query.channel)
     if query.address is not None:
-        channel = query.channel or Channel.EMAIL
+        channel = query.channel or (Channel.EMAIL if "@" in query.address else Channel.SMS)
         statement = statement.where(
             Suppression.address == suppression.folded(channel, query.address)
         )

@@ -396,9 +396,12 @@ class Deliverer:
         rendered: dict[Channel, tuple[str | None, str]] | None = None
         template: dict[str, object] = {}
         text, subject = data.text or "", target.subject
-        category = data.category or (
-            chosen.template.category if chosen is not None else Category.TRANSACTIONAL
-        )
+        # A marketing template stays marketing: a caller cannot take its unsubscribe away.
+        category = data.category or Category.TRANSACTIONAL
+        if chosen is not None and (
+            data.category is None or chosen.template.category == "marketing"
+        ):
+            category = chosen.template.category
         template_key = chosen.template.key if chosen is not None else None
         blocked = suppression.suppressed_steps(
             [(c, a) for c, a in target.addresses.items() if a is not None and c in target.order],
@@ -500,9 +503,11 @@ class Deliverer:
         self.check_send_at(draft.send_at)
         if data.attachments:
             draft = self.attach(ctx.session, data, draft, [draft])
+        # The key's fingerprint is the request's alone, not what the suppressions say now.
+        asked = draft.send_at is not None or ctx.prefer_async
+        claim = self._claim(ctx, endpoint, data, queued=asked)
         # Suppressed on every channel: stored final, answered as accepted, nothing sent.
-        queued = draft.send_at is not None or ctx.prefer_async or draft.suppressed is not None
-        claim = self._claim(ctx, endpoint, data, queued=queued)
+        queued = asked or draft.suppressed is not None
         session = ctx.session
         with SyncSlot(self.sync_sends, not queued) as slot:
             try:

@@ -60,7 +60,11 @@ FEEDBACK_REPORT = "feedback-report"
 UNKNOWN = "unknown"
 _SMTP_CODE = re.compile(r"\b([245]\d\d)\b")
 # A DSN status whose address is bad for good: suppressed (RFC 3463 X.1.Y).
-_HARD = re.compile(r"5\.1\.\d{1,3}$")
+_HARD = re.compile(r"5\.1\.(1|2|3|6|10)$")
+# RFC 3464 2.3.4: the status code, then perhaps a comment.
+_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})")
+# RFC 5965 feedback types that mean the recipient complained.
+_COMPLAINTS = {"abuse", "fraud", "virus"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ class Report:
 
     @property
     def complaint(self) -> bool:
-        return self.kind == FEEDBACK_REPORT
+        """An ARF report of a recipient's complaint (not `not-spam`, `auth-failure`…)."""
+        return self.kind == FEEDBACK_REPORT and self.action in _COMPLAINTS
 
     @property
     def code(self) -> int | None:
@@ -130,10 +135,11 @@ def _delivery_status(parts: list[Message], senders: tuple[str, ...]) -> Report:
     chosen = next(
         (b for b in recipients if str(b["Action"]).strip().lower() == "failed"), recipients[0]
     )
+    status = _STATUS.match(str(chosen.get("Status", "")))
     return Report(
         DELIVERY_STATUS,
-        action=str(chosen["Action"]).strip().lower(),
-        status=str(chosen.get("Status", "")).strip() or None,
+        action=str(chosen["Action"]).strip().lower()[:32],
+        status=status[1] if status else None,
         diagnostic=_one_line(chosen.get("Diagnostic-Code")),
         senders=senders,
     )
@@ -149,7 +155,7 @@ def _feedback(parts: list[Message], senders: tuple[str, ...]) -> Report:
     if isinstance(payload, str):
         block = email.message_from_string(payload)
     assert isinstance(block, Message)
-    feedback_type = str(block.get("Feedback-Type", "")).strip().lower()
+    feedback_type = str(block.get("Feedback-Type", "")).strip().lower()[:32]
     if not feedback_type:
         return Report(UNKNOWN, error="a feedback report without Feedback-Type")
     original = parseaddr(str(block.get("Original-Mail-From", "")))[1]

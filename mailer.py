@@ -371,26 +371,32 @@ def _body_bytes(text: str) -> bytes:
 
 
 _TOO_BIG = re.compile(r"4\.3\.4\b")
-# RFC 3463 X.1.Y: the address is bad (no such mailbox, no such domain, bad syntax, moved).
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
-# Without an enhanced code, the replies RFC 5321 gives a mailbox that is not there.
+# RFC 3463 5.1.Y of the recipient: no such mailbox (1), no such system (2), a bad address
+# (3), moved (6), a domain without mail (10). 5.1.0, 5.1.7 and 5.1.8 may be about us.
+_BAD_MAILBOX = {"1", "2", "3", "6", "10"}
+# Without an enhanced code, a RCPT refused as RFC 5321 refuses an unknown mailbox.
 _NO_MAILBOX = {550, 551, 553}
+_NO_MAILBOX_TEXT = re.compile(r"unknown|no such|does not exist|not found|invalid", re.I)
 
 
-def classify_reply(code: int, text: bytes | str) -> DeliveryError:
+def classify_reply(code: int, text: bytes | str, *, recipient: bool = False) -> DeliveryError:
     """Our error for an SMTP reply: 4xx may pass, 5xx will not (552, the message is too
-    large, among them), and neither will a 452 4.3.4 (too big for the system). A 5.1.x
-    rejection of the address (550 5.1.1 user unknown; 551 or 553 with no enhanced code) is
-    a hard bounce: the address is suppressed. A 552 (mailbox full) or 550 5.7.1 (policy)
-    is not."""
+    large, among them), and neither will a 452 4.3.4 (too big for the system). A reply to
+    RCPT (`recipient`) refusing the mailbox (5.1.1 user unknown, 5.1.2, 5.1.3, 5.1.6,
+    5.1.10; or 550/551/553 saying so, with no enhanced code) is a hard bounce: the address
+    is suppressed. Nothing said to MAIL FROM or DATA is (a relay refusing our sender would
+    suppress everyone), nor a 552 (mailbox full) or a 550 5.7.1 (policy)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     enhanced = _ENHANCED.match(text)
-    if 500 <= code < 600 and (
-        (enhanced is not None and enhanced[1] == "5" and enhanced[2] == "1")
-        or (enhanced is None and code in _NO_MAILBOX)
-    ):
-        return RecipientUnreachable(text, code=code, reason=SuppressionReason.HARD_BOUNCE)
+    if recipient and 500 <= code < 600:
+        if (
+            (enhanced is not None and enhanced[1] == "5" and enhanced[2] == "1")
+            and (enhanced[3] in _BAD_MAILBOX)
+            or (enhanced is None and code in _NO_MAILBOX and _NO_MAILBOX_TEXT.search(text))
+        ):
+            return RecipientUnreachable(text, code=code, reason=SuppressionReason.HARD_BOUNCE)
     error_type: type[DeliveryError]
     if code == 421:  # "closing transmission channel"
         error_type = ConnectionLostError
@@ -600,7 +606,7 @@ def _converted() -> Iterator[None]:
     except smtplib.SMTPRecipientsRefused as exc:
         # One recipient per message, so one reply.
         code, text = next(iter(exc.recipients.values()))
-        raise classify_reply(code, text) from exc
+        raise classify_reply(code, text, recipient=True) from exc
     except smtplib.SMTPResponseException as exc:
         raise classify_reply(exc.smtp_code, exc.smtp_error) from exc
     except smtplib.SMTPServerDisconnected as exc:

@@ -134,12 +134,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def hide_query_strings(record: logging.LogRecord) -> bool:
-    """Access log lines without query strings: they carry recipient addresses."""
+    """Access log lines without query strings (they carry recipient addresses) or
+    unsubscribe tokens (a token names its address)."""
     if isinstance(record.args, tuple) and len(record.args) >= 3:
         path = record.args[2]
-        if isinstance(path, str) and "?" in path:
-            record.args = (*record.args[:2], path.partition("?")[0], *record.args[3:])
+        if isinstance(path, str) and ("?" in path or path.startswith(UNSUBSCRIBE_PATH)):
+            shown = path.partition("?")[0]
+            if shown.startswith(UNSUBSCRIBE_PATH):
+                shown = UNSUBSCRIBE_PATH + "…"
+            record.args = (*record.args[:2], shown, *record.args[3:])
     return True
+
+
+UNSUBSCRIBE_PATH = "/unsubscribe/"
 
 
 def install_templates(catalogue: Catalogue, database: Database) -> None:

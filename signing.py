@@ -2,10 +2,11 @@
 
 `DkimSigner.sign` prepends a DKIM-Signature (rsa-sha256, relaxed/relaxed) to a message
 as it goes on the wire; nothing re-serialises the message afterwards. Its `h=` lists
-`SIGNED_HEADERS`, those absent included (RFC 6376 section 8.15: no one can add them on
-the way). `check` signs a probe message and verifies it with dkimpy against the key's
-own public half, and checks that the From domain aligns with DKIM_DOMAIN (DMARC, RFC
-7489 section 3.1.1, relaxed): the service refuses to start otherwise.
+`SIGNED_HEADERS`, those absent included, and those a message has once listed twice (RFC
+6376 section 8.15: no one can add a second From or Subject on the way). `check` signs a
+probe message and verifies it with dkimpy against the key's own public half, and checks
+that the From domain aligns with DKIM_DOMAIN (DMARC, RFC 7489 section 3.1.1, relaxed):
+the service refuses to start otherwise.
 
 dkimpy canonicalises, hashes and writes the header itself; only its RSA step, a pure
 Python modular exponentiation (8 of the 9 ms a signature cost, bench/signing_cost.py), is
@@ -39,6 +40,16 @@ SIGNED_HEADERS = (
     b"MIME-Version",
     b"Content-Type",
     b"Reply-To",
+    b"List-Unsubscribe",
+    b"List-Unsubscribe-Post",
+)
+# Present once in every message we send: listed again, so an added one breaks the signature.
+OVERSIGNED = (
+    b"From",
+    b"To",
+    b"Subject",
+    b"Date",
+    b"Message-ID",
     b"List-Unsubscribe",
     b"List-Unsubscribe-Post",
 )
@@ -91,7 +102,7 @@ class DkimSigner:
             self.domain.encode("ascii"),
             self._pem,
             canonicalize=CANONICALIZATION,
-            include_headers=list(SIGNED_HEADERS),
+            include_headers=[*SIGNED_HEADERS, *OVERSIGNED],
             linesep=b"\r\n",
         )
         return signature + data

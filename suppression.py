@@ -87,7 +87,8 @@ class Tokens:
 
     def __init__(self, key: bytes, *, base_url: str, bounce_domain: str | None) -> None:
         self._serializer = URLSafeSerializer(key, salt="unsubscribe")
-        self._bounce_key = hmac.new(key, b"bounce address", hashlib.sha256).digest()
+        # A label no text's HMAC (lifecycle.text_hmac) can be: texts hold no NUL.
+        self._bounce_key = hmac.new(key, b"\x00bounce address", hashlib.sha256).digest()
         self.base_url = base_url.rstrip("/")
         self.bounce_domain = bounce_domain
 

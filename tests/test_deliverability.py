@@ -313,7 +313,10 @@ def test_fallback_moves_past_a_channel_suppressed_while_queued(
     ("reply", "suppressed"),
     [
         ("550 5.1.1 <ivan.petrov@example.com>: Recipient address rejected: User unknown", True),
-        ("553 Mailbox name not allowed", True),
+        ("553 5.1.3 <ivan.petrov@example.com>: Bad recipient address syntax", True),
+        ("550 No such user here", True),
+        ("550 relay not permitted", False),
+        ("553 5.1.8 <bounces@coworking.test>: Sender address rejected", False),
         ("552 5.2.2 Mailbox full", False),
         ("550 5.7.1 Message refused by policy", False),
     ],
@@ -331,6 +334,16 @@ def test_a_rejected_mailbox_is_suppressed_but_a_full_one_is_not(
     assert client.post("/notify/email", json=BOOKING).json()["status"] == (
         "suppressed" if suppressed else "sent"
     )
+
+
+def test_a_refusal_after_the_recipient_was_accepted_suppresses_nothing(
+    client: TestClient, smtp: ScriptedHandler
+) -> None:
+    # Said to DATA, the same words are not about the mailbox (a filter, a relay).
+    smtp.data_replies.append("550 5.1.1 Message refused")
+    assert client.post("/notify/email", json=BOOKING).status_code == 502
+
+    assert client.get("/suppressions").json()["data"] == []
 
 
 def test_a_bulk_counts_its_suppressed_recipients_apart(client: TestClient) -> None:
@@ -471,16 +484,22 @@ def test_a_dsn_marks_the_attempt_bounced_and_suppresses_once(
     verp = smtp.received[0].mail_from
     assert tokens.read_bounce(verp) == sent["id"]
 
-    report = as_wire(DSN.format(verp=verp, action="failed", status="5.1.1"))
+    # RFC 3464 lets a comment follow the status code.
+    report = as_wire(DSN.format(verp=verp, action="failed", status="5.1.1 (user unknown)"))
     deliver_report(port, verp, report)
     deliver_report(port, verp, report)  # a repeat
     delayed = as_wire(DSN.format(verp=verp, action="delayed", status="4.4.1"))
     deliver_report(port, verp, delayed)
+    # A feedback report that is no complaint changes nothing.
+    not_spam = as_wire(
+        ARF.format(verp=verp).replace("Feedback-Type: abuse", "Feedback-Type: not-spam")
+    )
+    deliver_report(port, "abuse@coworking.test", not_spam)
 
     found = client.get(f"/notifications/{sent['id']}").json()
     [attempt] = found["delivery_attempts"]
     assert (attempt["outcome"], attempt["code"]) == ("bounced", 550)
-    assert attempt["error"].startswith("5.1.1 smtp; 550 5.1.1 <ivan.petrov@example.com>")
+    assert attempt["error"].startswith("5.1.1 smtp; 550 5.1.1 (user unknown) <ivan.petrov@")
     [row] = client.get("/suppressions").json()["data"]
     assert (row["reason"], row["address"], row["notification_id"]) == (
         "hard_bounce",
@@ -488,8 +507,8 @@ def test_a_dsn_marks_the_attempt_bounced_and_suppresses_once(
         sent["id"],
     )
     reports = client.get("/inbound-reports").json()
-    assert [r["status"] for r in reports["data"]] == ["ignored", "ignored", "matched"]
-    assert reports["counts"] == {"matched": 1, "ignored": 2}
+    assert [r["status"] for r in reports["data"]] == ["ignored", "ignored", "ignored", "matched"]
+    assert reports["counts"] == {"matched": 1, "ignored": 3}
 
 
 def test_an_arf_complaint_marks_the_attempt_and_suppresses_the_address(
@@ -585,3 +604,14 @@ def test_a_transactional_template_that_opts_in_offers_unsubscribe_from_itself_al
     assert (again["status"], again["category"]) == ("suppressed", "transactional")
     assert booking["status"] == "sent"
     assert "List-Unsubscribe" not in smtp.received[-1].message
+
+
+def test_an_expired_suppression_lifts_and_a_new_one_replaces_it(client: TestClient) -> None:
+    past = "2026-01-01T00:00:00+00:00"
+    expired = {"channel": "email", "address": BOOKING["email"], "expires_at": past}
+    assert client.post("/suppressions", json=expired).status_code == 201
+
+    assert client.post("/notify/email", json=BOOKING).json()["status"] == "sent"
+    again = client.post("/suppressions", json={"channel": "email", "address": BOOKING["email"]})
+    assert (again.status_code, again.json()["expires_at"]) == (201, None)
+    assert client.post("/notify/email", json=BOOKING).json()["status"] == "suppressed"
