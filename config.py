@@ -153,8 +153,10 @@ class Settings(BaseSettings):
     bounce_domain: str | None = None
     inbound_host: str = "127.0.0.1"
     inbound_port: int = Field(default=8025, ge=1, le=65535)
-    # What the listener takes of one report (larger ones are refused: 552).
+    # What the listener takes of one report (larger ones are refused: 552), and how long
+    # reports are kept (the worker forgets older ones).
     inbound_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    inbound_report_retention: float = Field(default=30 * 86_400.0, gt=0)
 
     # Keys the HMACs kept instead of erased sensitive texts and of idempotency
     # fingerprints. Required with a real SMTP server; generated in development.

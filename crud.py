@@ -1139,8 +1139,9 @@ def mark_delivered_attempt(
     error: str,
 ) -> bool:
     """Mark the notification's last sent attempt as bounced or complained about, once;
-    whether it changed (a repeated report changes nothing). The notification's own state
-    is left as it is: the message did leave."""
+    whether it changed (a repeated report changes nothing). The notification's status is
+    left as it is (the message did leave); its version is bumped, so a writer holding an
+    older copy of it fails rather than overwrite what it does not know."""
     last = session.scalar(
         select(DeliveryAttempt.id)
         .where(
@@ -1162,7 +1163,15 @@ def mark_delivered_attempt(
         .values(outcome=outcome, code=code, error=error)
         .returning(DeliveryAttempt.id)
     )
-    return changed is not None
+    if changed is None:
+        return False
+    session.execute(
+        update(Notification)
+        .where(Notification.id == notification_id)
+        .values(version=Notification.version + 1, updated_at=utcnow()),
+        execution_options=NO_SYNC,
+    )
+    return True
 
 
 def store_report(*, session: Session, values: Mapping[str, Any]) -> int:
@@ -1171,6 +1180,16 @@ def store_report(*, session: Session, values: Mapping[str, Any]) -> int:
     session.add(report)
     session.flush()
     return report.id
+
+
+def forget_reports(*, session: Session, before: datetime) -> int:
+    """Delete the inbound reports received before `before` (their bytes hold third
+    parties' mail); how many."""
+    gone = session.scalars(
+        delete(InboundReport).where(InboundReport.received_at < before).returning(InboundReport.id)
+    ).all()
+    session.commit()
+    return len(gone)
 
 
 def list_reports(

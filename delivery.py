@@ -601,7 +601,9 @@ class Deliverer:
             found = crud.get_batch(session=session, batch_id=record.batch_id)
             assert found is not None  # the key goes when its batch goes
             # The rate limits a replay met the first time are not known any more.
-            return BatchSubmitted(found, refused, replayed=True)
+            return BatchSubmitted(
+                found, refused, replayed=True, suppressed=sorted(suppressed, key=lambda r: r.index)
+            )
         rejected = sorted([*refused, *limited], key=lambda r: r.index)
         return BatchSubmitted(batch, rejected, suppressed=sorted(suppressed, key=lambda r: r.index))
 

@@ -110,8 +110,8 @@ class Worker:
             self.executor = None
 
     def _housekeeping(self) -> None:
-        """When idle, at most once a minute: forget expired Idempotency-Keys, and delete
-        expired attachments."""
+        """When idle, at most once a minute: forget expired Idempotency-Keys and inbound
+        reports older than INBOUND_REPORT_RETENTION, and delete expired attachments."""
         now = time.monotonic()
         if now < self.next_housekeeping:
             return
@@ -120,6 +120,10 @@ class Worker:
             with self.session_factory() as session:
                 purged = idempotency.purge_expired(session=session)
                 expired = self.deliverer.attachments.expire(session=session)
+                reports = crud.forget_reports(
+                    session=session,
+                    before=self.now() - timedelta(seconds=self.settings.inbound_report_retention),
+                )
         except Exception:
             logger.exception("worker %s: housekeeping failed", self.worker_id)
             return
@@ -127,6 +131,8 @@ class Worker:
             logger.info("worker %s: purged %d expired idempotency keys", self.worker_id, purged)
         if expired:
             logger.info("worker %s: deleted %d expired attachments", self.worker_id, expired)
+        if reports:
+            logger.info("worker %s: forgot %d old inbound reports", self.worker_id, reports)
 
     def stop(self) -> None:
         self.stopping.set()

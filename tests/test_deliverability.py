@@ -10,6 +10,7 @@ import smtplib
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 import cli
+import crud
 import inbound
 import signing
 from config import Settings
@@ -615,3 +617,17 @@ def test_an_expired_suppression_lifts_and_a_new_one_replaces_it(client: TestClie
     again = client.post("/suppressions", json={"channel": "email", "address": BOOKING["email"]})
     assert (again.status_code, again.json()["expires_at"]) == (201, None)
     assert client.post("/notify/email", json=BOOKING).json()["status"] == "suppressed"
+
+
+def test_old_inbound_reports_are_forgotten(
+    client: TestClient, listener: tuple[int, Tokens], db: sessionmaker[Session]
+) -> None:
+    port, _ = listener
+    deliver_report(port, f"bounces+7-deadbeef@{BOUNCES}", b"Subject: hi\r\n\r\nhello\r\n")
+    [kept] = client.get("/inbound-reports").json()["data"]
+    received = datetime.fromisoformat(kept["received_at"])
+
+    with db() as session:
+        assert crud.forget_reports(session=session, before=received) == 0
+        assert crud.forget_reports(session=session, before=received + timedelta(seconds=1)) == 1
+    assert client.get("/inbound-reports").json()["data"] == []
