@@ -935,17 +935,12 @@ def _suppress_refused(session: Session, transitions: Sequence[Transition]) -> No
     }
     if not refused:
         return
-    owners = session.execute(
-        select(Notification.id, Notification.route, Notification.recipient).where(
-            Notification.id.in_(list(refused))
-        )
-    ).all()
+    owners = session.scalars(select(Notification).where(Notification.id.in_(list(refused))))
     rows = []
-    for notification_id, route, current in owners:
-        attempt = refused[notification_id]
+    for notification in owners:
+        attempt = refused[notification.id]
         assert attempt is not None and attempt.suppress is not None
-        steps = route or [{"channel": attempt.channel, "address": current}]
-        address = next((s["address"] for s in steps if s["channel"] == attempt.channel), None)
+        address = notification.address_on(attempt.channel)
         if address is None:
             continue
         rows.append(
@@ -955,7 +950,7 @@ def _suppress_refused(session: Session, transitions: Sequence[Transition]) -> No
                 "scope": suppression.ALL,
                 "reason": attempt.suppress,
                 "detail": attempt.error,
-                "notification_id": notification_id,
+                "notification_id": notification.id,
             }
         )
     add_suppressions(session=session, rows=rows, commit=False)
@@ -1088,8 +1083,7 @@ def suppressed_now(
     reasons: dict[int, str] = {}
     for n in notifications:
         scopes = suppression.blocking_scopes(n.category, n.template_key)
-        key = (str(n.channel), suppression.folded(n.channel, n.recipient))
-        reason = suppression.blocking(found.get(key, ()), scopes)
+        reason = suppression.stopped(found, n.channel, n.recipient, scopes)
         if reason is not None:
             reasons[n.id] = reason
     return reasons

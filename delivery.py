@@ -104,8 +104,6 @@ from templating import Renderer, TemplateError, Variable, pick_locale
 logger = logging.getLogger(__name__)
 
 Hook = Callable[[Sequence[Transition]], None]
-# The suppressions of some addresses, as `crud.suppressions_for` finds them.
-Found = Mapping[tuple[str, str], Sequence[tuple[str, str]]]
 
 
 class OutcomeNotRecorded(Exception):
@@ -385,7 +383,7 @@ class Deliverer:
         chosen: Chosen | None = None,
         values: Mapping[str, object] | None = None,
         *,
-        found: Found,
+        found: suppression.Found,
     ) -> Draft:
         """The notification to store for `data` (its text, or `chosen` rendered with
         `values`) on the channels of `target` that can reach the recipient and whose
@@ -457,7 +455,7 @@ class Deliverer:
             **template,  # type: ignore[arg-type]
         )
 
-    def found(self, session: Session, targets: Sequence[Target]) -> Found:
+    def found(self, session: Session, targets: Sequence[Target]) -> suppression.Found:
         """The suppressions of every address of `targets` on their channels (one query)."""
         return crud.suppressions_for(
             session=session,
@@ -618,8 +616,7 @@ class Deliverer:
         scopes = suppression.blocking_scopes(data.category or Category.TRANSACTIONAL, None)
         listed = []
         for index, (channel, address) in list(items.items()):
-            key = (str(channel), suppression.folded(channel, address))
-            reason = suppression.blocking(found.get(key, ()), scopes)
+            reason = suppression.stopped(found, channel, address, scopes)
             if reason is not None:
                 del items[index]
                 listed.append(self._item(data, index, reason))

@@ -246,7 +246,7 @@ class Inbox:
             return ReportStatus.UNPARSEABLE
         if not (report.failed or report.complaint):
             return ReportStatus.IGNORED
-        address = _email_address(notification) if notification is not None else None
+        address = notification.address_on(Channel.EMAIL) if notification is not None else None
         if notification is None or address is None:
             return ReportStatus.UNMATCHED
         if report.complaint:
@@ -280,14 +280,6 @@ class Inbox:
                 now=self.now,
             )
         return ReportStatus.MATCHED if marked or added else ReportStatus.IGNORED
-
-
-def _email_address(notification: Notification) -> str | None:
-    """The notification's e-mail address (a fallback may have moved it on since)."""
-    if notification.channel == Channel.EMAIL:
-        return notification.recipient
-    step = next((s for s in notification.route or () if s["channel"] == Channel.EMAIL), None)
-    return step["address"] if step is not None else None
 
 
 class BounceHandler:

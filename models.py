@@ -339,6 +339,13 @@ class Notification(Base):
             return [str(self.channel)]
         return [step["channel"] for step in self.route]
 
+    def address_on(self, channel: Channel) -> str | None:
+        """Its address on `channel`, if its order has that channel (a fallback may have
+        moved it on since)."""
+        if self.route is None:
+            return self.recipient if self.channel == channel else None
+        return next((s["address"] for s in self.route if s["channel"] == channel), None)
+
     def step(self, position: int) -> tuple[Channel, str] | None:
         """The channel and address at `position` of the order, if there is one."""
         if self.route is None or not 0 <= position < len(self.route):
@@ -488,6 +495,11 @@ class InboundReport(Base):
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     __table_args__ = (Index("ix_inbound_reports_status_id", "status", "id"),)
+
+    @property
+    def size(self) -> int | None:
+        """Bytes kept of an unread report."""
+        return len(self.raw) if self.raw is not None else None
 
 
 class DeliveryAttempt(Base):

@@ -679,13 +679,9 @@ def list_inbound_reports(
     rows, counts = crud.list_reports(
         session=session, status=report_status, limit=limit, before=before
     )
-    data = [
-        InboundReportPublic.model_validate(row).model_copy(
-            update={"size": len(row.raw) if row.raw is not None else None}
-        )
-        for row in rows
-    ]
-    return InboundReportsPublic(data=data, counts=counts)
+    return InboundReportsPublic(
+        data=[InboundReportPublic.model_validate(row) for row in rows], counts=counts
+    )
 
 
 UNSUBSCRIBE_NOT_FOUND: dict[int | str, dict[str, Any]] = {

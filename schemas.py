@@ -863,12 +863,22 @@ class HistoryCursor(BaseModel):
             raise ValueError("is not a cursor returned by this API") from exc
 
 
+def _printable(value: str) -> str:
+    if HEADER_UNSAFE.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+# An address a query filters by: as given (each channel's normal form is tried), printable.
+QueriedAddress = Annotated[str, Field(max_length=320), AfterValidator(_printable)]
+
+
 class HistoryQuery(BaseModel):
     """Filters and paging of GET /notifications."""
 
     model_config = ConfigDict(extra="forbid")
 
-    recipient: str | None = Field(default=None, max_length=320)
+    recipient: QueriedAddress | None = None
     status: NotificationStatus | None = None
     channel: Channel | None = Field(
         default=None, description="The channel tried last (or that delivered)."
@@ -878,13 +888,6 @@ class HistoryQuery(BaseModel):
     created_to: HistoryTime = Field(default=None, description="Exclusive; UTC if no offset.")
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
     cursor: str | None = None
-
-    @field_validator("recipient")
-    @classmethod
-    def printable_address(cls, recipient: str | None) -> str | None:
-        if recipient is not None and HEADER_UNSAFE.search(recipient):
-            raise ValueError("must not contain control characters")
-        return recipient
 
     @property
     def recipient_forms(self) -> list[str]:
@@ -982,17 +985,10 @@ class SuppressionQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     channel: Channel | None = None
-    address: str | None = Field(default=None, max_length=320)
+    address: QueriedAddress | None = None
     reason: SuppressionReason | None = None
     limit: int = Field(default=50, ge=1, le=HISTORY_PAGE_MAX)
     before: int | None = Field(default=None, ge=1, le=MAX_ID)
-
-    @field_validator("address")
-    @classmethod
-    def printable_address(cls, address: str | None) -> str | None:
-        if address is not None and HEADER_UNSAFE.search(address):
-            raise ValueError("must not contain control characters")
-        return address
 
 
 class InboundReportPublic(BaseModel):
@@ -1007,7 +1003,7 @@ class InboundReportPublic(BaseModel):
     notification_id: int | None
     code: str | None
     detail: str | None
-    size: int | None = Field(default=None, description="Bytes kept of an unread report.")
+    size: int | None = Field(description="Bytes kept of an unread report.")
 
 
 class InboundReportsPublic(BaseModel):

@@ -166,16 +166,20 @@ def with_unsubscribe(text: str, html: str | None, url: str, locale: str | None) 
     return Decorated(text, html)
 
 
+Found = Mapping[tuple[str, str], Sequence[tuple[str, str]]]
+
+
+def stopped(
+    found: Found, channel: Channel | str, address: str, scopes: frozenset[str]
+) -> str | None:
+    """Why the suppressions `found` (by channel and folded address, as
+    `crud.suppressions_for` gives them) stop `address` on `channel`; None if they do not."""
+    return blocking(found.get((str(channel), folded(channel, address)), ()), scopes)
+
+
 def suppressed_steps(
-    route: Sequence[tuple[Channel, str]],
-    found: Mapping[tuple[str, str], Sequence[tuple[str, str]]],
-    scopes: frozenset[str],
+    route: Sequence[tuple[Channel, str]], found: Found, scopes: frozenset[str]
 ) -> dict[Channel, str]:
-    """Each channel of `route` whose address a suppression of `found` (by channel and
-    folded address) stops, with why."""
-    reasons: dict[Channel, str] = {}
-    for channel, address in route:
-        reason = blocking(found.get((str(channel), folded(channel, address)), ()), scopes)
-        if reason is not None:
-            reasons[channel] = reason
-    return reasons
+    """Each channel of `route` whose address a suppression of `found` stops, with why."""
+    reasons = {channel: stopped(found, channel, address, scopes) for channel, address in route}
+    return {channel: reason for channel, reason in reasons.items() if reason is not None}
