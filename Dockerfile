@@ -32,6 +32,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
 # as compose sets it), one otherwise (memory:// counts per process); WEB_CONCURRENCY
 # overrides. Request headers must arrive within HTTP_HEADER_TIMEOUT (serving.py) and idle
 # keep-alive connections close after 5 s. Each process runs its own worker thread when
-# WORKER_IN_API=true. Migrations run at start-up (AUTO_MIGRATE=true); on PostgreSQL
-# processes and replicas serialise on an advisory lock.
-CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; exec uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --http serving:GuardedHTTP --timeout-keep-alive 5 --workers \"${WEB_CONCURRENCY:-$n}\""]
+# WORKER_IN_API=true. Migrations run first, once (`python cli.py migrate`, unless
+# AUTO_MIGRATE=false; replicas starting at once serialise on a PostgreSQL advisory lock),
+# then the server processes start with AUTO_MIGRATE=false: none of them holds Alembic in
+# memory. (The worker and inbound services of docker-compose.yaml run other commands and
+# migrate at their own start-up.)
+CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; [ \"${AUTO_MIGRATE:-true}\" = false ] || python cli.py migrate || exit 1; exec env AUTO_MIGRATE=false uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --http serving:GuardedHTTP --timeout-keep-alive 5 --workers \"${WEB_CONCURRENCY:-$n}\""]

@@ -56,11 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python cli.py", description="The notification service's command line."
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    migrate = groups.add_parser(
+        "migrate", help="apply the database migrations (what AUTO_MIGRATE does at start-up)"
+    )
+    migrate.set_defaults(run=migrate_database, usage=migrate)
     add_key_commands(groups)
     add_template_commands(groups)
     add_attachment_commands(groups)
     add_deliverability_commands(groups)
     return parser
+
+
+def migrate_database(args: argparse.Namespace, settings: Settings) -> None:
+    """Bring the schema to the newest migration, whatever AUTO_MIGRATE says: the image
+    runs this once before its server processes, which then need no Alembic in memory."""
+    configure_logging()
+    with closing(build_database(settings, migrate=True)):
+        pass
 
 
 def add_deliverability_commands(

@@ -54,6 +54,9 @@ from models import (
 from suppression import ALL, Tokens
 
 logger = logging.getLogger(__name__)
+# aiosmtpd logs every SMTP command at INFO and every line of DATA at DEBUG: addresses and
+# whole reports (which quote what bounced) in the log.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 DELIVERY_STATUS = "delivery-status"
 FEEDBACK_REPORT = "feedback-report"

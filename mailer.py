@@ -37,6 +37,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from channels.base import (
     ConnectionLostError,
@@ -52,7 +53,10 @@ from channels.base import (
 from config import Settings, SMTPSecurity
 from headers import fold_unstructured
 from models import SuppressionReason, utcnow
-from signing import DkimSigner
+
+if TYPE_CHECKING:
+    # dkimpy and cryptography are 9 MB of memory: loaded only where DKIM is configured.
+    from signing import DkimSigner
 
 logger = logging.getLogger(__name__)
 
@@ -662,7 +666,7 @@ class EmailChannel:
         *,
         sender: str,
         now: Callable[[], datetime] = utcnow,
-        signer: DkimSigner | None = None,
+        signer: "DkimSigner | None" = None,
     ) -> None:
         self.mailer = mailer
         self.sender = sender

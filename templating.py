@@ -29,7 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import css_inline
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime, format_time
 from babel.numbers import format_currency, format_decimal
@@ -412,7 +411,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, *, html: bool, layouts: Mapping[str, str]) -> None:
         super().__init__(
-            loader=DictLoader(dict(layouts)),
+            loader=DictLoader(layouts),
             undefined=StrictUndefined,
             autoescape=html,
             keep_trailing_newline=True,
@@ -498,7 +497,7 @@ class Renderer:
         layouts = dict(load_layouts() if layouts is None else layouts)
         self.brand = dict(brand)
         self._text = _Sandbox(html=False, layouts=layouts)
-        self._html = _Sandbox(html=True, layouts=_inlined(layouts))
+        self._html = _Sandbox(html=True, layouts=_Inlined(layouts))
         self._compile = lru_cache(maxsize=4096)(self._compile_uncached)
 
     def _compile_uncached(self, source: str, html: bool, part: str) -> Any:
@@ -542,7 +541,7 @@ class Renderer:
                 )
             if "html" in given and "<style" in given["html"]:
                 # Inlined once, here: mail clients drop <style>; no send pays for it.
-                given["html"] = css_inline.inline(given["html"], keep_style_tags=False)
+                given["html"] = _css_inline(given["html"], keep_style_tags=False)
             for part, source in given.items():
                 html = part == "html" or (part == "telegram" and telegram_html)
                 _, names = self._compile(source, html, f"content.{locale}.{part}")
@@ -700,6 +699,13 @@ def text_of(html: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(line.rstrip() for line in text.splitlines())).strip()
 
 
+def _css_inline(html: str, *, keep_style_tags: bool) -> str:
+    # Imported when a version is saved, the only time CSS is inlined: not on the send path.
+    import css_inline
+
+    return css_inline.inline(html, keep_style_tags=keep_style_tags)
+
+
 @lru_cache(maxsize=1)
 def _text_maker() -> Callable[[str], str]:
     # Imported when first needed (a version with HTML and no text): inscriptis and its
@@ -712,13 +718,27 @@ def _text_maker() -> Callable[[str], str]:
     return lambda html: get_text(html, config)
 
 
-def _inlined(layouts: Mapping[str, str]) -> dict[str, str]:
-    return {
-        name: css_inline.inline(source, keep_style_tags=False)
-        if name.endswith(".html") and "<style" in source
-        else source
-        for name, source in layouts.items()
-    }
+class _Inlined(Mapping[str, str]):
+    """The layouts with their CSS inlined, each when a template first extends it: a
+    process that renders no HTML never loads css-inline."""
+
+    def __init__(self, layouts: Mapping[str, str]) -> None:
+        self._sources = dict(layouts)
+        self._inlined: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._inlined:
+            source = self._sources[name]
+            if name.endswith(".html") and "<style" in source:
+                source = _css_inline(source, keep_style_tags=False)
+            self._inlined[name] = source
+        return self._inlined[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def load_layouts(directory: Path = LAYOUTS_DIR) -> dict[str, str]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -18,12 +19,12 @@ from channels.telegram import TelegramBot
 from config import Settings
 from db import make_engine, make_session_factory, run_migrations
 from delivery import Deliverer
-from devmail import start_mail_catcher
-from devoutbox import start_outbox
 from mailer import EmailChannel, SMTPMailer
 from models import Channel, utcnow
 from ratelimits import RateLimiter
-from signing import DkimSigner
+
+if TYPE_CHECKING:
+    from signing import DkimSigner
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
     channels: dict[Channel, Sender] = {}
     signer = build_signer(settings)
     if settings.uses_dev_mail_catcher:
+        # The development stand-ins are imported only where they run (aiosmtpd and the
+        # outbox's server are 3 MB of a production process's memory otherwise).
+        from devmail import start_mail_catcher
+
         catcher = start_mail_catcher(settings.dev_mail_dir)
         stack.callback(catcher.stop)
         mailer = SMTPMailer(
@@ -122,6 +127,8 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
             channels[channel] = entry.build(settings)
         elif settings.development:
             if stand_in_url is None:
+                from devoutbox import start_outbox
+
                 outbox = start_outbox(settings.dev_outbox_dir)
                 stack.callback(outbox.stop)
                 stand_in_url = outbox.url
@@ -133,9 +140,13 @@ def build_channels(settings: Settings, stack: ExitStack) -> dict[Channel, Sender
     return channels
 
 
-def build_signer(settings: Settings) -> DkimSigner | None:
+def build_signer(settings: Settings) -> "DkimSigner | None":
     """The DKIM signer the settings describe, checked (a probe signed and verified, the
     From domain aligned): `DkimMisconfigured` stops the start-up and says why."""
+    if not settings.dkim_domain:
+        return None
+    from signing import DkimSigner  # dkimpy and cryptography: only where DKIM is on
+
     signer = DkimSigner.from_settings(settings)
     if signer is not None:
         signer.check(settings.email_from)

@@ -7,6 +7,7 @@ comparison is taken side by side in one run; each figure is the median of severa
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -113,6 +114,30 @@ QUICK = Mode(
 )
 
 
+def service_python() -> str:
+    """The python of a venv holding requirements.txt and nothing else, as the Dockerfile
+    installs it: the service, its workers and the references run there, not in the
+    development venv, whose test tools (rich, pygments, …) libraries import when present.
+    Made on first use, one per requirements.txt (.venv/bench-service-<hash>, shared with
+    bench/ab.py's worktrees through their .venv link)."""
+    requirements = PROJECT / "requirements.txt"
+    wanted = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()
+    venv = PROJECT / ".venv" / f"bench-service-{wanted[:16]}"
+    python = venv / "bin" / "python"
+    stamp = venv / "requirements.sha256"  # written last: a venv without it is made again
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
+        return str(python)
+    shutil.rmtree(venv, ignore_errors=True)
+    for args in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        + ["--no-input", "--requirement", str(requirements)],
+    ):
+        subprocess.run(args, check=True, capture_output=True)
+    stamp.write_text(wanted + "\n")
+    return str(python)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -187,7 +212,7 @@ class Bench:
     def __init__(self, mode: Mode, workdir: Path) -> None:
         self.mode = mode
         self.workdir = workdir
-        self.python = sys.executable
+        self.python = service_python()
         self.results: dict[str, Any] = {}
         self.no_peers = False
         self.admin = psycopg2.connect(ADMIN_URL)
@@ -274,7 +299,10 @@ class Bench:
             ],
             # Each server counts from nothing: a per-key window of earlier runs would
             # make later ones slower.
-            env | {"PORT": str(port), "RATE_LIMIT_PREFIX": f"bench-{name}-{port}-{time.time()}"},
+            env
+            | {"PORT": str(port), "RATE_LIMIT_PREFIX": f"bench-{name}-{port}-{time.time()}"}
+            # As the image starts its servers: migrated before (`python cli.py migrate`).
+            | ({"AUTO_MIGRATE": "false"} if app == "main:app" else {}),
         )
         wait_port(port)
         process.port = port

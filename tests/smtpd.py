@@ -1,6 +1,7 @@
 """A real SMTP server for tests (aiosmtpd), told how to answer."""
 
 import asyncio
+import logging
 import socket
 import ssl
 import threading
@@ -13,6 +14,10 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+# aiosmtpd logs every SMTP command, and at DEBUG every line of DATA: the messages the tests
+# send would be in their captured logs, which several check for what the service logs.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 # A scripted reply that closes the connection instead of answering.
 DROP = "drop"

@@ -6,11 +6,13 @@ from collections.abc import Callable, Iterator
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, make_url, text
 
+import cli
 from config import Settings
-from db import make_engine, run_migrations
+from db import alembic_config, make_engine, run_migrations
 from models import Base
 from tests import conftest
 from tests.conftest import BOOKING, _admin_connection, migrate_to
@@ -97,6 +99,27 @@ def test_start_up_migrates_an_empty_database(
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
     assert {"notifications", "delivery_attempts", "alembic_version"} <= tables
+
+
+def test_the_migrate_command_migrates_an_empty_database_before_the_servers_start(
+    create_database: Callable[[], str],
+    make_client: Callable[..., TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As the image starts: `python cli.py migrate`, then the servers with AUTO_MIGRATE=false.
+    url = create_database()
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("AUTO_MIGRATE", "false")
+
+    cli.main(["migrate"])
+    client = make_client(database_url=url, auto_migrate=False)
+
+    assert client.post("/notify/email", json=BOOKING).status_code == 201
+    engine = make_engine(Settings(_env_file=None, database_url=url))
+    with engine.connect() as connection:
+        revision = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    engine.dispose()
+    assert revision == ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def test_migrations_match_the_models(database_url: str) -> None:
