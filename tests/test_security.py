@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import uuid4
 
+import limits
 import limits.storage.redis
 import pytest
 from fastapi.testclient import TestClient
@@ -594,6 +595,32 @@ def test_a_queued_send_counts_its_key_and_recipient_in_one_redis_round_trip(
         assert link.turns - before == 5
     finally:
         link.close()
+
+
+def test_a_bulk_counted_many_keys_per_script_answers_as_the_librarys_own_hits(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Repeated addresses across the chunks' edges, some over their limit of 2 an hour.
+    monkeypatch.setattr(ratelimits, "ACQUIRE_CHUNK", 3)
+    addresses = [f"m{n % 4}@example.org" for n in range(11)] + ["M1@Example.org"]
+    ours = ratelimits.RateLimiter(settings.rate_limit_storage, prefix=f"ours-{uuid4().hex}")
+    theirs = ratelimits.RateLimiter(settings.rate_limit_storage, prefix=f"theirs-{uuid4().hex}")
+    assert isinstance(ours.storage, limits.storage.RedisStorage)
+    ours.storage.get_connection().script_flush()  # type: ignore[attr-defined]
+    try:
+        granted, wait = ours.take_recipients(addresses, 2)  # the scripts loaded again
+        item = limits.RateLimitItemPerHour(2)
+        expected = [
+            theirs.strategy.hit(item, f"rcpt:{ratelimits.recipient_subject(a, 'email')}")
+            for a in addresses
+        ]
+
+        assert granted == expected
+        assert granted.count(True) == 8  # two for each of the four
+        assert 3590 < wait <= 3600
+    finally:
+        ours.storage.reset()
+        theirs.storage.reset()
 
 
 def test_a_send_answered_before_it_counts_still_counts_against_its_key(
