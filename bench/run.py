@@ -242,7 +242,7 @@ class Bench:
         self.start(
             "tls-sink",
             [
-                self.python,
+                sys.executable,  # the bench's own venv: trustme is a test tool
                 str(BENCH / "tls_sink.py"),
                 str(self.tls_port),
                 str(self.ca_file),
