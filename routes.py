@@ -273,13 +273,15 @@ def batch_public(session: Session, batch: Batch) -> BatchPublic:
 )
 def list_notifications(
     query: Annotated[HistoryQuery, Query()], session: ReadSessionDep
-) -> NotificationsPublic:
+) -> Response:
     """History, newest first, one page at a time."""
     page, next_position = crud.list_notifications(session=session, query=query)
-    return NotificationsPublic(
+    listed = NotificationsPublic(
         data=[NotificationPublic.model_validate(n) for n in page],
         next_cursor=next_position.encode() if next_position else None,
     )
+    # Serialised here, once, as `answered` does (no second validation, no thread hop).
+    return Response(listed.model_dump_json(), media_type="application/json")
 
 
 @router.get(

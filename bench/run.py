@@ -138,6 +138,15 @@ def service_python() -> str:
     return str(python)
 
 
+def wait_log(process: "Process", text: str, timeout: float = 60) -> None:
+    """Until `process` has written `text` to its log."""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in Path(process.log.name).read_bytes():
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.log.name}: no {text!r}")
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -617,6 +626,10 @@ class Bench:
                 )
                 for n in range(self.mode.workers)
             ]
+            # Each worker polling first: their start-up (imports, the schema's check) is
+            # not the bulk's to pay for on the two cores.
+            for worker in workers:
+                wait_log(worker, " started")
             base = f"http://127.0.0.1:{api.port}"
             started = time.monotonic()
             response = httpx.post(f"{base}/notify/bulk", json=body, headers=AUTH, timeout=60)
