@@ -32,9 +32,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
 # as compose sets it), one otherwise (memory:// counts per process); WEB_CONCURRENCY
 # overrides. Request headers must arrive within HTTP_HEADER_TIMEOUT (serving.py) and idle
 # keep-alive connections close after 5 s. Each process runs its own worker thread when
-# WORKER_IN_API=true. Migrations run first, once (`python cli.py migrate`, unless
-# AUTO_MIGRATE=false; replicas starting at once serialise on a PostgreSQL advisory lock),
+# WORKER_IN_API=true. Migrations run first, once (`python cli.py migrate --if-enabled`: not
+# with AUTO_MIGRATE off; replicas starting at once serialise on a PostgreSQL advisory lock),
 # then the server processes start with AUTO_MIGRATE=false: none of them holds Alembic in
 # memory. (The worker and inbound services of docker-compose.yaml run other commands and
 # migrate at their own start-up.)
-CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; [ \"${AUTO_MIGRATE:-true}\" = false ] || python cli.py migrate || exit 1; exec env AUTO_MIGRATE=false uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --http serving:GuardedHTTP --timeout-keep-alive 5 --workers \"${WEB_CONCURRENCY:-$n}\""]
+CMD ["sh", "-c", "case \"$RATE_LIMIT_STORAGE\" in redis*) n=$(nproc) ;; *) n=1 ;; esac; python cli.py migrate --if-enabled || exit 1; exec env AUTO_MIGRATE=false uvicorn main:app --host 0.0.0.0 --port 8003 --proxy-headers --http serving:GuardedHTTP --timeout-keep-alive 5 --workers \"${WEB_CONCURRENCY:-$n}\""]

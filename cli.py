@@ -1,5 +1,6 @@
 """The command line, on the service's settings and database.
 
+    python cli.py migrate [--if-enabled]   the schema to the newest migration
     python cli.py keys create NAME --scopes send,read [--requests-per-minute N]
                                    [--recipient-hourly-limit N]
     python cli.py keys list
@@ -51,13 +52,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command group: keys, templates, attachments, dkim, inbound."""
+    """The parser of every command group: migrate, keys, templates, attachments, dkim,
+    inbound."""
     parser = argparse.ArgumentParser(
         prog="python cli.py", description="The notification service's command line."
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     migrate = groups.add_parser(
         "migrate", help="apply the database migrations (what AUTO_MIGRATE does at start-up)"
+    )
+    migrate.add_argument(
+        "--if-enabled",
+        action="store_true",
+        help="only if AUTO_MIGRATE is on (as the service reads it: false, 0, off … are off)",
     )
     migrate.set_defaults(run=migrate_database, usage=migrate)
     add_key_commands(groups)
@@ -68,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def migrate_database(args: argparse.Namespace, settings: Settings) -> None:
-    """Bring the schema to the newest migration, whatever AUTO_MIGRATE says: the image
-    runs this once before its server processes, which then need no Alembic in memory."""
+    """Bring the schema to the newest migration (with --if-enabled, only where AUTO_MIGRATE
+    is on): the image runs this once before its server processes, which then need no
+    Alembic in memory."""
     configure_logging()
+    if args.if_enabled and not settings.auto_migrate:
+        print("AUTO_MIGRATE is off: not migrated")
+        return
     with closing(build_database(settings, migrate=True)):
         pass
 

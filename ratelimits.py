@@ -286,41 +286,42 @@ class RateLimiter:
         # %.14g, Redis's, Python's) writes alike, so `_take_back` finds it by value.
         at = math.floor(time.time() * 16) / 16
         keys = [storage.prefixed_key(item.key_for(subject)) for subject in subjects]
+        one = storage.lua_acquire_moving_window
+        # (command, arguments) in the pipeline's order. EVALSHA itself: a Script object in
+        # a pipeline costs a SCRIPT EXISTS round trip first, every time.
+        commands: list[tuple[str, tuple[Any, ...]]] = []
+        if key is not None:
+            key.done = True
+            window, subject = key.window
+            key_name = storage.prefixed_key(window.key_for(subject))
+            commands.append(("exists", (self._revoked_key(storage, key.api_key.id),)))
+            commands.append(
+                ("evalsha", (one.sha, 1, key_name, at, window.amount, window.get_expiry(), 1))
+            )
+        for start in range(0, len(keys), ACQUIRE_CHUNK):
+            chunk = keys[start : start + ACQUIRE_CHUNK]
+            commands.append(
+                (
+                    "evalsha",
+                    (ACQUIRE_MANY_SHA, len(chunk), *chunk, at, item.amount, item.get_expiry(), 1),
+                )
+            )
         # A redis.Redis client; the library types it as a narrower protocol.
         client: Any = storage.get_connection()
-        one = storage.lua_acquire_moving_window
         try:
-            for loaded in (True, False):
-                pipe = client.pipeline(transaction=False)
-                if key is not None:
-                    key.done = True
-                    window, subject = key.window
-                    pipe.exists(self._revoked_key(storage, key.api_key.id))
-                    # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS
-                    # round trip first, every time.
-                    pipe.evalsha(
-                        one.sha,
-                        1,
-                        storage.prefixed_key(window.key_for(subject)),
-                        at,
-                        window.amount,
-                        window.get_expiry(),
-                        1,
-                    )
-                for start in range(0, len(keys), ACQUIRE_CHUNK):
-                    chunk = keys[start : start + ACQUIRE_CHUNK]
-                    pipe.evalsha(
-                        ACQUIRE_MANY_SHA, len(chunk), *chunk, at, item.amount, item.get_expiry(), 1
-                    )
-                try:
-                    answers = pipe.execute()
-                    break
-                except NoScriptError:
-                    # Redis lost its scripts (a restart): no window was counted.
-                    if not loaded:
-                        raise
-                    client.script_load(one.script)
-                    client.script_load(ACQUIRE_MANY)
+            answers = _pipelined(client, commands)
+            # Redis lost a script (a restart, or ours is new to it): a command that found
+            # its script missing counted nothing, the others did. Only those go again.
+            missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+            if missing:
+                client.script_load(one.script)
+                client.script_load(ACQUIRE_MANY)
+                again = _pipelined(client, [commands[i] for i in missing])
+                for i, answer in zip(missing, again, strict=True):
+                    answers[i] = answer
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
         except storage.base_exceptions as exc:
             raise StorageError(exc) from exc
         if key is not None:
@@ -371,6 +372,16 @@ def take_recipients(
     limit = caller.recipient_hourly_limit or settings.rate_limit_per_recipient_per_hour
     allowed, retry_after = limiter.take_recipients(recipients, limit, channel, key=key)
     return allowed, limit, retry_after
+
+
+def _pipelined(client: Any, commands: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    """The answers of `commands` sent as one pipeline; a command's error is its answer
+    (every command of a pipeline runs, whichever fails)."""
+    pipe = client.pipeline(transaction=False)
+    for name, args in commands:
+        getattr(pipe, name)(*args)
+    answers: list[Any] = pipe.execute(raise_on_error=False)
+    return answers
 
 
 class MemoryWindowStorage(Storage, MovingWindowSupport):

@@ -133,17 +133,20 @@ def service_python() -> str:
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         + ["--no-input", "--requirement", str(requirements)],
     ):
-        subprocess.run(args, check=True, capture_output=True)
+        run = subprocess.run(args, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{run.stdout}{run.stderr}")
     stamp.write_text(wanted + "\n")
     return str(python)
 
 
-def wait_log(process: "Process", text: str, timeout: float = 60) -> None:
-    """Until `process` has written `text` to its log."""
+def wait_log(process: "Process", pattern: str, timeout: float = 60) -> None:
+    """Until `process` has written a line matching `pattern` to its log."""
     deadline = time.monotonic() + timeout
-    while text.encode() not in Path(process.log.name).read_bytes():
+    line = re.compile(pattern.encode(), re.MULTILINE)
+    while not line.search(Path(process.log.name).read_bytes()):
         if process.popen.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{process.log.name}: no {text!r}")
+            raise RuntimeError(f"{process.log.name}: no line matching {pattern!r}")
         time.sleep(0.05)
 
 
@@ -629,7 +632,7 @@ class Bench:
             # Each worker polling first: their start-up (imports, the schema's check) is
             # not the bulk's to pay for on the two cores.
             for worker in workers:
-                wait_log(worker, " started")
+                wait_log(worker, r"worker \S+ started$")
             base = f"http://127.0.0.1:{api.port}"
             started = time.monotonic()
             response = httpx.post(f"{base}/notify/bulk", json=body, headers=AUTH, timeout=60)

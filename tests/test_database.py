@@ -109,13 +109,16 @@ def test_the_migrate_command_migrates_an_empty_database_before_the_servers_start
     # As the image starts: `python cli.py migrate`, then the servers with AUTO_MIGRATE=false.
     url = create_database()
     monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("AUTO_MIGRATE", "false")
+    monkeypatch.setenv("AUTO_MIGRATE", "0")
+    engine = make_engine(Settings(_env_file=None, database_url=url))
 
+    cli.main(["migrate", "--if-enabled"])  # off, as the service reads "0"
+    left_alone = inspect(engine).get_table_names()
     cli.main(["migrate"])
     client = make_client(database_url=url, auto_migrate=False)
 
+    assert left_alone == []
     assert client.post("/notify/email", json=BOOKING).status_code == 201
-    engine = make_engine(Settings(_env_file=None, database_url=url))
     with engine.connect() as connection:
         revision = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     engine.dispose()

@@ -502,7 +502,10 @@ def test_health_answers_at_once_while_every_request_thread_waits_on_a_silent_smt
         f" max {max(timings):.4f} s"
     )
     assert statistics.median(timings) < 0.1, timings
-    assert max(timings) < 0.5, timings
+    # Behind a starved thread pool, an answer would wait out a send's 4 s SMTP timeout; the
+    # first one also opens its connection while 50 senders start (0.73 s seen on 2 busy
+    # cores), so the bound is half the timeout, not a speed goal.
+    assert max(timings) < 2.0, timings
 
 
 @pytest.mark.slow
