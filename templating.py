@@ -48,7 +48,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.filters import sync_do_join
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from jinja2.utils import LRUCache, pass_eval_context
+from jinja2.utils import pass_eval_context
 from markupsafe import Markup
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
@@ -75,10 +75,6 @@ PART_CHANNEL = {
 LAYOUTS_DIR = Path(__file__).resolve().parent / "templates" / "_layouts"
 # Names every render is given; a template may not declare them.
 RESERVED = frozenset({"locale", "brand"})
-# Renders kept of the parts that read only their own variables (`Renderer._run`).
-SHARED_RENDERS = 1024
-SHARED_RENDER_MAX = 2048  # characters: at most 2,048 × 1,024 kept
-_ABSENT = object()  # a variable not given, in a shared render's key (None is a value)
 
 
 class TemplateError(ValueError):
@@ -503,8 +499,6 @@ class Renderer:
         self._text = _Sandbox(html=False, layouts=layouts)
         self._html = _Sandbox(html=True, layouts=_Inlined(layouts))
         self._compile = lru_cache(maxsize=4096)(self._compile_uncached)
-        # Outputs of the parts that depend on their variables alone, by source and values.
-        self._shared = LRUCache(SHARED_RENDERS)
 
     def _compile_uncached(self, source: str, html: bool, part: str) -> Any:
         environment = self._html if html else self._text
@@ -515,10 +509,7 @@ class Renderer:
             _refuse_private_names(tree, part)
             undeclared = meta.find_undeclared_variables(tree)
             _count_loops(tree)
-            # Its output is a function of those variables alone when it extends, includes
-            # and imports nothing (another template's variables are not among them).
-            alone = next(tree.find_all(_OTHER_TEMPLATES), None) is None
-            return environment.from_string(tree), undeclared, alone
+            return environment.from_string(tree), undeclared
         except TemplateSyntaxError as exc:
             raise TemplateError(f"line {exc.lineno}: {exc.message}", field=part) from None
 
@@ -553,7 +544,7 @@ class Renderer:
                 given["html"] = _css_inline(given["html"], keep_style_tags=False)
             for part, source in given.items():
                 html = part == "html" or (part == "telegram" and telegram_html)
-                _, names, _ = self._compile(source, html, f"content.{locale}.{part}")
+                _, names = self._compile(source, html, f"content.{locale}.{part}")
                 undeclared = names - declared - RESERVED
                 if undeclared:
                     raise TemplateError(
@@ -619,26 +610,7 @@ class Renderer:
         return out
 
     def _run(self, source: str, html: bool, context: Mapping[str, Any], part: str) -> str:
-        template, names, alone = self._compile(source, html, part)
-        # A part that reads only values every recipient of a bulk shares (a subject of the
-        # room and the date) is rendered once for them: its output is a function of those
-        # values (the sandbox has no clock, no randomness and no state).
-        key = None
-        if alone:
-            # By each value's repr: equal values may render apart (1 and True, Decimal 1
-            # and 1.0, one instant in two time zones). The filters of dates, numbers and
-            # plurals read the locale as well.
-            read = sorted(names | {"locale"})
-            key = (source, html, tuple(repr(context.get(name, _ABSENT)) for name in read))
-            shared: str | None = self._shared.get(key)
-            if shared is not None:
-                return shared
-        rendered = self._render(template, context, part)
-        if key is not None and len(rendered) <= SHARED_RENDER_MAX:
-            self._shared[key] = rendered
-        return rendered
-
-    def _render(self, template: Any, context: Mapping[str, Any], part: str) -> str:
+        template, _ = self._compile(source, html, part)
         size = 0
         chunks: list[str] = []
         budget = _iterations.set([MAX_ITERATIONS])
@@ -744,9 +716,6 @@ def _text_maker() -> Callable[[str], str]:
 
     config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)
     return lambda html: get_text(html, config)
-
-
-_OTHER_TEMPLATES = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
 
 
 class _Inlined(Mapping[str, str]):

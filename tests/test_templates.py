@@ -117,32 +117,6 @@ def test_plural_forms_follow_the_locale(count: int, ru: str, en: str) -> None:
         assert rendered[next(iter(rendered))].text == expected
 
 
-def test_a_part_rendered_once_for_its_values_still_follows_locale_spelling_and_data() -> None:
-    # Parts that extend nothing are rendered once per source, locale and values as written
-    # (a bulk's shared subject): what differs must still render its own.
-    renderer = Renderer(brand={}, layouts={})
-    content = {
-        locale: {"subject": "{{ room }}, {{ start|date('d MMMM') }}", "text": "{{ name }}: {{ n }}"}
-        for locale in ("ru", "en")
-    }
-    variables = [Variable("room"), Variable("start", "datetime"), Variable("name")]
-    variables.append(Variable("n", "number"))
-    shared = {"room": "Байкал", "start": "2026-11-25T10:00:00+03:00"}
-
-    def email(locale: str, name: str, n: object) -> tuple[str | None, str]:
-        data = shared | {"name": name, "n": n}
-        [rendered] = renderer.render(content, variables, data, locale=locale).values()
-        return rendered.subject, rendered.text
-
-    assert [email("ru", "Иван", 1), email("ru", "Анна", 1), email("en", "Иван", 1)] == [
-        ("Байкал, 25 ноября", "Иван: 1"),
-        ("Байкал, 25 ноября", "Анна: 1"),
-        ("Байкал, 25 November", "Иван: 1"),
-    ]
-    # Equal as numbers, written apart: each as written.
-    assert [email("ru", "Иван", "1.0")[1], email("ru", "Иван", 1)[1]] == ["Иван: 1.0", "Иван: 1"]
-
-
 def test_a_missing_or_ill_typed_variable_names_it() -> None:
     renderer = Renderer(brand={}, layouts={})
     variables = [Variable("n", "integer"), Variable("when", "datetime")]
