@@ -49,23 +49,25 @@ MESSAGE_BYTES = 846
 DELIVERY_TIMEOUT = 3600.0  # seconds; 50,000 messages take minutes
 
 
-def ensure_venv() -> tuple[Path, float]:
-    """The peer venv's python, and the seconds spent making the venv (0 when reused)."""
-    python = VENV / "bin" / "python"
-    wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()
-    if python.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
+def ensure_venv(venv: Path = VENV, requirements: Path = REQUIREMENTS) -> tuple[Path, float]:
+    """The python of `venv` holding `requirements` (the peer's, by default), made when it
+    is missing or its requirements changed, and the seconds spent making it (0 when reused)."""
+    python = venv / "bin" / "python"
+    stamp = venv / STAMP.name  # written last: a venv without it is made again
+    wanted = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
         return python, 0.0
     started = time.monotonic()
-    shutil.rmtree(VENV, ignore_errors=True)
+    shutil.rmtree(venv, ignore_errors=True)
     for args in (
-        [sys.executable, "-m", "venv", str(VENV)],
+        [sys.executable, "-m", "venv", str(venv)],
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        + ["--no-input", "--requirement", str(REQUIREMENTS)],
+        + ["--no-input", "--requirement", str(requirements)],
     ):
         run = subprocess.run(args, capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed:\n{run.stdout}{run.stderr}")
-    STAMP.write_text(wanted + "\n")
+    stamp.write_text(wanted + "\n")
     return python, time.monotonic() - started
 
 

@@ -120,23 +120,11 @@ def service_python() -> str:
     development venv, whose test tools (rich, pygments, …) libraries import when present.
     Made on first use, one per requirements.txt (.venv/bench-service-<hash>, shared with
     bench/ab.py's worktrees through their .venv link)."""
+    from peer import ensure_venv
+
     requirements = PROJECT / "requirements.txt"
-    wanted = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()
-    venv = PROJECT / ".venv" / f"bench-service-{wanted[:16]}"
-    python = venv / "bin" / "python"
-    stamp = venv / "requirements.sha256"  # written last: a venv without it is made again
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
-        return str(python)
-    shutil.rmtree(venv, ignore_errors=True)
-    for args in (
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        + ["--no-input", "--requirement", str(requirements)],
-    ):
-        run = subprocess.run(args, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{run.stdout}{run.stderr}")
-    stamp.write_text(wanted + "\n")
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    python, _ = ensure_venv(PROJECT / ".venv" / f"bench-service-{digest}", requirements)
     return str(python)
 
 
