@@ -33,7 +33,9 @@ from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime, format_time
 from babel.numbers import format_currency, format_decimal
 from jinja2 import (
+    BaseLoader,
     DictLoader,
+    FunctionLoader,
     StrictUndefined,
     TemplateSyntaxError,
     UndefinedError,
@@ -409,9 +411,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})
     code_generator_class = _BoundedConcat
 
-    def __init__(self, *, html: bool, layouts: Mapping[str, str]) -> None:
+    def __init__(self, *, html: bool, loader: BaseLoader) -> None:
         super().__init__(
-            loader=DictLoader(layouts),
+            loader=loader,
             undefined=StrictUndefined,
             autoescape=html,
             keep_trailing_newline=True,
@@ -496,8 +498,8 @@ class Renderer:
     ) -> None:
         layouts = dict(load_layouts() if layouts is None else layouts)
         self.brand = dict(brand)
-        self._text = _Sandbox(html=False, layouts=layouts)
-        self._html = _Sandbox(html=True, layouts=_Inlined(layouts))
+        self._text = _Sandbox(html=False, loader=DictLoader(layouts))
+        self._html = _Sandbox(html=True, loader=_inlining_loader(layouts))
         self._compile = lru_cache(maxsize=4096)(self._compile_uncached)
 
     def _compile_uncached(self, source: str, html: bool, part: str) -> Any:
@@ -718,27 +720,17 @@ def _text_maker() -> Callable[[str], str]:
     return lambda html: get_text(html, config)
 
 
-class _Inlined(Mapping[str, str]):
-    """The layouts with their CSS inlined, each when a template first extends it: a
-    process that renders no HTML never loads css-inline."""
+def _inlining_loader(layouts: Mapping[str, str]) -> FunctionLoader:
+    """The layouts, each with its CSS inlined when a template first extends it (Jinja keeps
+    the compiled layout): a process that renders no HTML never loads css-inline."""
 
-    def __init__(self, layouts: Mapping[str, str]) -> None:
-        self._sources = dict(layouts)
-        self._inlined: dict[str, str] = {}
+    def source(name: str) -> str | None:
+        text = layouts.get(name)
+        if text is not None and name.endswith(".html") and "<style" in text:
+            text = _css_inline(text, keep_style_tags=False)
+        return text
 
-    def __getitem__(self, name: str) -> str:
-        if name not in self._inlined:
-            source = self._sources[name]
-            if name.endswith(".html") and "<style" in source:
-                source = _css_inline(source, keep_style_tags=False)
-            self._inlined[name] = source
-        return self._inlined[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
-
-    def __len__(self) -> int:
-        return len(self._sources)
+    return FunctionLoader(source)
 
 
 def load_layouts(directory: Path = LAYOUTS_DIR) -> dict[str, str]:
